@@ -1,0 +1,115 @@
+"""Shard format, the training stream, and bits-per-byte accounting."""
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import stdlib_documents
+
+
+def test_shard_round_trip(tmp_path):
+    tokens = np.arange(1000, dtype=np.uint16) % 300
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    assert tg.shard_token_count(tmp_path / "fineweb_train_000000.bin") == 1000
+    np.testing.assert_array_equal(tg.load_shard(tmp_path / "fineweb_train_000000.bin", 300), tokens)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _header(magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=10):
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (magic, version, count)
+    return header.tobytes()
+
+
+@pytest.mark.parametrize("content, message", [
+    (_header(magic=123) + b"\0" * 20, "magic number 123"),
+    (_header(version=7) + b"\0" * 20, "shard version 7"),
+    (_header(count=10) + b"\0" * 18, "declares 10 tokens"),
+    (_header(count=10) + b"\0" * 22, "declares 10 tokens"),
+    (b"\0" * 100, "shorter than"),
+])
+def test_bad_shards_are_refused_with_their_name(tmp_path, content, message):
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(content)
+    with pytest.raises(tg.ShardError) as err:
+        tg.load_shard(path, 1024)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_token_id_outside_vocabulary_is_refused(tmp_path):
+    path = tmp_path / "fineweb_val_000000.bin"
+    tg.write_shard(path, np.array([1, 5, 1024, 3], dtype=np.uint16))
+    with pytest.raises(tg.ShardError, match=r"token id 1024 at position 2 .*VOCAB_SIZE=1024"):
+        tg.load_shard(path, 1024)
+
+
+def test_missing_shards_say_how_to_get_data(tmp_path):
+    with pytest.raises(tg.ShardError, match="cached_challenge_fineweb.py.*make_sample_data.py"):
+        tg.shard_files(tmp_path, "train")
+
+
+def test_validation_split_is_every_val_file_in_order(tmp_path):
+    tg.write_shard(tmp_path / "fineweb_val_000001.bin", np.array([7, 8], dtype=np.uint16))
+    tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.array([4, 5, 6], dtype=np.uint16))
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.array([9, 9], dtype=np.uint16))
+    assert tg.load_validation_tokens(tmp_path, 16).tolist() == [4, 5, 6, 7, 8]
+
+
+def _write_train_shards(folder, sizes):
+    start = 0
+    for i, size in enumerate(sizes):
+        tg.write_shard(folder / f"fineweb_train_{i:06d}.bin", (np.arange(start, start + size) % 60000).astype(np.uint16))
+        start += size
+
+
+def test_batches_are_deterministic_for_a_seed_and_split_between_ranks(tmp_path):
+    _write_train_shards(tmp_path, [500, 300, 700])
+    files = tg.shard_files(tmp_path, "train")
+
+    def batches(seed, rank, world):
+        loader = tg.DistributedBatchLoader(files, 60000, seed, rank, world)
+        return [loader.next_batch(64, 8, torch.device("cpu")) for _ in range(30)]
+
+    again = batches(1, 0, 1)
+    for (x1, y1), (x2, y2) in zip(batches(1, 0, 1), again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches(1, 0, 1), batches(2, 0, 1)))
+    for (x0, y0), (x1, y1) in zip(batches(1, 0, 2), batches(1, 1, 2)):
+        assert x0.shape == x1.shape == (4, 8)
+        assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
+        # targets are the inputs shifted by one within each rank's contiguous span
+        assert torch.equal(x0.flatten()[1:], y0.flatten()[:-1])
+
+
+def test_stream_crosses_shards_and_revisits_them_all(tmp_path):
+    _write_train_shards(tmp_path, [100, 50, 70])
+    stream = tg.TokenStream(tg.shard_files(tmp_path, "train"), 60000, seed=3)
+    first_pass = stream.take(220)
+    assert sorted(first_pass.tolist()) == list(range(220))
+
+
+def _token_stream_with_documents(sp, docs):
+    ids = []
+    for doc in docs:
+        ids += [sp.bos_id()] + sp.encode(doc)
+    return torch.tensor(ids)
+
+
+def test_byte_count_equals_utf8_length_of_decoded_text(real_text_tokenizer):
+    sp, _ = real_text_tokenizer
+    # Documents the tokenizer never saw, with non-ASCII text so byte-fallback pieces occur too.
+    docs = stdlib_documents(60)[45:60] + ["naïve café — 東京 🚀 résumé\n  indented  twice", "  leading spaces"]
+    tokens = _token_stream_with_documents(sp, docs)
+    tables = tg.token_byte_tables(sp, 400)
+    counted = int(tg.target_byte_counts(tokens[:-1], tokens[1:], tables).sum())
+    expected = sum(len(sp.decode(sp.encode(doc)).encode("utf-8")) for doc in docs)
+    assert counted == expected
+    assert any(sp.is_byte(int(t)) for t in tokens)
+
+
+def test_byte_tables_pad_a_larger_model_vocabulary(real_text_tokenizer):
+    sp, _ = real_text_tokenizer
+    tables = tg.token_byte_tables(sp, 480)
+    assert tables.base_bytes[400:].sum() == 0 and tables.is_boundary[400:].all()
+    with pytest.raises(tg.ConfigError, match="VOCAB_SIZE=100"):
+        tg.token_byte_tables(sp, 100)

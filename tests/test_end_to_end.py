@@ -1,0 +1,113 @@
+"""train_gpt.py as users run it: plain python and torchrun with two CPU processes, and bad settings."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT, stdlib_documents
+
+TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
+                ROPE_DIMS="8", XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="8", VE_DIM="8", VE_LAYERS="1",
+                TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TRAIN_BATCH_TOKENS="256",
+                VAL_BATCH_SIZE="256", ITERATIONS="6", WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
+                VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5")
+
+
+@pytest.fixture(scope="module")
+def dataset(real_text_tokenizer, tmp_path_factory):
+    sp, model_path = real_text_tokenizer
+    folder = tmp_path_factory.mktemp("data")
+    docs = stdlib_documents(50)
+    for split, part in (("train", docs[:45]), ("val", docs[45:47])):
+        ids = np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]).astype(np.uint16)
+        tg.write_shard(folder / f"fineweb_{split}_000000.bin", ids[:6000] if split == "val" else ids)
+    return folder, model_path
+
+
+def run_script(env_updates, cwd, launcher=(sys.executable,), timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(env_updates)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([*launcher, str(ROOT / "train_gpt.py")], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def failure(proc):
+    """The lines of a failed run that say what went wrong (a child's traceback sits above torchrun's summary)."""
+    lines = proc.stderr.splitlines()
+    return "\n".join(l for l in lines if "Error" in l or "error" in l or l.startswith("  File"))[-4000:]
+
+
+def final_bpb(log_text, name):
+    return float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)$", log_text, re.M).group(1))
+
+
+def test_one_process_run_logs_settings_steps_and_final_lines(dataset, tmp_path):
+    data, tok = dataset
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="single"), tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    log = (tmp_path / "logs" / "single.txt").read_text()
+    assert log == proc.stdout
+    sha, size = tg.script_identity()
+    assert f"script_sha256:{sha} code_bytes:{size}" in log
+    assert "setting NUM_LAYERS=2" in log and "setting VE_LAYERS=1" in log
+    assert re.search(r"^step:6/6 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
+    assert re.search(r"^step:3/6 val_loss:[\d.]+ val_bpb:[\d.]+ ", log, re.M)
+    last_bpb = re.findall(r"val_bpb:(\S+)", log)[-1]
+    assert log.rstrip().splitlines()[-1].startswith("final_sliding_window_exact")
+    assert float(last_bpb) == final_bpb(log, "final_sliding_window") > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
+    data, tok = dataset
+    env = dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, ITERATIONS="3", VAL_LOSS_EVERY="0")
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    two = run_script(dict(env, RUN_ID="two"), tmp_path, launcher)
+    assert two.returncode == 0, failure(two)
+    log_two = (tmp_path / "logs" / "two.txt").read_text()
+    assert "world_size:2" in log_two
+    one = run_script(dict(env, RUN_ID="one"), tmp_path)
+    assert one.returncode == 0, failure(one)
+    log_one = (tmp_path / "logs" / "one.txt").read_text()
+    # Same global batch and seed: the two runs train on the same tokens, so they agree closely; the
+    # evaluation itself is world-size independent to 1e-6 (tests/test_eval.py).
+    assert final_bpb(log_two, "final_sliding_window") == pytest.approx(final_bpb(log_one, "final_sliding_window"),
+                                                                       abs=2e-3)
+
+
+@pytest.mark.parametrize("updates, message", [
+    (dict(MODEL_DIM="33"), "MODEL_DIM=33 is not allowed: a multiple of NUM_HEADS"),
+    (dict(NUM_KV_HEADS="3", NUM_HEADS="4", MODEL_DIM="32"), "NUM_KV_HEADS=3 is not allowed"),
+    (dict(TIE_EMBEDDINGS="yes"), "TIE_EMBEDDINGS='yes' is not allowed: use 0 or 1"),
+    (dict(ITERATIONS="ten"), "ITERATIONS='ten' is not allowed: use an integer"),
+    (dict(VE_LAYERS="1,7"), "VE_LAYERS='1,7' is not allowed"),
+    (dict(EVAL_STRIDE="64"), "EVAL_STRIDE=64 is not allowed: 1..EVAL_SEQ_LEN"),
+    (dict(DATA_PATH="/no/such/dir"), "DATA_PATH='/no/such/dir' is not a directory"),
+    (dict(TOKENIZER_PATH="/no/such.model"), "TOKENIZER_PATH='/no/such.model' is not a file"),
+    (dict(TRAIN_BATCH_TOKENS="100"), "TRAIN_BATCH_TOKENS=100 is not allowed"),
+    (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
+])
+def test_bad_settings_stop_with_one_line(dataset, tmp_path, updates, message):
+    data, tok = dataset
+    env = dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok)
+    env.update(updates)
+    proc = run_script(env, tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), proc.stderr
+
+
+def test_bad_shard_stops_with_its_name(dataset, tmp_path):
+    data, tok = dataset
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "fineweb_train_000000.bin").write_bytes((data / "fineweb_train_000000.bin").read_bytes())
+    (bad / "fineweb_val_000000.bin").write_bytes(b"\0" * 2000)
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(bad), TOKENIZER_PATH=tok), tmp_path, timeout=120)
+    assert proc.returncode == 2 and "fineweb_val_000000.bin: magic number 0" in proc.stderr

@@ -1,0 +1,136 @@
+"""The model: every option's forward pass, causality, and training that lowers the loss."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import tiny_config
+
+OPTIONS = {
+    "all_on": {},
+    "full_attention_heads": dict(num_kv_heads=4),
+    "multi_query": dict(num_kv_heads=1),
+    "no_xsa": dict(xsa_last_n=0),
+    "xsa_everywhere": dict(xsa_last_n=4),
+    "no_bigram": dict(bigram_vocab_size=0),
+    "no_value_embeddings": dict(ve_enabled=False),
+    "no_value_residual": dict(value_residual=False),
+    "untied_head": dict(tie_embeddings=False),
+    "full_rope": dict(rope_dims=0),
+    "no_softcap": dict(logit_softcap=0.0),
+    "no_unet": dict(unet_skips=False),
+    "odd_layers": dict(num_layers=5, ve_layers=(4,), xsa_last_n=1),
+}
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_each_option_runs_forward_and_backward(name):
+    torch.manual_seed(0)
+    cfg = tiny_config(**OPTIONS[name])
+    model = tg.GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    hidden = model.forward_hidden(x)
+    assert hidden.shape == (2, 16, cfg.model_dim)
+    loss = model(x, torch.roll(x, -1, 1))
+    assert torch.isfinite(loss) and abs(loss.item() - np.log(cfg.vocab_size)) < 1.0
+    loss.backward()
+    groups = tg.parameter_groups(model)
+    assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_options_change_the_model():
+    """Each switch really changes the computation (guards against a flag that is read but ignored)."""
+    x = torch.randint(0, 64, (2, 16))
+    base_cfg = tiny_config()
+
+    def output(cfg):
+        torch.manual_seed(0)
+        model = tg.GPT(cfg)
+        with torch.no_grad():
+            for p in model.parameters():  # zero-initialised weights would hide some options
+                p.add_(0.05 * torch.randn_like(p))
+        return model.forward_hidden(x)
+
+    base = output(base_cfg)
+    for name in ("no_xsa", "no_bigram", "no_value_embeddings", "no_value_residual", "full_rope", "no_unet"):
+        assert not torch.allclose(output(dataclasses.replace(base_cfg, **OPTIONS[name])), base, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name", ["all_on", "multi_query", "untied_head"])
+def test_position_t_depends_on_tokens_up_to_t_only(name):
+    torch.manual_seed(0)
+    cfg = tiny_config(**OPTIONS[name])
+    model = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, cfg.vocab_size, (1, 16))
+    t = 9
+    changed = x.clone()
+    changed[0, t + 1:] = torch.randint(0, cfg.vocab_size, (16 - t - 1,))
+    changed[0, t + 1] = (x[0, t + 1] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, b = model.forward_hidden(x), model.forward_hidden(changed)
+    assert torch.equal(a[0, :t + 1], b[0, :t + 1])
+    assert not torch.allclose(a[0, t + 1:], b[0, t + 1:])
+
+
+def test_rotary_partial_leaves_other_channels_alone():
+    rotary = tg.Rotary(head_dim=8, dims=4, base=10000.0)
+    x = torch.randn(1, 2, 5, 8)
+    y = rotary(x)
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert torch.allclose(y[..., :4].norm(dim=-1), x[..., :4].norm(dim=-1), atol=1e-5)
+
+
+def test_newton_schulz_flattens_singular_values():
+    torch.manual_seed(0)
+    g = torch.randn(32, 64) @ torch.diag(torch.logspace(-2, 1, 64))
+    s = torch.linalg.svdvals(tg.newton_schulz_orthogonalize(g, 5))
+    assert s.max() < 1.3 and s.min() > 0.3
+
+
+def _write_repetitive_shards(folder, vocab):
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(4, vocab, size=rng.integers(3, 9)) for _ in range(12)]
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 12, size=6000)]).astype(np.uint16)
+    tg.write_shard(folder / "fineweb_train_000000.bin", stream[:-4000])
+    tg.write_shard(folder / "fineweb_val_000000.bin", stream[-4000:])
+
+
+def test_tiny_training_run_lowers_the_loss(tmp_path, cpu_runtime):
+    _write_repetitive_shards(tmp_path, 64)
+    cfg = tiny_config(data_path=str(tmp_path), iterations=40, warmup_steps=5, warmdown_iters=10,
+                      max_wallclock_seconds=0, train_log_every=1, matrix_lr=0.04, scalar_lr=0.02,
+                      tied_embed_lr=0.05, ema_decay=0.9, grad_accum_steps=2)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg)
+    lines = []
+    result = tg.train(model, model, cfg, cpu_runtime, lines.append)
+    losses = [float(l.split("train_loss:")[1].split()[0]) for l in lines if "train_loss:" in l]
+    assert result.steps == 40 and len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
+
+
+def test_lr_schedule_warms_up_and_ends_at_zero():
+    cfg = tiny_config(iterations=100, warmup_steps=10, warmdown_iters=20)
+    assert tg.lr_scale(0, 0, None, cfg) == pytest.approx(0.1)
+    assert tg.lr_scale(50, 0, None, cfg) == 1.0
+    assert tg.lr_scale(90, 0, None, cfg) == pytest.approx(0.5)
+    assert tg.lr_scale(100, 0, None, cfg) == 0.0
+    # Wall clock: 10 ms a step, stop at 1,000 ms, warm-down of 20 steps = 200 ms.
+    assert tg.lr_scale(90, 900, 1000, dataclasses.replace(cfg, iterations=10000)) == pytest.approx(0.5)
+
+
+def test_wallclock_cap_stops_training(tmp_path, cpu_runtime):
+    _write_repetitive_shards(tmp_path, 64)
+    cfg = tiny_config(data_path=str(tmp_path), iterations=100000, max_wallclock_seconds=1.0,
+                      train_reserve_seconds=0.5, train_log_every=0, ema_decay=0.0)
+    lines = []
+    model = tg.GPT(cfg)
+    result = tg.train(model, model, cfg, cpu_runtime, lines.append)
+    assert result.stopped_early and 0 < result.steps < 100000
+    assert any(l.startswith("stopping_early: wallclock_cap") for l in lines)

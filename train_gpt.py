@@ -1,0 +1,1159 @@
+"""train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
+
+Trains a language model on FineWeb shards, then evaluates bits per byte (val_bpb)
+on the whole validation split with a sliding window. Every q_t that is scored is
+a full, normalized distribution over the vocabulary that depends on x_<t only
+(../shared/LEGALITY.md).
+
+Run:
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs
+    python3 train_gpt.py                                      # one process; CPU if no CUDA
+Every setting is an environment variable (see Hyperparameters below, and the
+README's table); the resolved settings are printed at the top of the log.
+
+Techniques, and where they come from:
+- Muon optimizer (Newton-Schulz orthogonalized momentum) for the matrices, from
+  modded-nanogpt (Keller Jordan); AdamW for embeddings, gains and scalars.
+- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a
+  learned per-head gain, zero-initialised output projections, U-Net style skip
+  connections between the first and second half of the layers: the
+  parameter-golf baseline.
+- MLP with LeakyReLU(0.5) squared, 3.5x wide; partial RoPE (ROPE_DIMS); XSA
+  (exclusive self-attention: the output loses its component along the token's
+  own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value
+  embeddings added to V on VE_LAYERS; value residual (ResFormer: every layer's V
+  mixed with the first layer's): the published 11-layer record stacks.
+- Weight decay on Muon (MUON_WD), EMA of the weights (EMA_DECAY), a warm-down
+  that ends with the wall-clock budget: the published record stacks.
+- Sliding-window evaluation (EVAL_STRIDE) that scores each token once with the
+  longest context the window allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# =============================================================================
+# HYPERPARAMETERS
+# =============================================================================
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is the one line the run stops with."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r} is not allowed: use 0 or 1")
+    return raw == "1"
+
+
+def _parse_int_list(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not allowed: use comma-separated integers, e.g. 9,10") from None
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = "run"
+    seed: int = 1337
+    # training length and batch
+    iterations: int = 20000
+    warmup_steps: int = 20
+    warmdown_iters: int = 3500
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
+    max_wallclock_seconds: float = 600.0
+    train_reserve_seconds: float = 8.0
+    # evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    val_loss_every: int = 0
+    train_log_every: int = 100
+    val_batch_size: int = 524_288
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    mlp_mult: float = 3.5
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    unet_skips: bool = True
+    xsa_last_n: int = 4
+    bigram_vocab_size: int = 6144
+    bigram_dim: int = 128
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_layers: tuple[int, ...] = (9, 10)
+    value_residual: bool = True
+    # optimizers
+    matrix_lr: float = 0.03
+    scalar_lr: float = 0.025
+    embed_lr: float = 0.6
+    tied_embed_lr: float = 0.035
+    head_lr: float = 0.008
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997
+    # runtime
+    compile: bool = True
+    compile_warmup_steps: int = 3
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
+        """Reads every setting from `env` (UPPER_SNAKE of the field name), then checks them.
+
+        COMPILE defaults to on only where CUDA is: compiling for the CPU is slow and
+        gains little for the small CPU models; COMPILE=1 on a CPU still compiles."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = field.name.upper()
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            values[field.name] = _parse_value(name, raw, field.default)
+        if "compile" not in values:
+            values["compile"] = cuda
+        hp = cls(**values)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, value, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", self.vocab_size, "2..65536 (token ids are uint16)")
+        need(self.iterations >= 1, "ITERATIONS", self.iterations, "at least 1")
+        need(self.warmup_steps >= 0, "WARMUP_STEPS", self.warmup_steps, "0 or more")
+        need(self.warmdown_iters >= 0, "WARMDOWN_ITERS", self.warmdown_iters, "0 or more")
+        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", self.train_seq_len, "at least 2")
+        need(self.eval_seq_len >= 2, "EVAL_SEQ_LEN", self.eval_seq_len, "at least 2")
+        need(1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", self.eval_stride,
+             f"1..EVAL_SEQ_LEN ({self.eval_seq_len})")
+        need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS", self.grad_accum_steps, "0 (automatic) or more")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", self.max_wallclock_seconds, "0 (no limit) or more")
+        need(self.train_reserve_seconds >= 0, "TRAIN_RESERVE_SECONDS", self.train_reserve_seconds, "0 or more")
+        need(self.val_loss_every >= 0, "VAL_LOSS_EVERY", self.val_loss_every, "0 (only at the end) or more")
+        need(self.train_log_every >= 0, "TRAIN_LOG_EVERY", self.train_log_every, "0 (off) or more")
+        need(self.val_batch_size >= self.eval_seq_len and self.val_batch_size >= self.train_seq_len,
+             "VAL_BATCH_SIZE", self.val_batch_size, "tokens per evaluation batch, at least one sequence")
+        need(self.num_layers >= 1, "NUM_LAYERS", self.num_layers, "at least 1")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM", self.model_dim,
+             f"a multiple of NUM_HEADS ({self.num_heads})")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, "MODEL_DIM", self.model_dim, "MODEL_DIM / NUM_HEADS must be even (rotary pairs)")
+        need(1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+             "NUM_KV_HEADS", self.num_kv_heads, f"a divisor of NUM_HEADS ({self.num_heads})")
+        need(self.mlp_mult > 0, "MLP_MULT", self.mlp_mult, "greater than 0")
+        need(self.rope_base > 0, "ROPE_BASE", self.rope_base, "greater than 0")
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS", self.rope_dims,
+             f"an even number from 0 to the head size ({head_dim}); 0 means the whole head")
+        need(self.logit_softcap >= 0, "LOGIT_SOFTCAP", self.logit_softcap, "0 (off) or more")
+        need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
+             f"0..NUM_LAYERS ({self.num_layers})")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE",
+             self.bigram_vocab_size, "0 (off) or at least 2")
+        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, "BIGRAM_DIM", self.bigram_dim, "at least 1")
+        need(not self.ve_enabled or self.ve_dim >= 1, "VE_DIM", self.ve_dim, "at least 1")
+        need(all(0 <= i < self.num_layers for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
+             "VE_LAYERS", ",".join(map(str, self.ve_layers)), f"distinct layer indices in 0..{self.num_layers - 1}")
+        for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
+                     "GRAD_CLIP_NORM"):
+            value = getattr(self, name.lower())
+            need(value >= 0, name, value, "0 or more")
+        for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"):
+            value = getattr(self, name.lower())
+            need(0 <= value < 1, name, value, "in [0, 1)")
+        need(self.compile_warmup_steps >= 0, "COMPILE_WARMUP_STEPS", self.compile_warmup_steps, "0 or more")
+        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", self.muon_backend_steps, "at least 1")
+        need(self.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS", self.muon_momentum_warmup_steps,
+             "0 or more")
+
+    def as_log_lines(self) -> list[str]:
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            elif isinstance(value, bool):
+                value = int(value)
+            lines.append(f"setting {field.name.upper()}={value}")
+        return lines
+
+
+def _parse_value(name: str, raw: str, default):
+    if isinstance(default, bool):
+        return _parse_bool(name, raw)
+    if isinstance(default, tuple):
+        return _parse_int_list(name, raw)
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
+    return raw
+
+
+def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparameters:
+    """The run's settings, with the paths checked: a missing path stops the run here."""
+    hp = Hyperparameters.from_env(env, cuda)
+    if not Path(hp.data_path).is_dir():
+        raise ConfigError(
+            f"DATA_PATH={hp.data_path!r} is not a directory: download FineWeb with "
+            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
+            "sample corpus with `python3 scripts/make_sample_data.py`")
+    if not Path(hp.tokenizer_path).is_file():
+        raise ConfigError(
+            f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
+            "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
+    return hp
+
+
+# =============================================================================
+# DATA
+# =============================================================================
+# A shard is 256 little-endian int32 (magic, version, token count, zeros), then
+# that many little-endian uint16 token ids: the format of the published FineWeb
+# shards, kept so that their files and tools work unchanged.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that is not in the FineWeb format; the message names the file."""
+
+
+def shard_token_count(path: str | Path) -> int:
+    """The number of tokens the header of `path` declares, after checking the header and the file size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a FineWeb shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {header[1]} is not supported; only version {SHARD_VERSION} is")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ShardError(f"{path}: header declares {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return count
+
+
+def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """All token ids of one shard as uint16, refusing ids outside the vocabulary."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if count and int(tokens.max()) >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"{path}: token id {int(tokens[where])} at position {where} is not below "
+                         f"VOCAB_SIZE={vocab_size}")
+    return tokens.astype(np.uint16, copy=False)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Writes a shard atomically: a temporary file in the same folder, then a rename."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > 65535)):
+        raise ShardError(f"{path}: shard tokens must be a 1-D array of ids in 0..65535")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_files(data_path: str | Path, split: str) -> list[str]:
+    """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
+    files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ShardError(
+            f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: download FineWeb with "
+            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
+            "sample corpus with `python3 scripts/make_sample_data.py`")
+    return files
+
+
+def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tensor:
+    """The whole validation split (every fineweb_val_* file, in name order) as one int64 tensor."""
+    parts = [load_shard(f, vocab_size) for f in shard_files(data_path, "val")]
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    if tokens.numel() < 2:
+        raise ShardError(f"DATA_PATH={str(data_path)!r}: the validation split has {tokens.numel()} tokens; "
+                         "at least 2 are needed to score one")
+    return tokens
+
+
+class TokenStream:
+    """An endless stream over the training shards; the shard order is a permutation drawn from the seed,
+    and each pass over the shards draws a new one."""
+
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
+        self.files = list(files)
+        self.vocab_size = vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.order: list[int] = []
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        self.pos = 0
+
+    def _next_shard(self) -> None:
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.files)))
+        self.tokens = load_shard(self.files[self.order.pop(0)], self.vocab_size)
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens, crossing shard boundaries as needed."""
+        parts, left = [], n
+        while left > 0:
+            if self.pos >= self.tokens.size:
+                self._next_shard()
+            piece = self.tokens[self.pos:self.pos + left]
+            parts.append(piece)
+            self.pos += piece.size
+            left -= piece.size
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+class DistributedBatchLoader:
+    """Every rank reads the same stream and keeps its own contiguous part of each global micro-batch,
+    so the data a step sees depends on the seed alone, never on timing."""
+
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int):
+        self.stream = TokenStream(files, vocab_size, seed)
+        self.rank, self.world_size = rank, world_size
+
+    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each (global_tokens // (world_size * seq_len), seq_len) int64 on `device`."""
+        local_tokens = global_tokens // self.world_size
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        x = local[:-1].reshape(-1, seq_len)
+        y = local[1:].reshape(-1, seq_len)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+# =============================================================================
+# BITS PER BYTE
+# =============================================================================
+# val_bpb = sum(-ln q_t(x_t)) / (ln 2 * UTF-8 bytes of the scored tokens). A
+# token's bytes are its piece's bytes without the leading-space marker, plus one
+# for that space unless the previous token is a boundary (control or unknown)
+# token, after which the decoder drops it. Byte-fallback pieces are one byte.
+
+
+@dataclass(frozen=True)
+class TokenByteTables:
+    base_bytes: torch.Tensor          # (V,) int64: bytes of the piece, leading marker excluded
+    has_leading_space: torch.Tensor   # (V,) bool: the piece starts with the marker
+    is_boundary: torch.Tensor         # (V,) bool: control/unknown: no text, and no space after it
+
+    def to(self, device: torch.device) -> "TokenByteTables":
+        return TokenByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
+    """Byte accounting tables for a SentencePiece processor, padded to vocab_size (ids past the
+    tokenizer's size are boundaries with no bytes: the model may have a larger vocabulary)."""
+    if sp.vocab_size() > vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
+                          "VOCAB_SIZE must be at least that")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        # A marker inside a piece (runs of spaces, when the tokenizer keeps them) is a plain space.
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return TokenByteTables(base, space, boundary)
+
+
+def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: TokenByteTables) -> torch.Tensor:
+    """UTF-8 bytes of each token of `tokens`, given the token before each (same shape, int64)."""
+    extra_space = tables.has_leading_space[tokens] & ~tables.is_boundary[prev_tokens]
+    return tables.base_bytes[tokens] + extra_space.to(torch.int64)
+
+
+def load_tokenizer(path: str):
+    import sentencepiece as spm  # imported here so that the model code imports without it
+
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+# =============================================================================
+# MODEL
+# =============================================================================
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head (partial RoPE: the other
+    channels carry position-free content, which the record stacks found helps at 16 of 64)."""
+
+    def __init__(self, head_dim: int, dims: int, base: float):
+        super().__init__()
+        self.dims = dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
+            t = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # (T, dims/2)
+            self._cache = (seq_len, device, freqs.cos(), freqs.sin())
+        return self._cache[2][:seq_len], self._cache[3][:seq_len]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, hd)
+        cos, sin = self.cos_sin(x.size(2), x.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rot, rest = x[..., :self.dims], x[..., self.dims:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.mixes_first_value = cfg.value_residual and layer > 0
+        if self.mixes_first_value:
+            # ResFormer: v = a * v + b * v_first, starting as the plain v.
+            self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None,
+                first_value: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, this layer's value before mixing) for x: (B, T, D)."""
+        B, T, D = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
+        raw_v = v
+        if self.mixes_first_value and first_value is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * first_value
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        if self.xsa:
+            y = self._exclude_own_value(y, v)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y), raw_v
+
+    def _exclude_own_value(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """XSA: remove from each head's output its component along the token's own value, so attention
+        carries only what other tokens add (the token's own content already rides the residual)."""
+        B, H, T, hd = y.shape
+        group = H // self.num_kv_heads
+        y = y.view(B, self.num_kv_heads, group, T, hd)
+        v_unit = F.normalize(v, dim=-1).unsqueeze(2)                 # (B, Hkv, 1, T, hd)
+        y = y - (y * v_unit).sum(-1, keepdim=True) * v_unit
+        return y.view(B, H, T, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike relu^2 (record stacks: ~0.003 bpb).
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+
+    def forward(self, x, value_embed, first_value):
+        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x, raw_v
+
+
+def bigram_hash_ids(tokens: torch.Tensor, buckets: int) -> torch.Tensor:
+    """A bucket per (previous, current) token pair; position 0, which has no previous token, gets the
+    last bucket of its own. tokens: (B, T) -> (B, T)."""
+    prev = tokens[:, :-1].to(torch.int64)
+    cur = tokens[:, 1:].to(torch.int64)
+    mixed = torch.bitwise_xor(prev * 36313, cur * 27191) % (buckets - 1)
+    first = torch.full_like(tokens[:, :1], buckets - 1, dtype=torch.int64)
+    return torch.cat((first, mixed), dim=1)
+
+
+class BigramHashEmbedding(nn.Module):
+    """Adds an embedding of the hashed (previous, current) token pair: cheap local context the first
+    layer would otherwise spend attention on (record stacks: BigramHash 6144 x 128)."""
+
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.buckets = cfg.bigram_vocab_size
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
+
+
+class GPT(nn.Module):
+    """The one model class: training, evaluation and (later) quantization all use it."""
+
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 1.0)
+        self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size else None
+        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
+        if self.ve_layers:
+            # One table shared by the VE layers, each with its own projection-free scale.
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+            self.value_embed_proj = nn.Linear(cfg.ve_dim, kv_dim, bias=False)
+            self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
+        if self.num_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)
+
+    def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only."""
+        x = self.tok_emb(tokens)
+        if self.bigram is not None:
+            x = x + self.bigram(tokens)
+        x = rms_norm(x)
+        value_embeds = {}
+        if self.ve_layers:
+            shared = self.value_embed_proj(self.value_embed(tokens))
+            value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * shared
+                            for i, layer in enumerate(self.ve_layers)}
+        skips, first_value = [], None
+        for i, block in enumerate(self.blocks):
+            # U-Net: the second half adds back the outputs of the first half, mirrored.
+            if self.num_skips and i >= len(self.blocks) - self.num_skips:
+                x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
+            x, raw_v = block(x, value_embeds.get(i), first_value)
+            if first_value is None:
+                first_value = raw_v
+            if i < self.num_skips:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-ln q(target) per position, (B, T) float32."""
+        logits = self.logits_from_hidden(self.forward_hidden(tokens))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all positions: the training loss."""
+        return self.token_nll(tokens, targets).mean()
+
+
+# =============================================================================
+# OPTIMIZERS
+# =============================================================================
+
+
+def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T: a quintic Newton-Schulz iteration whose coefficients
+    (from modded-nanogpt) push singular values towards 1 fast without needing them to converge."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then the update orthogonalized; decoupled weight decay.
+
+    Under DDP the gradients are already averaged; rank r orthogonalizes parameters r, r+W, ...
+    and one all-reduce of a flat buffer gives every rank every update, so the Newton-Schulz work is
+    split W ways and all ranks keep identical weights."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"])
+                    update = newton_schulz_orthogonalize(g, group["backend_steps"])
+                    # Scale so that the update's RMS does not shrink for tall matrices.
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Parameters by optimizer: 2-D weights inside blocks and projections go to Muon; embedding tables,
+    the untied head, and every gain, scale and vector to AdamW."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
+            groups["embed"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif p.ndim == 2:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    groups = parameter_groups(model)
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    adam_groups = [dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr),
+                   dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
+    if groups["head"]:
+        adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd,
+                             fused=torch.cuda.is_available() and next(model.parameters()).is_cuda)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd, rank=rank, world_size=world_size)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    return [adam, muon]
+
+
+# =============================================================================
+# TRAINING
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among world_size processes and its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        # bf16 on CUDA; float32 on the CPU, where bf16 matmuls are slow and the models small.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class RunLog:
+    """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str) -> None:
+        if self.path is None:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
+    """Micro-steps per optimizer step; automatic keeps the micro-batch the same on 1 and 8 GPUs."""
+    if cfg.grad_accum_steps:
+        steps = cfg.grad_accum_steps
+    else:
+        steps = 8 // world_size if 8 % world_size == 0 else 1
+    unit = world_size * steps * cfg.train_seq_len
+    if cfg.train_batch_tokens % unit or cfg.train_batch_tokens < unit:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not allowed: it must be a positive "
+                          f"multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {steps} x "
+                          f"{cfg.train_seq_len} = {unit}")
+    return steps
+
+
+def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
+    """Linear warm-up over WARMUP_STEPS, then a linear warm-down to zero that ends where training ends:
+    at ITERATIONS, or at the wall-clock stop if that comes first (its length is WARMDOWN_ITERS steps at
+    the average step time so far)."""
+    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.warmdown_iters:
+        steps_left = cfg.iterations - step
+        scale = min(scale, steps_left / cfg.warmdown_iters)
+        if stop_ms is not None and step > 0:
+            warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
+            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / warmdown_ms)
+    return max(scale, 0.0)
+
+
+def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+class WeightEMA:
+    """An fp32 exponential moving average of the weights, copied into the model at the end of training
+    (record stacks: decay 0.997, worth ~0.002-0.005 bpb after the warm-down)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+
+def synced_max(value: float, rt: Runtime) -> float:
+    """The largest `value` over ranks: every rank then takes the same schedule and stop decisions."""
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
+               cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float) -> float:
+    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's)."""
+    micro_tokens = cfg.train_batch_tokens // accum_steps
+    total = 0.0
+    for micro in range(accum_steps):
+        x, y = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
+        sync = micro == accum_steps - 1
+        if rt.distributed and not sync:
+            with train_model.no_sync(), rt.autocast():
+                loss = train_model(x, y)
+                (loss / accum_steps).backward()
+        else:
+            with rt.autocast():
+                loss = train_model(x, y)
+            (loss / accum_steps).backward()
+        total += loss.item() / accum_steps
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    if cfg.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    stopped_early: bool
+
+
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log: RunLog,
+          evaluate_val=None) -> TrainResult:
+    """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
+    kept for the work after training). Validation time is not training time."""
+    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
+    files = shard_files(cfg.data_path, "train")
+    if cfg.compile and cfg.compile_warmup_steps:
+        prime_compiled_model(model, train_model, cfg, rt, files, accum_steps)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size)
+    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
+    train_ms, step, stopped_early = 0.0, 0, False
+    rt.synchronize()
+    t0 = time.perf_counter()
+    while step < cfg.iterations:
+        elapsed = synced_max(train_ms + 1000 * (time.perf_counter() - t0), rt)
+        if stop_ms is not None and elapsed >= stop_ms:
+            stopped_early = True
+            break
+        scale = lr_scale(step, elapsed, stop_ms, cfg)
+        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg))
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        if cfg.train_log_every and (step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations):
+            rt.synchronize()
+            now = train_ms + 1000 * (time.perf_counter() - t0)
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / step:.2f}ms")
+        if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
+            rt.synchronize()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            loss_v, bpb_v = evaluate_val()
+            log(f"step:{step}/{cfg.iterations} val_loss:{loss_v:.4f} val_bpb:{bpb_v:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+            rt.synchronize()
+            t0 = time.perf_counter()
+    rt.synchronize()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    if stopped_early:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema:applied decay:{cfg.ema_decay}")
+    return TrainResult(step, train_ms, stopped_early)
+
+
+def prime_compiled_model(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
+                         files: Sequence[str], accum_steps: int) -> None:
+    """Runs COMPILE_WARMUP_STEPS real steps so that torch.compile builds its kernels before the clock
+    starts, then puts back the initial weights: the timed run starts from the same state as without."""
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size)
+    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+    for step in range(cfg.compile_warmup_steps):
+        train_step(train_model, optimizers, loader, cfg, rt, accum_steps, 1.0, cfg.muon_momentum)
+    with torch.no_grad():
+        model.load_state_dict(initial)
+    rt.synchronize()
+
+
+# =============================================================================
+# EVALUATION
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float      # mean nats per scored token
+    val_bpb: float       # bits per UTF-8 byte of the scored tokens
+    scored_tokens: int
+    scored_bytes: int
+
+
+def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows that score every target position 1..num_tokens-1 exactly once, each with the longest
+    context the window allows.
+
+    Returns (window_start, window_len, scored) triples: the window reads tokens[start:start+len] and
+    predicts tokens[start+1:start+len+1]; its last `scored` predictions are scored. The first window
+    scores all of its targets, the next ones `stride` new targets each, and the last window is moved
+    back so that it is full length: every window but a too-short stream's is seq_len long."""
+    spans, scored_end = [], 1
+    while scored_end < num_tokens:
+        end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
+        start = max(0, end - 1 - seq_len)
+        spans.append((start, end - 1 - start, end - scored_end))
+        scored_end = end
+    return spans
+
+
+def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tuple[int, int]]:
+    """(first, last+1) item ranges of the batches this rank evaluates. Batches are cut from the global
+    order, the same for any world size, so every window is computed in the same batch everywhere."""
+    num_batches = (num_items + batch_size - 1) // batch_size
+    per_rank = (num_batches + rt.world_size - 1) // rt.world_size
+    for b in range(rt.rank * per_rank, min(num_batches, (rt.rank + 1) * per_rank)):
+        yield b * batch_size, min(num_items, (b + 1) * batch_size)
+
+
+def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) -> EvalResult:
+    sums = torch.tensor([nll_sum, float(byte_sum), float(count)], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    nll, nbytes, ntok = sums.tolist()
+    return EvalResult(nll / ntok, nll / (math.log(2) * nbytes), int(ntok), int(nbytes))
+
+
+def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                          stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
+    `token_nll(inputs, targets) -> (B, T)` is the model's per-token loss."""
+    spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
+    batch_windows = max(1, batch_tokens // seq_len)
+    for first, last in _owned_batches(len(spans), batch_windows, rt):
+        starts = torch.tensor([s for s, _, _ in spans[first:last]])
+        window_len = spans[first][1]
+        index = starts[:, None] + torch.arange(window_len + 1)[None, :]            # (B, L+1)
+        window = val_tokens[index].to(rt.device)
+        scored = torch.tensor([n for _, _, n in spans[first:last]], device=rt.device)
+        mask = torch.arange(window_len, device=rt.device)[None, :] >= (window_len - scored)[:, None]
+        with rt.autocast():
+            nll = token_nll(window[:, :-1], window[:, 1:]).double()
+        nbytes = target_byte_counts(window[:, :-1], window[:, 1:], tables)
+        yield index[:, 1:].to(rt.device)[mask], nll[mask], nbytes[mask]
+
+
+@torch.no_grad()
+def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int, stride: int,
+                     batch_tokens: int, rt: Runtime) -> EvalResult:
+    nll_sum, byte_sum, count = 0.0, 0, 0
+    for targets, nll, nbytes in sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride,
+                                                      batch_tokens, rt):
+        nll_sum += float(nll.sum())
+        byte_sum += int(nbytes.sum())
+        count += targets.numel()
+    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+
+
+@torch.no_grad()
+def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                   batch_tokens: int, rt: Runtime) -> EvalResult:
+    """Non-overlapping windows of seq_len over the whole split (the last one shorter): each token is
+    scored once, with context reset at every window start."""
+    num_targets = val_tokens.numel() - 1
+    full = num_targets // seq_len
+    batch_windows = max(1, batch_tokens // seq_len)
+    nll_sum, byte_sum, count = 0.0, 0, 0
+    windows = [(i * seq_len, seq_len) for i in range(full)]
+    if num_targets % seq_len:
+        windows.append((full * seq_len, num_targets % seq_len))
+    for first, last in _owned_batches(len(windows), batch_windows, rt):
+        for length in sorted({n for _, n in windows[first:last]}):
+            starts = torch.tensor([s for s, n in windows[first:last] if n == length])
+            index = starts[:, None] + torch.arange(length + 1)[None, :]
+            window = val_tokens[index].to(rt.device)
+            with rt.autocast():
+                nll = token_nll(window[:, :-1], window[:, 1:]).double()
+            nll_sum += float(nll.sum())
+            byte_sum += int(target_byte_counts(window[:, :-1], window[:, 1:], tables).sum())
+            count += nll.numel()
+    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+
+
+def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> None:
+    log(f"{name} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{eval_ms:.0f}ms "
+        f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
+    log(f"{name}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+
+# =============================================================================
+# MAIN
+# =============================================================================
+
+
+def init_runtime(env: Mapping[str, str]) -> Runtime:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
+    NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
+    rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def script_identity() -> tuple[str, int]:
+    """(sha256, bytes) of this file: the log records which script produced it, and the code counts
+    towards the artifact's size."""
+    code = Path(__file__).read_bytes()
+    return hashlib.sha256(code).hexdigest(), len(code)
+
+
+def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
+    sha, code_bytes = script_identity()
+    log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
+        f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
+    for line in cfg.as_log_lines():
+        log(line)
+
+
+def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    log(f"val_tokens:{val_tokens.numel()} train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+
+    model = GPT(cfg).to(rt.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
+    train_model = compiled
+    if rt.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    token_nll = torch.compile(model.token_nll, dynamic=False) if cfg.compile else model.token_nll
+
+    def periodic_val() -> tuple[float, float]:
+        model.eval()
+        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+        model.train()
+        return result.val_loss, result.val_bpb
+
+    result = train(model, train_model, cfg, rt, log, periodic_val)
+    log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
+        f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+
+    model.eval()
+    rt.synchronize()
+    t0 = time.perf_counter()
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+    rt.synchronize()
+    log_final(log, "final_plain", plain, 1000 * (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    sliding = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
+                               cfg.val_batch_size, rt)
+    rt.synchronize()
+    log_final(log, "final_sliding_window", sliding, 1000 * (time.perf_counter() - t0))
+    return sliding
+
+
+def main() -> int:
+    rt = None
+    try:
+        rt = init_runtime(os.environ)
+        cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
+        grad_accum_steps_for(cfg, rt.world_size)
+        log = RunLog(Path("logs") / f"{cfg.run_id}.txt" if rt.is_main else None)
+        log_run_header(log, cfg, rt)
+        run(cfg, rt, log)
+        return 0
+    except (ConfigError, ShardError) as err:
+        if rt is None or rt.is_main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
