@@ -453,14 +453,12 @@ class Rotary(nn.Module):
         self.dims = dims or head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] < seq_len or self._cache[1] != device:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # (T, dims/2)
-            self._cache = (seq_len, device, freqs.cos(), freqs.sin())
-        return self._cache[2][:seq_len], self._cache[3][:seq_len]
+        # Recomputed each call: a T x dims/2 outer product is cheap, and a cache mutated inside
+        # forward would break torch.compile's graph.
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, H, T, hd)
@@ -851,7 +849,7 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float) -> float:
     """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's)."""
     micro_tokens = cfg.train_batch_tokens // accum_steps
-    total = 0.0
+    total = torch.zeros((), device=rt.device)
     for micro in range(accum_steps):
         x, y = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
         sync = micro == accum_steps - 1
@@ -863,7 +861,7 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
             with rt.autocast():
                 loss = train_model(x, y)
             (loss / accum_steps).backward()
-        total += loss.item() / accum_steps
+        total += loss.detach() / accum_steps
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -875,7 +873,7 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return total
+    return float(total)
 
 
 @dataclass
@@ -1001,9 +999,9 @@ def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByte
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
     batch_windows = max(1, batch_tokens // seq_len)
     for first, last in _owned_batches(len(spans), batch_windows, rt):
-        starts = torch.tensor([s for s, _, _ in spans[first:last]])
+        starts = torch.tensor([s for s, _, _ in spans[first:last]], device=val_tokens.device)
         window_len = spans[first][1]
-        index = starts[:, None] + torch.arange(window_len + 1)[None, :]            # (B, L+1)
+        index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]  # (B, L+1)
         window = val_tokens[index].to(rt.device)
         scored = torch.tensor([n for _, _, n in spans[first:last]], device=rt.device)
         mask = torch.arange(window_len, device=rt.device)[None, :] >= (window_len - scored)[:, None]
@@ -1039,8 +1037,8 @@ def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables,
         windows.append((full * seq_len, num_targets % seq_len))
     for first, last in _owned_batches(len(windows), batch_windows, rt):
         for length in sorted({n for _, n in windows[first:last]}):
-            starts = torch.tensor([s for s, n in windows[first:last] if n == length])
-            index = starts[:, None] + torch.arange(length + 1)[None, :]
+            starts = torch.tensor([s for s, n in windows[first:last] if n == length], device=val_tokens.device)
+            index = starts[:, None] + torch.arange(length + 1, device=val_tokens.device)[None, :]
             window = val_tokens[index].to(rt.device)
             with rt.autocast():
                 nll = token_nll(window[:, :-1], window[:, 1:]).double()
@@ -1100,7 +1098,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
-    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
     log(f"val_tokens:{val_tokens.numel()} train_shards:{len(shard_files(cfg.data_path, 'train'))}")
 
     model = GPT(cfg).to(rt.device)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The built-in default job: builds the sample corpus (the Python standard library's own text) if it is
+# not there yet, then trains and evaluates a small model on it. A few minutes on a 2-core CPU; the last
+# line printed is the final val_bpb. Any setting below can be overridden from the environment.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 scripts/make_sample_data.py
+export DATA_PATH="${DATA_PATH:-data/datasets/sample_sp1024}"
+export TOKENIZER_PATH="${TOKENIZER_PATH:-data/tokenizers/sample_1024_bpe.model}"
+export RUN_ID="${RUN_ID:-demo}"
+export NUM_LAYERS="${NUM_LAYERS:-4}" MODEL_DIM="${MODEL_DIM:-128}" NUM_HEADS="${NUM_HEADS:-4}"
+export NUM_KV_HEADS="${NUM_KV_HEADS:-2}" MLP_MULT="${MLP_MULT:-3}"
+export BIGRAM_VOCAB_SIZE="${BIGRAM_VOCAB_SIZE:-2048}" BIGRAM_DIM="${BIGRAM_DIM:-64}"
+export VE_DIM="${VE_DIM:-64}" VE_LAYERS="${VE_LAYERS:-2,3}" XSA_LAST_N="${XSA_LAST_N:-2}"
+export TRAIN_SEQ_LEN="${TRAIN_SEQ_LEN:-256}" EVAL_SEQ_LEN="${EVAL_SEQ_LEN:-256}" EVAL_STRIDE="${EVAL_STRIDE:-64}"
+export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-8192}" GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
+export VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-32768}"
+export ITERATIONS="${ITERATIONS:-200}" WARMUP_STEPS="${WARMUP_STEPS:-10}" WARMDOWN_ITERS="${WARMDOWN_ITERS:-60}"
+export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-50}" EMA_DECAY="${EMA_DECAY:-0.98}"
+export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-600}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-20}"
+export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}"
+exec python3 train_gpt.py
