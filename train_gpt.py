@@ -31,6 +31,7 @@ Techniques, and where they come from:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -52,6 +53,13 @@ import torch.nn.functional as F
 # =============================================================================
 # HYPERPARAMETERS
 # =============================================================================
+
+
+MIXER_CHOICES = ("learned", "hedge", "none")
+# Hedge mixes the neural model with these fixed orders (unigram, bigram, trigram) of the cache.
+HEDGE_ORDERS = (1, 2, 3)
+HEDGE_ALPHA = 0.05
+HEDGE_PRIOR_NEURAL = 0.9
 
 
 class ConfigError(ValueError):
@@ -113,6 +121,15 @@ class Hyperparameters:
     ve_dim: int = 128
     ve_layers: tuple[int, ...] = (9, 10)
     value_residual: bool = True
+    # n-gram experts and mixer
+    use_mixer: str = "learned"
+    mixer_eta: float = 0.001
+    mixer_loss_weight: float = 0.5
+    ngram_min_order: int = 2
+    ngram_max_order: int = 7
+    ngram_oracle_tokens: int = 50_000_000
+    ngram_chunk_tokens: int = 131_072
+    ngram_audit_positions: int = 0
     # optimizers
     matrix_lr: float = 0.03
     scalar_lr: float = 0.025
@@ -132,6 +149,13 @@ class Hyperparameters:
     # runtime
     compile: bool = True
     compile_warmup_steps: int = 3
+
+    @property
+    def ngram_orders(self) -> tuple[int, ...]:
+        """Orders of the evaluation cache: the learned head's experts, or Hedge's, or none."""
+        if self.use_mixer == "learned":
+            return tuple(range(self.ngram_min_order, self.ngram_max_order + 1))
+        return HEDGE_ORDERS if self.use_mixer == "hedge" else ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
@@ -192,6 +216,16 @@ class Hyperparameters:
         need(not self.ve_enabled or self.ve_dim >= 1, "VE_DIM", self.ve_dim, "at least 1")
         need(all(0 <= i < self.num_layers for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
              "VE_LAYERS", ",".join(map(str, self.ve_layers)), f"distinct layer indices in 0..{self.num_layers - 1}")
+        need(self.use_mixer in MIXER_CHOICES, "USE_MIXER", self.use_mixer, " or ".join(MIXER_CHOICES))
+        need(self.mixer_eta >= 0, "MIXER_ETA", self.mixer_eta, "0 or more")
+        need(self.mixer_loss_weight >= 0, "MIXER_LOSS_WEIGHT", self.mixer_loss_weight, "0 or more")
+        need(self.ngram_min_order >= 2, "NGRAM_MIN_ORDER", self.ngram_min_order, "at least 2")
+        need(self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER", self.ngram_max_order,
+             f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16")
+        need(self.ngram_oracle_tokens >= (1 if self.use_mixer == "learned" else 0), "NGRAM_ORACLE_TOKENS",
+             self.ngram_oracle_tokens, "at least 1 with USE_MIXER=learned (the head learns from the oracle)")
+        need(self.ngram_chunk_tokens >= 1, "NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens, "at least 1")
+        need(self.ngram_audit_positions >= 0, "NGRAM_AUDIT_POSITIONS", self.ngram_audit_positions, "0 or more")
         for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
                      "GRAD_CLIP_NORM"):
             value = getattr(self, name.lower())
@@ -331,52 +365,82 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 
 class TokenStream:
     """An endless stream over the training shards; the shard order is a permutation drawn from the seed,
-    and each pass over the shards draws a new one."""
+    and each pass over the shards draws a new one. Each token also carries its position in the shards
+    read in name order, which is where the n-gram oracle's text comes from."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
         self.files = list(files)
         self.vocab_size = vocab_size
         self.rng = np.random.default_rng(seed)
+        self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
         self.order: list[int] = []
         self.tokens = np.zeros(0, dtype=np.uint16)
+        self.shard = 0
         self.pos = 0
 
     def _next_shard(self) -> None:
         if not self.order:
             self.order = list(self.rng.permutation(len(self.files)))
-        self.tokens = load_shard(self.files[self.order.pop(0)], self.vocab_size)
+        self.shard = self.order.pop(0)
+        self.tokens = load_shard(self.files[self.shard], self.vocab_size)
         self.pos = 0
 
-    def take(self, n: int) -> np.ndarray:
-        """The next n tokens, crossing shard boundaries as needed."""
-        parts, left = [], n
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n tokens, crossing shard boundaries as needed, and their positions in name order."""
+        parts, places, left = [], [], n
         while left > 0:
             if self.pos >= self.tokens.size:
                 self._next_shard()
             piece = self.tokens[self.pos:self.pos + left]
             parts.append(piece)
+            places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
             self.pos += piece.size
             left -= piece.size
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return np.concatenate(parts), np.concatenate(places)
+
+
+def oracle_run_lengths(places: np.ndarray, oracle_tokens: int) -> np.ndarray:
+    """For each token, how many tokens up to it (inclusive) are consecutive in the oracle's text (the
+    first `oracle_tokens` tokens in name order): an n-gram ending here was counted iff this is >= n."""
+    inside = places < oracle_tokens
+    chained = np.zeros(places.size, dtype=bool)
+    chained[1:] = inside[1:] & inside[:-1] & (np.diff(places) == 1)
+    index = np.arange(places.size)
+    run_start = np.maximum.accumulate(np.where(chained, 0, index))
+    return np.where(inside, index - run_start + 1, 0)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor             # (B, T) int64
+    targets: torch.Tensor            # (B, T) int64
+    oracle_run: torch.Tensor | None  # (B, T) int64: oracle_run_lengths at each target, when an oracle is on
 
 
 class DistributedBatchLoader:
     """Every rank reads the same stream and keeps its own contiguous part of each global micro-batch,
     so the data a step sees depends on the seed alone, never on timing."""
 
-    def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
+                 oracle_tokens: int = 0):
         self.stream = TokenStream(files, vocab_size, seed)
         self.rank, self.world_size = rank, world_size
+        self.oracle_tokens = oracle_tokens
 
-    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (global_tokens // (world_size * seq_len), seq_len) int64 on `device`."""
+    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device) -> Batch:
+        """This rank's (global_tokens // (world_size * seq_len), seq_len) share of the next global batch."""
         local_tokens = global_tokens // self.world_size
         span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        chunk, places = self.stream.take(span * self.world_size)
+        mine = slice(self.rank * span, (self.rank + 1) * span)
+        local = torch.from_numpy(chunk[mine].astype(np.int64))
+        x = local[:-1].reshape(-1, seq_len).to(device, non_blocking=True)
+        y = local[1:].reshape(-1, seq_len).to(device, non_blocking=True)
+        run = None
+        if self.oracle_tokens:
+            runs = torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens))
+            run = runs[1:].reshape(-1, seq_len).to(device, non_blocking=True)
+        return Batch(x, y, run)
 
 
 # =============================================================================
@@ -600,6 +664,14 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
             nn.init.zeros_(self.lm_head.weight)
+        self.mixer_head = None
+        if cfg.use_mixer == "learned":
+            # Weights over [neural, order min..max] from the final hidden state. It starts by trusting
+            # the neural model (bias 2 against 0) and learns from the oracle when to trust counts.
+            self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
+            nn.init.zeros_(self.mixer_head.weight)
+            with torch.no_grad():
+                self.mixer_head.bias.zero_()[0] = 2.0
 
     def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only."""
@@ -635,9 +707,222 @@ class GPT(nn.Module):
         logits = self.logits_from_hidden(self.forward_hidden(tokens))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over all positions: the training loss."""
-        return self.token_nll(tokens, targets).mean()
+    def eval_outputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities over the vocabulary (B, T, V) float32, mixer logits (B, T, 1+K) or None)."""
+        hidden = self.forward_hidden(tokens)
+        logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
+        return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
+                expert_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss: mean cross-entropy, plus MIXER_LOSS_WEIGHT times the mixture's loss when the
+        oracle's target probabilities (B, T, K) and validity are given (fixed inputs: no gradient to counts)."""
+        hidden = self.forward_hidden(tokens)
+        logits = self.logits_from_hidden(hidden)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        if expert_probs is None or self.mixer_head is None:
+            return nll.mean()
+        weights = mixer_weights(self.mixer_head(hidden), expert_valid)
+        return nll.mean() + self.cfg.mixer_loss_weight * mixture_nll(-nll, weights, expert_probs).mean()
+
+
+# =============================================================================
+# N-GRAM EXPERTS AND MIXER
+# =============================================================================
+# An order-n expert is p_n(v | ctx) = c(ctx, v) / T(ctx), T(ctx) the exact sum of its row of counts,
+# so every expert is a normalized distribution by construction (../shared/LEGALITY.md, rule 2).
+# Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
+# 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
+# per (context bucket, next token): a collision merges two contexts into one distribution, it
+# never breaks normalization. The same class serves as the frozen oracle (counted from training
+# shards, read-only) and as the evaluation cache (grows from already-scored validation tokens).
+
+KEY_MASK = (1 << 62) - 1
+
+
+def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key of the order-1 tokens ending at each position (the context for predicting the next token),
+    and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
+    width = order - 1
+    keys = torch.zeros(tokens.shape, dtype=torch.int64, device=tokens.device)
+    exact = width * max(1, (vocab_size - 1).bit_length()) <= 62
+    for k in range(width):
+        shifted = F.pad(tokens[..., :tokens.size(-1) - k].to(torch.int64), (k, 0))
+        if exact:
+            keys = keys * vocab_size + shifted
+        else:
+            # multiply-xor mixing; int64 products wrap, which is all a hash needs
+            keys = torch.bitwise_xor(keys * 0x100000001B3, shifted + 0x9E3779B97F4A7C15 % (1 << 62))
+    positions = torch.arange(tokens.size(-1), device=tokens.device)
+    return keys & KEY_MASK, (positions >= width - 1).expand(tokens.shape)
+
+
+class NgramCounts:
+    """Counts of one order: sorted unique context keys with their row totals, and sorted unique
+    (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
+    device; 8 + 8 bytes per distinct context and per distinct (context, token) pair."""
+
+    def __init__(self, order: int, vocab_size: int, device: torch.device):
+        self.order, self.vocab_size = order, vocab_size
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
+
+    def add(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Counts each (context key, next token) pair once more."""
+        if keys.numel() == 0:
+            return
+        V = self.vocab_size
+        old_rows_next = self.pair_keys // V, self.pair_keys % V
+        ctx_keys = torch.unique(torch.cat((self.ctx_keys, keys)))
+        old_rows = torch.searchsorted(ctx_keys, self.ctx_keys)
+        new_rows = torch.searchsorted(ctx_keys, keys)
+        pairs = torch.cat((old_rows[old_rows_next[0]] * V + old_rows_next[1], new_rows * V + next_tokens.to(torch.int64)))
+        counts = torch.cat((self.pair_counts, torch.ones_like(keys)))
+        self.pair_keys, inverse = torch.unique(pairs, return_inverse=True)
+        self.pair_counts = torch.zeros_like(self.pair_keys).index_add_(0, inverse, counts)
+        self.totals = torch.zeros_like(ctx_keys).index_add_(0, self.pair_keys // V, self.pair_counts)
+        self.ctx_keys = ctx_keys
+
+    def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row index, context seen) for each key."""
+        if self.ctx_keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
+        return rows, self.ctx_keys[rows] == keys
+
+    def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
+        rows, seen = self._rows(keys)
+        totals = torch.where(seen, self.totals[rows] if self.totals.numel() else torch.zeros_like(keys), 0)
+        if self.pair_keys.numel() == 0:
+            return torch.zeros_like(keys), totals
+        pair = rows * self.vocab_size + next_tokens.to(torch.int64)
+        at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
+        counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at], 0)
+        return counts, totals
+
+    def row_counts(self, key: int) -> torch.Tensor:
+        """The whole row of counts (V,) for one context key: what the audit materializes."""
+        row = torch.zeros(self.vocab_size, dtype=torch.int64, device=self.ctx_keys.device)
+        rows, seen = self._rows(torch.tensor([key], device=self.ctx_keys.device))
+        if bool(seen[0]):
+            lo = torch.searchsorted(self.pair_keys, rows * self.vocab_size)
+            hi = torch.searchsorted(self.pair_keys, (rows + 1) * self.vocab_size)
+            span = slice(int(lo[0]), int(hi[0]))
+            row[self.pair_keys[span] % self.vocab_size] = self.pair_counts[span]
+        return row
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
+
+
+class NgramModel:
+    """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one growing token stream."""
+
+    def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
+        self.orders, self.vocab_size = tuple(orders), vocab_size
+        self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
+        self.counted_tokens = 0
+
+    def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Counts the n-grams whose predicted token is tokens[t], start <= t < end, reading their
+        contexts from tokens[:t] (so contexts may reach back before `start`)."""
+        start = max(start, 1)
+        if end <= start:
+            return
+        keys, available = target_context_keys(self, tokens, start, end)
+        for i, table in enumerate(self.tables):
+            keep = available[:, i]
+            table.add(keys[i][keep], tokens[start:end][keep])
+
+    def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, totals), each (..., K), of every order for each target given its context keys."""
+        stats = [table.lookup(k, targets) for table, k in zip(self.tables, keys)]
+        return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables)
+
+
+def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per order, the context key at every position of `tokens` (..., T), and which orders have their
+    whole context inside it, (..., T, K)."""
+    pairs = [context_keys(tokens, n, model.vocab_size) for n in model.orders]
+    return [k for k, _ in pairs], torch.stack([a for _, a in pairs], -1)
+
+
+def target_context_keys(model: NgramModel, tokens: torch.Tensor, start: int,
+                        end: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Context keys, per order, for predicting tokens[t], start <= t < end (start >= 1), read from the
+    stream before t; and which orders have their whole context there, (end - start, K)."""
+    lo = max(0, start - max(model.orders) + 1)
+    keys, available = stream_context_keys(model, tokens[lo:end - 1])
+    return [k[start - 1 - lo:] for k in keys], available[start - 1 - lo:]
+
+
+def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int) -> np.ndarray:
+    """The first `count` tokens of the training shards in name order: the oracle's text. Training
+    positions know their place in this same order, which is what leave-one-out needs."""
+    parts, left = [], count
+    for f in files:
+        if left <= 0:
+            break
+        tokens = load_shard(f, vocab_size)[:left]
+        parts.append(tokens)
+        left -= tokens.size
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor,
+                           oracle_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each order's probability of the true next token, (B, T, K), and its context-only validity mask.
+
+    oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
+    in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
+    counted this very occurrence: it is taken out (leave-one-out), so the head learns how often an
+    order is right about text it has not seen, which is what the evaluation cache offers."""
+    keys, available = stream_context_keys(oracle, inputs)
+    counts, totals = oracle.target_stats(keys, targets)
+    orders = torch.tensor(oracle.orders, device=inputs.device)
+    counted = (oracle_run[..., None] >= orders).to(torch.int64)
+    counts, totals = counts - counted, totals - counted
+    valid = available & (totals > 0)
+    probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
+    return probs.float(), valid
+
+
+def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the neural expert (always valid, column 0) and the n-gram experts whose context
+    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K)."""
+    always = torch.ones_like(valid[..., :1])
+    mask = torch.cat((always, valid), -1)
+    return torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
+
+
+def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor) -> torch.Tensor:
+    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K).
+    Since the w sum to one and every p is a distribution, this is the target's entry of one."""
+    expert_terms = weights[..., 1:] * expert_probs
+    positive = expert_terms > 0
+    # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
+    log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
+    log_neural = neural_logprob + weights[..., 0].clamp_min(1e-30).log()
+    return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
+
+
+def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Hedge's experts with add-alpha smoothing, (c(ctx, x) + a) / (T(ctx) + a V): normalized, positive
+    (so Hedge's log-losses stay finite) and a function of counts alone, so every rank can compute the
+    losses of chunks that other ranks scored. counts, totals: (..., K) -> (..., K) float64."""
+    return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
+
+
+def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Tensor:
+    """Hedge's starting weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-gram
+    experts, whose first chunk faces an empty cache."""
+    w = torch.full((num_experts,), (1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1), dtype=torch.float64, device=device)
+    w[0] = HEDGE_PRIOR_NEURAL
+    return w.log()
 
 
 # =============================================================================
@@ -710,6 +995,8 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
+        elif name.startswith("mixer_head."):
+            groups["scalar"].append(p)  # 7 x 512: too small and too special for Muon
         elif p.ndim == 2:
             groups["matrix"].append(p)
         else:
@@ -846,20 +1133,20 @@ def synced_max(value: float, rt: Runtime) -> float:
 
 
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
-               cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float) -> float:
+               cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
+               oracle: NgramModel | None = None) -> float:
     """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's)."""
     micro_tokens = cfg.train_batch_tokens // accum_steps
     total = torch.zeros((), device=rt.device)
     for micro in range(accum_steps):
-        x, y = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
+        batch = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
+        args = (batch.inputs, batch.targets)
+        if oracle is not None:
+            args += oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
         sync = micro == accum_steps - 1
-        if rt.distributed and not sync:
-            with train_model.no_sync(), rt.autocast():
-                loss = train_model(x, y)
-                (loss / accum_steps).backward()
-        else:
+        with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
             with rt.autocast():
-                loss = train_model(x, y)
+                loss = train_model(*args)
             (loss / accum_steps).backward()
         total += loss.detach() / accum_steps
     for opt in optimizers:
@@ -883,19 +1170,41 @@ class TrainResult:
     stopped_early: bool
 
 
-def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log: RunLog,
+def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
+    """The frozen n-gram oracle: every order counted over the first NGRAM_ORACLE_TOKENS training tokens
+    (in shard name order), on the run's device. Each rank counts the same text."""
+    tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
+                              .astype(np.int64)).to(rt.device)
+    oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
+    oracle.add_stream(tokens, 1, tokens.numel())
+    oracle.counted_tokens = tokens.numel()
+    return oracle
+
+
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
           evaluate_val=None) -> TrainResult:
     """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the work after training). Validation time is not training time."""
+    kept for the work after training). The oracle's counting is training time; validation is not."""
     accum_steps = grad_accum_steps_for(cfg, rt.world_size)
     files = shard_files(cfg.data_path, "train")
+    oracle, oracle_tokens = None, 0
+    rt.synchronize()
+    t0 = time.perf_counter()
+    if model.mixer_head is not None:
+        oracle = build_oracle(cfg, rt, files)
+        oracle_tokens = cfg.ngram_oracle_tokens
+        rt.synchronize()
+        log(f"ngram_oracle tokens:{oracle.counted_tokens} "
+            f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
+            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    train_ms = 1000 * (time.perf_counter() - t0)
     if cfg.compile and cfg.compile_warmup_steps:
-        prime_compiled_model(model, train_model, cfg, rt, files, accum_steps)
-    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size)
+        prime_compiled_model(model, train_model, cfg, rt, files, accum_steps, oracle)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
-    train_ms, step, stopped_early = 0.0, 0, False
+    step, stopped_early = 0, False
     rt.synchronize()
     t0 = time.perf_counter()
     while step < cfg.iterations:
@@ -904,7 +1213,8 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             stopped_early = True
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
-        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg))
+        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale,
+                          muon_momentum_at(step, cfg), oracle)
         if ema is not None:
             ema.update(model)
         step += 1
@@ -932,14 +1242,15 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
 
 
 def prime_compiled_model(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
-                         files: Sequence[str], accum_steps: int) -> None:
+                         files: Sequence[str], accum_steps: int, oracle: NgramModel | None) -> None:
     """Runs COMPILE_WARMUP_STEPS real steps so that torch.compile builds its kernels before the clock
     starts, then puts back the initial weights: the timed run starts from the same state as without."""
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
+                                    cfg.ngram_oracle_tokens if oracle is not None else 0)
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
-    for step in range(cfg.compile_warmup_steps):
-        train_step(train_model, optimizers, loader, cfg, rt, accum_steps, 1.0, cfg.muon_momentum)
+    for _ in range(cfg.compile_warmup_steps):
+        train_step(train_model, optimizers, loader, cfg, rt, accum_steps, 1.0, cfg.muon_momentum, oracle)
     with torch.no_grad():
         model.load_state_dict(initial)
     rt.synchronize()
@@ -992,23 +1303,31 @@ def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) ->
     return EvalResult(nll / ntok, nll / (math.log(2) * nbytes), int(ntok), int(nbytes))
 
 
-def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
-                          stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
-    `token_nll(inputs, targets) -> (B, T)` is the model's per-token loss."""
+def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int,
+                           rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batches of windows: (index (B, L+1) of each window's tokens in val_tokens, mask (B, L)
+    of the targets the window scores)."""
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
     batch_windows = max(1, batch_tokens // seq_len)
     for first, last in _owned_batches(len(spans), batch_windows, rt):
         starts = torch.tensor([s for s, _, _ in spans[first:last]], device=val_tokens.device)
         window_len = spans[first][1]
-        index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]  # (B, L+1)
-        window = val_tokens[index].to(rt.device)
-        scored = torch.tensor([n for _, _, n in spans[first:last]], device=rt.device)
-        mask = torch.arange(window_len, device=rt.device)[None, :] >= (window_len - scored)[:, None]
+        index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]
+        scored = torch.tensor([n for _, _, n in spans[first:last]], device=val_tokens.device)
+        mask = torch.arange(window_len, device=val_tokens.device)[None, :] >= (window_len - scored)[:, None]
+        yield index, mask
+
+
+def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                          stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
+    `token_nll(inputs, targets) -> (B, T)` is the model's per-token loss."""
+    for index, mask in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
+        window = val_tokens[index]
         with rt.autocast():
             nll = token_nll(window[:, :-1], window[:, 1:]).double()
         nbytes = target_byte_counts(window[:, :-1], window[:, 1:], tables)
-        yield index[:, 1:].to(rt.device)[mask], nll[mask], nbytes[mask]
+        yield index[:, 1:][mask], nll[mask], nbytes[mask]
 
 
 @torch.no_grad()
@@ -1021,6 +1340,183 @@ def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTable
         byte_sum += int(nbytes.sum())
         count += targets.numel()
     return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+
+
+@dataclass
+class NeuralScores:
+    """What the neural pass keeps of each target this rank scores, in target order."""
+    targets: torch.Tensor                 # (n,) int64 positions in the validation stream
+    logprob: torch.Tensor                 # (n,) float64 ln p_nn(x_t)
+    mixer_logits: torch.Tensor | None     # (n, 1+K) float32, the learned head's output
+    nbytes: torch.Tensor                  # (n,) int64
+    audit_rows: dict[int, torch.Tensor]   # target position -> (V,) float64 neural log-probabilities
+
+
+@torch.no_grad()
+def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                rt: Runtime, audit_targets: torch.Tensor) -> NeuralScores:
+    """The sliding-window pass of the model alone; n-gram caches play no part in it."""
+    parts, audit_rows = [], {}
+    for index, mask in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
+                                              cfg.val_batch_size, rt):
+        window = val_tokens[index]
+        with rt.autocast():
+            logprobs, mixer_logits = eval_outputs(window[:, :-1])
+        targets = index[:, 1:]
+        target_logprob = logprobs.gather(-1, window[:, 1:, None]).squeeze(-1).double()
+        parts.append((targets[mask], target_logprob[mask],
+                      None if mixer_logits is None else mixer_logits[mask].float(),
+                      target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask]))
+        for b, j in (mask & torch.isin(targets, audit_targets)).nonzero().tolist():
+            audit_rows[int(targets[b, j])] = logprobs[b, j].double()
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
+        return NeuralScores(empty, empty.double(), None, empty, audit_rows)
+    cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+    return NeuralScores(cat(0), cat(1), cat(2), cat(3), audit_rows)
+
+
+def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
+    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of one materialized distribution q (V,)
+    float64: the check that the number scored is the target's entry of a normalized distribution."""
+    return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
+
+
+def materialized_mixture(neural_logprobs: torch.Tensor, cache: NgramModel, keys: Sequence[int],
+                         valid: Sequence[bool], weights: torch.Tensor, hedge: bool) -> torch.Tensor:
+    """The whole distribution q_t (V,) float64 that the fast path scores one entry of."""
+    q = weights[0].double() * neural_logprobs.exp()
+    for i, table in enumerate(cache.tables):
+        row = table.row_counts(keys[i]).double()
+        if hedge:
+            q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), cache.vocab_size)
+        elif valid[i]:
+            q = q + weights[i + 1].double() * row / row.sum()
+    return q
+
+
+@dataclass
+class AuditStats:
+    """The audit of NGRAM_AUDIT_POSITIONS: q_t materialized over the whole vocabulary at `targets`.
+    With keep=True the distributions and the fast path's -ln q_t(x_t) are kept (tests compare them)."""
+    targets: torch.Tensor
+    keep: bool = False
+    positions: int = 0
+    worst_sum_error: float = 0.0
+    min_prob: float = 1.0
+    worst_target_diff: float = 0.0
+    distributions: dict = dataclasses.field(default_factory=dict)
+    fast_nll: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, t: int, q: torch.Tensor, target: int, nll: float) -> None:
+        sum_error, min_prob, target_diff = audit_distribution(q, target, nll)
+        self.positions += 1
+        self.worst_sum_error = max(self.worst_sum_error, sum_error)
+        self.min_prob = min(self.min_prob, min_prob)
+        self.worst_target_diff = max(self.worst_target_diff, target_diff)
+        if self.keep:
+            self.distributions[t], self.fast_nll[t] = q, nll
+
+
+@torch.no_grad()
+def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
+               chunk_neural_loss: torch.Tensor | None, audit: AuditStats) -> float:
+    """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
+    scored with the cache as it stood before the chunk (counts of every target < 1 + kC), then the whole
+    chunk is counted. Any rank builds that state from the validation tokens before its first chunk, so no
+    number depends on the number of ranks. Returns the sum of -ln q over this rank's targets.
+
+    Hedge also needs, before each chunk, every expert's loss on all earlier chunks: the n-gram experts'
+    losses are recomputed here from counts, and the neural model's come in chunk_neural_loss (summed over
+    ranks)."""
+    if scores.targets.numel() == 0:
+        return 0.0
+    C, N, hedge = cfg.ngram_chunk_tokens, val_tokens.numel(), cfg.use_mixer == "hedge"
+    cache = NgramModel(cfg.ngram_orders, cfg.vocab_size, val_tokens.device)
+    first_chunk = (int(scores.targets[0]) - 1) // C
+    last_chunk = (int(scores.targets[-1]) - 1) // C
+    start_chunk = 0 if hedge else first_chunk
+    cache.add_stream(val_tokens, 1, 1 + start_chunk * C)
+    log_w = hedge_prior_log_weights(1 + len(cache.orders), val_tokens.device) if hedge else None
+    total = 0.0
+    for k in range(start_chunk, last_chunk + 1):
+        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
+        own = slice(int(torch.searchsorted(scores.targets, lo)), int(torch.searchsorted(scores.targets, hi)))
+        t_lo, t_hi = (lo, hi) if hedge else (int(scores.targets[own][0]), int(scores.targets[own][-1]) + 1) \
+            if own.stop > own.start else (lo, lo)
+        if t_hi > t_lo:
+            keys, available = target_context_keys(cache, val_tokens, t_lo, t_hi)
+            counts, totals = cache.target_stats(keys, val_tokens[t_lo:t_hi])
+            if hedge:
+                probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
+                valid = torch.ones_like(available)
+                mine = scores.targets[own] - t_lo
+                weights = log_w.softmax(0).expand(own.stop - own.start, -1)
+                expert_loss = -probs.log().sum(0)
+                probs, valid_own = probs[mine], valid[mine]
+            else:
+                valid_own = available & (totals > 0)
+                probs = torch.where(valid_own, counts.double() / totals.clamp(min=1).double(), 0.0)
+                weights = mixer_weights(scores.mixer_logits[own], valid_own)
+            nll = mixture_nll(scores.logprob[own], weights.double(), probs)
+            total += float(nll.sum())
+            _audit_chunk(scores, own, nll, keys, valid_own, weights, cache, val_tokens, t_lo, hedge, audit,
+                         None if not hedge else scores.targets[own] - t_lo)
+            if hedge:
+                log_w = log_w - cfg.mixer_eta * torch.cat((chunk_neural_loss[k:k + 1], expert_loss))
+        cache.add_stream(val_tokens, lo, hi)
+    return total
+
+
+def _audit_chunk(scores, own, nll, keys, valid, weights, cache, val_tokens, t_lo, hedge, audit, mine) -> None:
+    """Materializes q_t over the whole vocabulary at the audit positions of this chunk."""
+    targets = scores.targets[own]
+    for i, t in enumerate(targets.tolist()):
+        if t not in scores.audit_rows:
+            continue
+        at = (t - t_lo) if mine is None else int(mine[i])
+        q = materialized_mixture(scores.audit_rows[t], cache, [int(k[at]) for k in keys],
+                                 valid[i].tolist(), weights[i], hedge)
+        audit.add(t, q, int(val_tokens[t]), float(nll[i]))
+
+
+def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """NGRAM_AUDIT_POSITIONS target positions drawn from the seed (the same on every rank)."""
+    if not cfg.ngram_audit_positions:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(1, num_tokens, (cfg.ngram_audit_positions,), generator=g).to(device)
+
+
+@torch.no_grad()
+def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                           rt: Runtime, log, audit: AuditStats | None = None) -> tuple[EvalResult, EvalResult]:
+    """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
+    score-first n-gram cache (USE_MIXER). Returns (neural, mixed)."""
+    if audit is None:
+        audit = AuditStats(audit_target_positions(cfg, val_tokens.numel(), val_tokens.device))
+    scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
+    byte_sum, count = int(scores.nbytes.sum()), scores.targets.numel()
+    neural = _reduce_eval_sums(float(-scores.logprob.sum()), byte_sum, count, rt)
+    chunk_loss = None
+    if cfg.use_mixer == "hedge":
+        num_chunks = (val_tokens.numel() - 2) // cfg.ngram_chunk_tokens + 1
+        chunk_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
+        chunk_loss.index_add_(0, (scores.targets - 1) // cfg.ngram_chunk_tokens, -scores.logprob)
+        if rt.distributed:
+            dist.all_reduce(chunk_loss)
+    mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit), byte_sum, count, rt)
+    if audit.targets.numel():
+        stats = torch.tensor([audit.positions, audit.worst_sum_error, -audit.min_prob, audit.worst_target_diff],
+                             dtype=torch.float64, device=val_tokens.device)
+        if rt.distributed:
+            positions = stats[:1].clone()
+            dist.all_reduce(positions)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            stats[0] = positions[0]
+        log(f"ngram_audit positions:{int(stats[0])} worst_abs_sum_minus_1:{stats[1]:.3e} "
+            f"min_prob:{-stats[2]:.3e} worst_target_diff:{stats[3]:.3e}")
+    return neural, mixed
 
 
 @torch.no_grad()
@@ -1109,6 +1605,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         train_model = nn.parallel.DistributedDataParallel(
             compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     token_nll = torch.compile(model.token_nll, dynamic=False) if cfg.compile else model.token_nll
+    eval_outputs = torch.compile(model.eval_outputs, dynamic=False) if cfg.compile else model.eval_outputs
 
     def periodic_val() -> tuple[float, float]:
         model.eval()
@@ -1119,19 +1616,33 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     result = train(model, train_model, cfg, rt, log, periodic_val)
     log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
         f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log)
 
+
+def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
+                   cfg: Hyperparameters, rt: Runtime, log) -> EvalResult:
+    """The final lines: plain, sliding window, and (with a mixer) sliding window mixed with the n-gram
+    cache, which is then the run's score, last in the log."""
     model.eval()
     rt.synchronize()
-    t0 = time.perf_counter()
+    start = t0 = time.perf_counter()
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
     rt.synchronize()
     log_final(log, "final_plain", plain, 1000 * (time.perf_counter() - t0))
     t0 = time.perf_counter()
-    sliding = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
-                               cfg.val_batch_size, rt)
-    rt.synchronize()
-    log_final(log, "final_sliding_window", sliding, 1000 * (time.perf_counter() - t0))
-    return sliding
+    if cfg.use_mixer == "none":
+        score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
+                                 cfg.val_batch_size, rt)
+        rt.synchronize()
+        log_final(log, "final_sliding_window", score, 1000 * (time.perf_counter() - t0))
+    else:
+        neural, score = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log)
+        rt.synchronize()
+        elapsed = 1000 * (time.perf_counter() - t0)
+        log_final(log, "final_sliding_window", neural, elapsed)
+        log_final(log, f"final_sliding_window_ngram_{cfg.use_mixer}", score, elapsed)
+    log(f"eval_done eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+    return score
 
 
 def main() -> int:

@@ -19,4 +19,8 @@ export ITERATIONS="${ITERATIONS:-200}" WARMUP_STEPS="${WARMUP_STEPS:-10}" WARMDO
 export MUON_MOMENTUM_WARMUP_STEPS="${MUON_MOMENTUM_WARMUP_STEPS:-50}" EMA_DECAY="${EMA_DECAY:-0.98}"
 export MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-600}" TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-20}"
 export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}"
+# the n-gram oracle is counted from 2M of the 2.5M sample training tokens; the eval cache grows in
+# 8192-token chunks so the 95k-token validation split gets a dozen score-then-update rounds
+export USE_MIXER="${USE_MIXER:-learned}" NGRAM_ORACLE_TOKENS="${NGRAM_ORACLE_TOKENS:-2000000}"
+export NGRAM_CHUNK_TOKENS="${NGRAM_CHUNK_TOKENS:-8192}" NGRAM_AUDIT_POSITIONS="${NGRAM_AUDIT_POSITIONS:-16}"
 exec python3 train_gpt.py

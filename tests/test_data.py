@@ -71,10 +71,11 @@ def test_batches_are_deterministic_for_a_seed_and_split_between_ranks(tmp_path):
         return [loader.next_batch(64, 8, torch.device("cpu")) for _ in range(30)]
 
     again = batches(1, 0, 1)
-    for (x1, y1), (x2, y2) in zip(batches(1, 0, 1), again):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
-    assert any(not torch.equal(a[0], b[0]) for a, b in zip(batches(1, 0, 1), batches(2, 0, 1)))
-    for (x0, y0), (x1, y1) in zip(batches(1, 0, 2), batches(1, 1, 2)):
+    for b1, b2 in zip(batches(1, 0, 1), again):
+        assert torch.equal(b1.inputs, b2.inputs) and torch.equal(b1.targets, b2.targets)
+    assert any(not torch.equal(a.inputs, b.inputs) for a, b in zip(batches(1, 0, 1), batches(2, 0, 1)))
+    for r0, r1 in zip(batches(1, 0, 2), batches(1, 1, 2)):
+        (x0, y0), (x1, y1) = (r0.inputs, r0.targets), (r1.inputs, r1.targets)
         assert x0.shape == x1.shape == (4, 8)
         assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
         # targets are the inputs shifted by one within each rank's contiguous span
@@ -84,8 +85,10 @@ def test_batches_are_deterministic_for_a_seed_and_split_between_ranks(tmp_path):
 def test_stream_crosses_shards_and_revisits_them_all(tmp_path):
     _write_train_shards(tmp_path, [100, 50, 70])
     stream = tg.TokenStream(tg.shard_files(tmp_path, "train"), 60000, seed=3)
-    first_pass = stream.take(220)
+    first_pass, places = stream.take(220)
     assert sorted(first_pass.tolist()) == list(range(220))
+    # tokens were written as their own position in name order, so the positions must equal them
+    assert places.tolist() == first_pass.tolist()
 
 
 def _token_stream_with_documents(sp, docs):

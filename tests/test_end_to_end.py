@@ -59,8 +59,10 @@ def test_one_process_run_logs_settings_steps_and_final_lines(dataset, tmp_path):
     assert re.search(r"^step:6/6 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
     assert re.search(r"^step:3/6 val_loss:[\d.]+ val_bpb:[\d.]+ ", log, re.M)
     last_bpb = re.findall(r"val_bpb:(\S+)", log)[-1]
-    assert log.rstrip().splitlines()[-1].startswith("final_sliding_window_exact")
-    assert float(last_bpb) == final_bpb(log, "final_sliding_window") > 0
+    assert log.rstrip().splitlines()[-1].startswith("eval_done eval_time:")
+    assert re.search(r"^ngram_oracle tokens:\d+ orders:2,3,4,5,6,7 bytes:\d+ time:\d+ms$", log, re.M)
+    assert float(last_bpb) == final_bpb(log, "final_sliding_window_ngram_learned") > 0
+    assert final_bpb(log, "final_sliding_window") > 0
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
@@ -77,8 +79,8 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     log_one = (tmp_path / "logs" / "one.txt").read_text()
     # Same global batch and seed: the two runs train on the same tokens, so they agree closely; the
     # evaluation itself is world-size independent to 1e-6 (tests/test_eval.py).
-    assert final_bpb(log_two, "final_sliding_window") == pytest.approx(final_bpb(log_one, "final_sliding_window"),
-                                                                       abs=2e-3)
+    for name in ("final_sliding_window", "final_sliding_window_ngram_learned"):
+        assert final_bpb(log_two, name) == pytest.approx(final_bpb(log_one, name), abs=2e-3)
 
 
 @pytest.mark.parametrize("updates, message", [

@@ -22,6 +22,8 @@ OPTIONS = {
     "no_softcap": dict(logit_softcap=0.0),
     "no_unet": dict(unet_skips=False),
     "odd_layers": dict(num_layers=5, ve_layers=(4,), xsa_last_n=1),
+    "no_mixer_head": dict(use_mixer="none"),
+    "hedge_no_head": dict(use_mixer="hedge"),
 }
 
 
@@ -33,8 +35,13 @@ def test_each_option_runs_forward_and_backward(name):
     x = torch.randint(0, cfg.vocab_size, (2, 16))
     hidden = model.forward_hidden(x)
     assert hidden.shape == (2, 16, cfg.model_dim)
-    loss = model(x, torch.roll(x, -1, 1))
-    assert torch.isfinite(loss) and abs(loss.item() - np.log(cfg.vocab_size)) < 1.0
+    assert (model.mixer_head is not None) == (cfg.use_mixer == "learned")
+    expert_inputs = ()
+    if model.mixer_head is not None:  # the head learns only from the oracle's probabilities
+        valid = torch.rand(2, 16, len(cfg.ngram_orders)) > 0.5
+        expert_inputs = (torch.where(valid, torch.rand(valid.shape), 0.0), valid)
+    loss = model(x, torch.roll(x, -1, 1), *expert_inputs)
+    assert torch.isfinite(loss) and abs(loss.item() - np.log(cfg.vocab_size)) < 1.5
     loss.backward()
     groups = tg.parameter_groups(model)
     assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))

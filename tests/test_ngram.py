@@ -1,0 +1,227 @@
+"""The n-gram experts and mixer keep ../shared/LEGALITY.md: normalized, causal, score-first, world-size free."""
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as tg
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def brute_counts(tokens, order):
+    """Every n-gram whose last token is a target (position 1 on: position 0 is never predicted)."""
+    return Counter(tuple(tokens[t - order + 1:t + 1]) for t in range(max(1, order - 1), len(tokens)))
+
+
+@pytest.mark.parametrize("vocab, orders", [(7, (1, 2, 3, 5)), (5000, (2, 7))])  # 5000^6 needs hashing
+def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(rng.integers(0, min(vocab, 9), size=400))
+    model = tg.NgramModel(orders, vocab, CPU)
+    for lo, hi in ((1, 57), (57, 58), (58, 300), (300, 400)):  # incremental adds, one of a single token
+        model.add_stream(tokens, lo, hi)
+    keys, available = tg.target_context_keys(model, tokens, 1, 400)
+    counts, totals = model.target_stats(keys, tokens[1:])
+    seq = tokens.tolist()
+    for i, n in enumerate(orders):
+        brute = brute_counts(seq, n)
+        context = Counter(c[:-1] for c in brute.elements())
+        for t in range(max(1, n - 1), 400):
+            gram = tuple(seq[t - n + 1:t + 1])
+            assert available[t - 1, i]
+            assert counts[t - 1, i] == brute[gram] and totals[t - 1, i] == context[gram[:-1]]
+        table = model.tables[i]
+        row_sums = torch.zeros_like(table.totals).index_add_(0, table.pair_keys // vocab, table.pair_counts)
+        assert torch.equal(row_sums, table.totals)
+
+
+def trained_like(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def repetitive_stream(n, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(2, vocab, size=rng.integers(3, 8)) for _ in range(10)]
+    stream = np.concatenate([phrases[i] for i in rng.integers(0, 10, size=n)])[:n]
+    return torch.from_numpy(stream.astype(np.int64))
+
+
+def byte_tables(vocab):
+    return tg.TokenByteTables(torch.arange(vocab) % 3 + 1, torch.arange(vocab) % 2 == 0, torch.arange(vocab) < 2)
+
+
+def mixed_eval(cfg, tokens, audit_targets, rt=None, seed=0):
+    rt = rt or tg.Runtime(0, 1, 0, CPU)
+    model = trained_like(cfg, seed)
+    audit = tg.AuditStats(torch.as_tensor(audit_targets, dtype=torch.int64), keep=True)
+    lines = []
+    neural, mixed = tg.evaluate_sliding_mixed(model.eval_outputs, tokens, byte_tables(cfg.vocab_size), cfg, rt,
+                                              lines.append, audit)
+    return neural, mixed, audit, lines
+
+
+MODES = [dict(use_mixer="learned"), dict(use_mixer="hedge", mixer_eta=0.05)]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+def test_materialized_distributions_sum_to_one_and_match_the_fast_path(mode):
+    cfg = tiny_config(ngram_chunk_tokens=37, **mode)
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    neural, mixed, audit, lines = mixed_eval(cfg, tokens, range(1, 300))
+    assert audit.positions == 299
+    assert audit.worst_sum_error < 1e-6 and audit.min_prob > 0 and audit.worst_target_diff < 1e-9
+    assert any(l.startswith("ngram_audit positions:299 ") for l in lines)
+    # the fast path's total is the sum of the audited target entries
+    assert sum(audit.fast_nll.values()) == pytest.approx(mixed.val_loss * mixed.scored_tokens, rel=1e-9)
+    assert mixed.val_loss < neural.val_loss  # on repetitive text the cache helps
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+def test_q_t_ignores_the_target_and_everything_after(mode):
+    cfg = tiny_config(ngram_chunk_tokens=37, **mode)
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    for t in (5, 80, 150, 250):
+        changed = tokens.clone()
+        changed[t:] = (tokens[t:] + 1 + torch.randint(0, cfg.vocab_size - 1, (300 - t,))) % cfg.vocab_size
+        _, _, a, _ = mixed_eval(cfg, tokens, [t])
+        _, _, b, _ = mixed_eval(cfg, changed, [t])
+        assert torch.equal(a.distributions[t], b.distributions[t])
+        assert a.fast_nll[t] != b.fast_nll[t]  # the target changed, so its score did
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+def test_scores_of_a_chunk_ignore_later_chunks(mode):
+    cfg = tiny_config(ngram_chunk_tokens=50, **mode)
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    changed = tokens.clone()
+    changed[151:] = repetitive_stream(149, cfg.vocab_size, seed=1)  # chunks 3, 4, 5 change (targets 151..)
+    _, _, a, _ = mixed_eval(cfg, tokens, range(1, 300))
+    _, _, b, _ = mixed_eval(cfg, changed, range(1, 300))
+    assert all(a.fast_nll[t] == b.fast_nll[t] for t in range(1, 151))
+    assert any(a.fast_nll[t] != b.fast_nll[t] for t in range(151, 300))
+
+
+def test_the_cache_learns_only_after_a_chunk_is_scored():
+    """A phrase seen only inside the current chunk must not help it; after the chunk it must."""
+    cfg = tiny_config(ngram_chunk_tokens=1000, use_mixer="learned")
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    one_chunk = mixed_eval(cfg, tokens, [])[1]
+    small = mixed_eval(dataclasses.replace(cfg, ngram_chunk_tokens=30), tokens, [])[1]
+    neural = mixed_eval(cfg, tokens, [])[0]
+    assert one_chunk.val_loss == pytest.approx(neural.val_loss, abs=1e-9)  # the cache is empty throughout
+    assert small.val_loss < neural.val_loss
+
+
+def _mixed_in_process(rank, world, init_file, cfg, tokens, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    neural, mixed, _, _ = mixed_eval(cfg, tokens, [3, 100, 250], tg.Runtime(rank, world, rank, CPU))
+    if rank == 0:
+        np.save(out, np.array([neural.val_bpb, mixed.val_bpb, mixed.scored_bytes]))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+def test_one_and_two_processes_give_the_same_val_bpb(tmp_path, mode):
+    cfg = tiny_config(ngram_chunk_tokens=41, val_batch_size=48, **mode)  # chunks straddle rank boundaries
+    tokens = repetitive_stream(400, cfg.vocab_size)
+    results = []
+    for world in (1, 2, 3):
+        out = tmp_path / f"r{world}.npy"
+        mp.spawn(_mixed_in_process, args=(world, str(tmp_path / f"init{world}"), cfg, tokens, str(out)), nprocs=world)
+        results.append(np.load(out))
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=0, atol=1e-6)
+
+
+def test_hashed_pair_cache_is_caught_by_the_materialization_check():
+    """The rejected design: count(ctx, v) and count(ctx) in two unrelated hashed tables. Only the target's
+    ratio is ever computed, and it looks like a probability; the full row does not sum to one."""
+    vocab, buckets = 64, 97
+    tokens = repetitive_stream(2000, vocab).tolist()
+    ctx_table, pair_table = np.zeros(buckets), np.zeros(buckets)
+    for t in range(2, len(tokens)):
+        ctx = (tokens[t - 2], tokens[t - 1])
+        ctx_table[hash(ctx) % buckets] += 1
+        pair_table[hash(ctx + (tokens[t],)) % buckets] += 1
+    ctx = (tokens[10], tokens[11])
+    ratio = torch.tensor([min(1.0, pair_table[hash(ctx + (v,)) % buckets] / ctx_table[hash(ctx) % buckets])
+                          for v in range(vocab)], dtype=torch.float64)
+    neural = torch.full((vocab,), 1.0 / vocab, dtype=torch.float64)
+    q = 0.5 * neural + 0.5 * ratio  # mixed as if the ratio were a distribution
+    target = tokens[12]
+    sum_error, min_prob, target_diff = tg.audit_distribution(q, target, -float(torch.log(q[target])))
+    assert 0 < q[target] <= 1 and target_diff < 1e-12  # the target's number looks fine...
+    assert sum_error > 1.0                             # ...but the distribution is not one
+
+
+def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path):
+    vocab = 50
+    rng = np.random.default_rng(0)
+    train = rng.integers(2, vocab, size=3000).astype(np.uint16)
+    tg.write_shard(tmp_path / "fineweb_train_000000.bin", train)
+    cfg = tiny_config(vocab_size=vocab, data_path=str(tmp_path), ngram_oracle_tokens=2000, train_seq_len=16,
+                      ngram_min_order=2, ngram_max_order=4)
+    rt = tg.Runtime(0, 1, 0, CPU)
+    oracle = tg.build_oracle(cfg, rt, tg.shard_files(tmp_path, "train"))
+    loader = tg.DistributedBatchLoader(tg.shard_files(tmp_path, "train"), vocab, 0, 0, 1, cfg.ngram_oracle_tokens)
+    counted = brute = None
+    seq = train[:2000].tolist()
+    grams = {n: brute_counts(seq, n) for n in (2, 3, 4)}
+    ctxs = {n: Counter(g[:-1] for g in grams[n].elements()) for n in (2, 3, 4)}
+    checked_inside = checked_outside = 0
+    for _ in range(12):  # 12 x 256 tokens: past the oracle's 2,000 into text it never counted
+        batch = loader.next_batch(256, 16, CPU)
+        probs, valid = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
+        row = torch.cat((batch.inputs, batch.targets[:, -1:]), 1).tolist()
+        for b in range(batch.inputs.size(0)):
+            for j in range(16):
+                for i, n in enumerate((2, 3, 4)):
+                    if j < n - 2:
+                        assert not valid[b, j, i]
+                        continue
+                    gram = tuple(row[b][j - n + 2:j + 2])
+                    inside = int(batch.oracle_run[b, j]) >= n
+                    c, total = grams[n][gram] - inside, ctxs[n][gram[:-1]] - inside
+                    assert bool(valid[b, j, i]) == (total > 0)
+                    if total > 0:
+                        assert float(probs[b, j, i]) == pytest.approx(c / total, rel=1e-6)
+                    checked_inside += inside
+                    checked_outside += not inside
+    assert checked_inside > 1000 and checked_outside > 100
+
+
+def test_oracle_run_lengths_follow_contiguity():
+    places = np.array([5, 6, 7, 8, 100, 101, 3, 4, 9, 10])
+    assert tg.oracle_run_lengths(places, 10).tolist() == [1, 2, 3, 4, 0, 0, 1, 2, 1, 0]
+
+
+def test_mixer_loss_trains_the_head_and_the_transformer():
+    cfg = tiny_config(use_mixer="learned", ngram_min_order=2, ngram_max_order=4)
+    model = trained_like(cfg).train()
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    valid = torch.rand(2, 16, 3) > 0.3
+    probs = torch.where(valid, torch.rand(2, 16, 3), 0.0)
+
+    def grads(*expert_inputs):
+        model.zero_grad()
+        model(x, x, *expert_inputs).backward()
+        return model.mixer_head.weight.grad, model.blocks[0].attn.c_q.weight.grad.clone()
+
+    head_plain, cq_plain = grads()
+    head_mixed, cq_mixed = grads(probs, valid)
+    assert head_plain is None or head_plain.abs().sum() == 0
+    assert head_mixed.abs().sum() > 0 and not torch.allclose(cq_plain, cq_mixed)
+    weights = tg.mixer_weights(torch.randn(2, 16, 4), valid)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 16)) and (weights[..., 1:][~valid] == 0).all()
