@@ -38,8 +38,10 @@ import hashlib
 import math
 import os
 import platform
+import struct
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -49,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import zstandard
 
 # =============================================================================
 # HYPERPARAMETERS
@@ -130,6 +133,20 @@ class Hyperparameters:
     ngram_oracle_tokens: int = 50_000_000
     ngram_chunk_tokens: int = 131_072
     ngram_audit_positions: int = 0
+    # quantization and packing
+    quant_mlp_bits: int = 5
+    quant_attn_bits: int = 6
+    quant_embed_bits: int = 8
+    quant_min_numel: int = 65_536
+    gptq: bool = True
+    gptq_calib: str = "selfgen"
+    gptq_calib_seqs: int = 64
+    gptq_damp: float = 0.01
+    crown_q_lambda: float = 0.01
+    prune_fraction: float = 0.03
+    zstd_level: int = 22
+    target_bytes: int = 16_000_000
+    eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
     # optimizers
     matrix_lr: float = 0.03
     scalar_lr: float = 0.025
@@ -226,6 +243,18 @@ class Hyperparameters:
              self.ngram_oracle_tokens, "at least 1 with USE_MIXER=learned (the head learns from the oracle)")
         need(self.ngram_chunk_tokens >= 1, "NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens, "at least 1")
         need(self.ngram_audit_positions >= 0, "NGRAM_AUDIT_POSITIONS", self.ngram_audit_positions, "0 or more")
+        for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS"):
+            need(2 <= getattr(self, name.lower()) <= 8, name, getattr(self, name.lower()), "2..8")
+        need(self.quant_min_numel >= 0, "QUANT_MIN_NUMEL", self.quant_min_numel, "0 or more")
+        need(self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", self.gptq_calib, "selfgen or train")
+        need(self.gptq_calib_seqs >= 1, "GPTQ_CALIB_SEQS", self.gptq_calib_seqs, "at least 1")
+        need(self.gptq_damp > 0, "GPTQ_DAMP", self.gptq_damp, "greater than 0")
+        need(self.crown_q_lambda >= 0, "CROWN_Q_LAMBDA", self.crown_q_lambda, "0 (off) or more")
+        need(0 <= self.prune_fraction < 1, "PRUNE_FRACTION", self.prune_fraction, "in [0, 1)")
+        need(1 <= self.zstd_level <= 22, "ZSTD_LEVEL", self.zstd_level, "1..22")
+        need(self.target_bytes >= 1, "TARGET_BYTES", self.target_bytes, "at least 1")
+        need(not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT", self.eval_artifact,
+             "empty (train, then evaluate the new artifact) or the path of an artifact file")
         for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
                      "GRAD_CLIP_NORM"):
             value = getattr(self, name.lower())
@@ -1134,8 +1163,10 @@ def synced_max(value: float, rt: Runtime) -> float:
 
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
-               oracle: NgramModel | None = None) -> float:
-    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's)."""
+               oracle: NgramModel | None = None, penalty=None) -> float:
+    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's).
+    `penalty` (a function of the weights, e.g. CROWN-Q) joins the last micro-step's backward: one
+    backward per forward, as DDP requires."""
     micro_tokens = cfg.train_batch_tokens // accum_steps
     total = torch.zeros((), device=rt.device)
     for micro in range(accum_steps):
@@ -1147,7 +1178,10 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
         with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
             with rt.autocast():
                 loss = train_model(*args)
-            (loss / accum_steps).backward()
+            objective = loss / accum_steps
+            if penalty is not None and sync:
+                objective = objective + penalty()
+            objective.backward()
         total += loss.detach() / accum_steps
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1213,8 +1247,10 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             stopped_early = True
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
+        warming_down = step >= cfg.warmup_steps and scale < 1.0
+        penalty = (lambda: crown_q_penalty(model, cfg)) if cfg.crown_q_lambda and warming_down else None
         loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale,
-                          muon_momentum_at(step, cfg), oracle)
+                          muon_momentum_at(step, cfg), oracle, penalty)
         if ema is not None:
             ema.update(model)
         step += 1
@@ -1226,8 +1262,8 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
             rt.synchronize()
             train_ms += 1000 * (time.perf_counter() - t0)
-            loss_v, bpb_v = evaluate_val()
-            log(f"step:{step}/{cfg.iterations} val_loss:{loss_v:.4f} val_bpb:{bpb_v:.4f} "
+            val = evaluate_val()
+            log(f"step:{step}/{cfg.iterations} val_loss:{val.val_loss:.4f} val_bpb:{val.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
             rt.synchronize()
             t0 = time.perf_counter()
@@ -1254,6 +1290,499 @@ def prime_compiled_model(model: GPT, train_model: nn.Module, cfg: Hyperparameter
     with torch.no_grad():
         model.load_state_dict(initial)
     rt.synchronize()
+
+
+# =============================================================================
+# QUANTIZATION AND PACKING
+# =============================================================================
+# The artifact is the model's weights as integers, packed and zstd-compressed; code + artifact must fit
+# TARGET_BYTES. Each matrix is stored as signed integers with one fp16 step per row: the MLP at
+# QUANT_MLP_BITS, attention and the other projections at QUANT_ATTN_BITS, embedding tables and the head
+# at QUANT_EMBED_BITS. GPTQ (Frantar et al. 2022) rounds one input column at a time and moves each
+# column's rounding error onto the columns not yet rounded, through the inverse Hessian H = E[x x^T] of
+# the layer's inputs, so that the layer's output x W^T changes least; round-to-nearest (GPTQ=0) is the
+# baseline with the same per-row steps.
+
+EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
+CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
+GPTQ_BLOCK = 128
+PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
+
+ARTIFACT_MAGIC = b"PGQW"
+ARTIFACT_VERSION = 1
+ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
+TENSOR_HEAD = struct.Struct("<HBBBB")     # name length, ndim, bits (0: raw), layout, dtype code
+LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
+LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
+DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be made to fit, or a blob that is not a sound artifact of this format."""
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One state-dict entry as stored. bits > 0: `values` int8 (rows, cols) in [-qmax, qmax] with a
+    per-row fp16 `scale` (the step). bits == 0: `values` is the tensor itself in fp16, `scale` None."""
+    bits: int
+    values: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' for a tensor kept in fp16: not a
+    matrix, or fewer than `min_numel` values (QUANT_MIN_NUMEL: gains, scales and the mixer head, well
+    under 1% of the bytes at the default size)."""
+    if tensor.ndim != 2 or tensor.numel() < min_numel:
+        return "raw"
+    if name in EMBED_TENSOR_NAMES:
+        return "embed"
+    if name.startswith("blocks.") and ".mlp." in name:
+        return "mlp"
+    return "attn"  # attention, and the bigram and value-embedding projections
+
+
+def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
+    """Bit width `tensor` is stored with; 0 means raw fp16."""
+    return {"raw": 0, "mlp": cfg.quant_mlp_bits, "attn": cfg.quant_attn_bits,
+            "embed": cfg.quant_embed_bits}[tensor_class(name, tensor, cfg.quant_min_numel)]
+
+
+def qmax_for(bits: int) -> int:
+    # Symmetric grid [-qmax, qmax]: zero is exact, and 2^bits - 1 levels leave no code unused but one.
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row step (fp16 values, as float32) choosing, per row, the clip ratio of max |w| with the least
+    squared rounding error; errors weighted by `col_weight` (diag H: how much signal each input column
+    carries) when given. Clipping a few outliers buys a finer step for all the other weights."""
+    qmax = qmax_for(bits)
+    w = w.float()
+    row_max = w.abs().amax(dim=1)
+    best_scale, best_err = None, None
+    for ratio in CLIP_RATIOS:
+        # The fp16 rounding happens before the error is measured: the stored step is the one searched.
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = (w - q * scale[:, None]).square()
+        err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+    return best_scale
+
+
+def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) by rounding to nearest."""
+    scale = row_scales(w, bits)
+    q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax_for(bits), qmax_for(bits))
+    return q.to(torch.int8), scale.half()
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Its rows give, in one pass, the
+    error-compensation weights GPTQ would get by removing each rounded column from H^-1 in turn.
+    A Hessian that is not positive definite even so (a rank-deficient calibration set) gets 10x the
+    damping until it is."""
+    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
+    mean_diag = h.diagonal().mean()
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    raise ArtifactError(f"GPTQ: Hessian not positive definite even with damping {damp * 10 ** 5:g}")
+
+
+def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
+                       block_size: int) -> torch.Tensor:
+    """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
+    divided by its pivot, is subtracted from the later columns of its block at once and from the rest
+    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w)."""
+    w = w.clone()
+    q = torch.zeros_like(w)
+    for start in range(0, w.size(1), block_size):
+        end = min(start + block_size, w.size(1))
+        block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            column = block[:, j]
+            q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
+            q[:, start + j] = q_column
+            error = (column - q_column * scale) / h_block[j, j]
+            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
+            errors[:, j] = error
+        w[:, end:] -= errors @ hinv_upper[start:end, end:]
+    return q
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
+                  block_size: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
+    with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
+        w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
+        dead = h.diagonal() == 0  # inputs that were always zero: any weight there is free, store 0
+        h[dead, dead] = 1.0
+        w = w.masked_fill(dead[None, :], 0.0)
+        scale = row_scales(w, bits, h.diagonal())
+        # Act-order: the columns with the largest inputs go first, while the most columns remain to absorb
+        # their error (the GPTQ authors' "desc_act"; it matters most at low bit widths).
+        order = torch.argsort(h.diagonal(), descending=True)
+        hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
+        q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
+    return q[:, torch.argsort(order)].to(torch.int8), scale.half()
+
+
+@torch.no_grad()
+def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
+                               bos_id: int = 1) -> torch.Tensor:
+    """(num_seqs, seq_len) int64 token sequences the model samples itself, from BOS at temperature 1.
+    Calibration from the model alone needs no data after training ends, and the inputs GPTQ sees are
+    those the model produces. No KV cache: each step reruns the prefix, so cost grows as seq_len^2."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    batches = []
+    for start in range(0, num_seqs, batch_seqs):
+        seqs = torch.full((min(batch_seqs, num_seqs - start), 1), bos_id, dtype=torch.int64, device=device)
+        while seqs.size(1) < seq_len:
+            logits = model.logits_from_hidden(model.forward_hidden(seqs)[:, -1])  # (B, V)
+            probs = torch.softmax(logits.float(), dim=-1)
+            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=generator)), dim=1)
+        batches.append(seqs)
+    model.train(was_training)
+    return torch.cat(batches)
+
+
+def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ_CALIB_SEQS sequences of TRAIN_SEQ_LEN tokens for the Hessians: generated by the model
+    (GPTQ_CALIB=selfgen) or the first tokens of `train_tokens` (GPTQ_CALIB=train, a 1-D tensor the
+    caller read from the training shards). Never validation tokens: the score would see them."""
+    if cfg.gptq_calib == "selfgen":
+        return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.train_seq_len, cfg.seed)
+    need = cfg.gptq_calib_seqs * cfg.train_seq_len
+    if train_tokens is None or train_tokens.numel() < need:
+        have = 0 if train_tokens is None else train_tokens.numel()
+        raise ArtifactError(f"GPTQ_CALIB=train needs {need} training tokens, got {have}")
+    return train_tokens[:need].to(torch.int64).view(cfg.gptq_calib_seqs, cfg.train_seq_len)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """H = mean of x x^T over the calibration tokens, for the input x of every nn.Linear the forward pass
+    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN."""
+    sums, counts, handles = {}, {}, []
+
+    def accumulate(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().flatten(0, -2).float()  # (tokens, in_features)
+            if name not in sums:
+                sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+                counts[name] = 0
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(accumulate(f"{name}.weight")))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, calib_tokens.size(0), batch_seqs):
+            model.forward_hidden(calib_tokens[start:start + batch_seqs].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / counts[name] for name, total in sums.items()}
+
+
+@torch.no_grad()
+def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
+                   cache: dict | None = None) -> dict[str, QuantizedTensor]:
+    """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
+    GPTQ is on and the matrix has a Hessian, else round-to-nearest. `cache` maps (name, bits) to an
+    earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        bits = quant_bits(name, tensor, cfg)
+        if cache is not None and (name, bits) in cache:
+            state[name] = cache[(name, bits)]
+            continue
+        if bits == 0:
+            quantized = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        else:
+            if cfg.gptq and name in hessians:
+                q, scale = gptq_quantize(tensor, hessians[name], bits, cfg.gptq_damp)
+            else:
+                q, scale = rtn_quantize(tensor, bits)
+            quantized = QuantizedTensor(bits, q.cpu(), scale.cpu())
+        state[name] = quantized
+        if cache is not None:
+            cache[(name, bits)] = quantized
+    return state
+
+
+def dequantized_tensor(quantized: QuantizedTensor) -> torch.Tensor:
+    if quantized.bits == 0:
+        return quantized.values.float()
+    return quantized.values.float() * quantized.scale.float()[:, None]
+
+
+@torch.no_grad()
+def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
+    """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
+    if expected != stored:
+        differing = sorted(set(expected.items()) ^ set(stored.items()))[0]
+        raise ArtifactError(f"artifact does not match the model built from these settings: {differing[0]} "
+                            f"is {stored.get(differing[0])} in the artifact, {expected.get(differing[0])} in the model")
+    model.load_state_dict({name: dequantized_tensor(q) for name, q in quantized_state.items()})
+    return model
+
+
+def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
+    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's
+    step at its bit width (detached). delta^2/12 is the variance of rounding noise of step delta; its
+    gradient acts as a weight decay as strong as the row's squared step, so the rows that will be
+    rounded coarsest are pulled in hardest during the warm-down."""
+    terms = []
+    for name, p in model.named_parameters():
+        bits = quant_bits(name, p, cfg)
+        if bits:
+            delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
+            terms.append((p.float().square() * delta.square()).mean() / 12)
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return cfg.crown_q_lambda * torch.stack(terms).mean()
+
+
+def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
+    """A copy where `fraction` of all values of the MLP and attention matrices, chosen among the nonzero
+    ones by the smallest |q| * step (the error that zeroing adds), are set to 0: long runs of zeros are
+    what zstd compresses best, and these cost the least error. Embeddings are left alone."""
+    names = [name for name, q in quantized_state.items()
+             if q.bits and tensor_class(name, q.values) in ("mlp", "attn")]
+    total = sum(quantized_state[name].values.numel() for name in names)
+    if not names or int(fraction * total) == 0:
+        return dict(quantized_state)
+    cost = torch.cat([(quantized_state[name].values.float().abs()
+                       * quantized_state[name].scale.float()[:, None]).flatten() for name in names])
+    cost[cost == 0] = float("inf")  # already zero: nothing to gain
+    k = min(int(fraction * total), int(torch.isfinite(cost).sum()))
+    zero = torch.zeros(cost.numel(), dtype=torch.bool)
+    zero[torch.topk(cost, k, largest=False).indices] = True
+    pruned, offset = dict(quantized_state), 0
+    for name in names:
+        q = quantized_state[name]
+        mask = zero[offset:offset + q.values.numel()].view_as(q.values)
+        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask, 0), q.scale)
+        offset += q.values.numel()
+    return pruned
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Values in [-qmax, qmax] as `bits`-bit unsigned fields (value + qmax), most significant bit
+    first, the last byte zero-padded."""
+    fields = (values.astype(np.int16).ravel() + qmax_for(bits)).astype(np.uint8)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
+    return np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
+    return (fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)
+
+
+def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(value bytes, scale bytes) a tensor of this description takes in the body."""
+    count = math.prod(shape)
+    if layout == LAYOUT_RAW:
+        return count * torch.finfo(dtype).bits // 8, 0
+    value_bytes = count if layout == LAYOUT_BYTES else (count * bits + 7) // 8
+    return value_bytes, shape[0] * torch.finfo(dtype).bits // 8
+
+
+def artifact_body(quantized_state: dict[str, QuantizedTensor], layout: int) -> bytes:
+    """Uncompressed body: tensor count, every tensor's header (name, shape, bits, layout, dtype of the raw
+    values or of the steps), then every tensor's values and steps in the same order."""
+    heads, data = [struct.pack("<I", len(quantized_state))], []
+    for name, q in quantized_state.items():
+        name_bytes, shape = name.encode(), tuple(q.values.shape)
+        if q.bits == 0:
+            tensor_layout, dtype = LAYOUT_RAW, q.values.dtype
+            data.append(q.values.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
+                raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
+            tensor_layout, dtype = layout, q.scale.dtype
+            values = q.values.numpy()
+            data.append(values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits))
+            data.append(q.scale.reshape(-1).view(torch.uint8).numpy().tobytes())
+        heads.append(TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, tensor_layout, DTYPE_CODES[dtype]))
+        heads.append(name_bytes + struct.pack(f"<{len(shape)}I", *shape))
+    return b"".join(heads + data)
+
+
+def pack_artifact_as(quantized_state: dict[str, QuantizedTensor], layout: int, zstd_level: int = 22) -> bytes:
+    """The artifact with every integer tensor in `layout` (LAYOUT_BYTES or LAYOUT_BITS): frame (magic,
+    version, crc32 and length of the payload), then the zstd-compressed body."""
+    payload = zstandard.ZstdCompressor(level=zstd_level).compress(artifact_body(quantized_state, layout))
+    return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
+
+
+def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> bytes:
+    """The smaller of the byte-per-value and bit-packed artifacts: which one zstd shrinks more depends
+    on the weights, so both are tried; the header records which was kept."""
+    return min((pack_artifact_as(quantized_state, layout, zstd_level) for layout in (LAYOUT_BYTES, LAYOUT_BITS)),
+               key=len)
+
+
+def artifact_payload(blob: bytes) -> bytes:
+    """The compressed payload, once magic, version, length and checksum are all right."""
+    if len(blob) < ARTIFACT_FRAME.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
+    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
+    payload = blob[ARTIFACT_FRAME.size:]
+    if len(payload) != length:
+        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: payload checksum does not match")
+    return payload
+
+
+def read_tensor_heads(body: bytes) -> tuple[list[tuple], int]:
+    """([(name, shape, bits, layout, dtype)], offset of the first data byte) from the body."""
+    (count,), offset, heads = struct.unpack_from("<I", body), 4, []
+    for _ in range(count):
+        name_len, ndim, bits, layout, dtype_code = TENSOR_HEAD.unpack_from(body, offset)
+        offset += TENSOR_HEAD.size
+        name = body[offset:offset + name_len].decode()
+        shape = struct.unpack_from(f"<{ndim}I", body, offset + name_len)
+        offset += name_len + 4 * ndim
+        if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE:
+            raise ArtifactError(f"artifact header of {name} has unknown layout {layout} or dtype {dtype_code}")
+        if (layout == LAYOUT_RAW) != (bits == 0) or (bits and (ndim != 2 or not 2 <= bits <= 8)):
+            raise ArtifactError(f"artifact header of {name} is inconsistent: bits {bits}, layout {layout}, "
+                                f"shape {shape}")
+        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code]))
+    return heads, offset
+
+
+def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
+    """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
+    try:
+        body = zstandard.ZstdDecompressor().decompress(artifact_payload(blob))
+        heads, offset = read_tensor_heads(body)
+    except (zstandard.ZstdError, struct.error, UnicodeDecodeError) as err:
+        raise ArtifactError(f"artifact unreadable: {err}") from None
+    state = {}
+    for name, shape, bits, layout, dtype in heads:
+        value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
+        if offset + value_bytes + scale_bytes > len(body):
+            raise ArtifactError(f"artifact body ends inside tensor {name}")
+        raw = body[offset:offset + value_bytes]
+        if layout == LAYOUT_RAW:
+            values = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
+        elif layout == LAYOUT_BYTES:
+            values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
+        else:
+            values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
+        scale = None
+        if bits:
+            scale = torch.frombuffer(bytearray(body[offset + value_bytes:offset + value_bytes + scale_bytes]),
+                                     dtype=dtype)
+        state[name] = QuantizedTensor(bits, values, scale)
+        offset += value_bytes + scale_bytes
+    if offset != len(body):
+        raise ArtifactError(f"artifact body has {len(body) - offset} bytes after its last tensor")
+    return state
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    artifact_bytes: int
+    code_bytes: int
+    mlp_bits: int
+    attn_bits: int
+    embed_bits: int
+    prune_fraction: float
+    layout: str  # "int8" (one byte per value) or "bitpacked"
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.artifact_bytes
+
+
+def shrink_schedule(cfg: Hyperparameters) -> Iterator[tuple[Hyperparameters, float]]:
+    """(settings, prune fraction) to try, in order, until the artifact fits: the configured widths with
+    PRUNE_FRACTION raised in steps of PRUNE_STEP; then the same ramp with the MLP one bit narrower
+    (the most values, and the most tolerant of rounding); then with attention one bit narrower too."""
+    narrower = [cfg, dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))]
+    narrower.append(dataclasses.replace(narrower[1], quant_attn_bits=max(2, cfg.quant_attn_bits - 1)))
+    for widths in narrower:
+        for step in range(PRUNE_STEPS + 1):
+            yield widths, min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
+
+
+def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
+    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES, shrinking in the
+    order of `shrink_schedule` and logging every try; ArtifactError when even the last try is too big.
+    `calib_tokens` (from `calibration_tokens`) are needed when GPTQ is on."""
+    hessians = {}
+    if cfg.gptq:
+        if calib_tokens is None:
+            raise ValueError("fit_artifact: GPTQ=1 needs calib_tokens")
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model, calib_tokens)
+        log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
+            f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    cache, tried = {}, set()
+    for widths, prune in shrink_schedule(cfg):
+        if (widths.quant_mlp_bits, widths.quant_attn_bits, prune) in tried:
+            continue  # a width already at its floor: the same try again would not shrink anything
+        tried.add((widths.quant_mlp_bits, widths.quant_attn_bits, prune))
+        t0 = time.perf_counter()
+        quantized = prune_smallest(quantize_state(model, widths, hessians, cache), prune)
+        packings = {name: pack_artifact_as(quantized, layout, cfg.zstd_level) for layout, name in LAYOUT_NAMES.items()}
+        layout = min(packings, key=lambda name: len(packings[name]))
+        summary = ArtifactSummary(len(packings[layout]), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
+                                  widths.quant_embed_bits, prune, layout)
+        fits = summary.total_bytes <= cfg.target_bytes
+        log(f"artifact_try mlp_bits:{summary.mlp_bits} attn_bits:{summary.attn_bits} embed_bits:{summary.embed_bits} "
+            f"prune:{prune:.2f} int8_bytes:{len(packings['int8'])} bitpacked_bytes:{len(packings['bitpacked'])} "
+            f"layout:{layout} total_bytes:{summary.total_bytes} target_bytes:{cfg.target_bytes} fits:{int(fits)} "
+            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        if fits:
+            log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
+                f"(code {code_bytes}, artifact {summary.artifact_bytes})")
+            return packings[layout], summary
+    raise ArtifactError(f"artifact cannot fit: code + artifact is {summary.total_bytes} bytes at the smallest setting "
+                        f"tried (mlp {summary.mlp_bits} bits, attn {summary.attn_bits} bits, prune "
+                        f"{summary.prune_fraction:.2f}), over TARGET_BYTES={cfg.target_bytes}")
+
+
+def write_artifact(path: str | Path, blob: bytes) -> None:
+    """Writes to a temporary name, then renames: a crash never leaves a half-written artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # =============================================================================
@@ -1590,12 +2119,50 @@ def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
         log(line)
 
 
+def artifact_path(cfg: Hyperparameters) -> Path:
+    return Path("artifacts") / f"{cfg.run_id}.pgqw"
+
+
+def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> Path:
+    """Quantizes, packs and writes the artifact (see QUANTIZATION AND PACKING); returns its path. Every
+    rank does the same deterministic work, so that a failure stops all of them alike; rank 0 writes."""
+    t0 = time.perf_counter()
+    calib = None
+    if cfg.gptq:
+        train_tokens = None
+        if cfg.gptq_calib == "train":
+            stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size, cfg.seed)
+            train_tokens = torch.from_numpy(stream.take(cfg.gptq_calib_seqs * cfg.train_seq_len)[0].astype(np.int64))
+        with rt.autocast():
+            calib = calibration_tokens(model, cfg, train_tokens)
+    _, code_bytes = script_identity()
+    blob, summary = fit_artifact(model, cfg, code_bytes, log, calib)
+    path = artifact_path(cfg)
+    if rt.is_main:
+        write_artifact(path, blob)
+    if rt.distributed:
+        dist.barrier()
+    rt.synchronize()
+    log(f"artifact_saved path:{path} bytes:{summary.artifact_bytes} layout:{summary.layout} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    return path
+
+
+def load_artifact(model: GPT, path: str | Path, log) -> GPT:
+    """Overwrites every weight of `model` with the artifact's dequantized values: what is evaluated is
+    the artifact alone (dequantize_into refuses an artifact whose tensors differ from the model's)."""
+    blob = Path(path).read_bytes()
+    dequantize_into(model, unpack_artifact(blob))
+    log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
+    return model
+
+
 def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
     val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
-    log(f"val_tokens:{val_tokens.numel()} train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+    log(f"val_tokens:{val_tokens.numel()}")
 
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
@@ -1607,15 +2174,22 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     token_nll = torch.compile(model.token_nll, dynamic=False) if cfg.compile else model.token_nll
     eval_outputs = torch.compile(model.eval_outputs, dynamic=False) if cfg.compile else model.eval_outputs
 
-    def periodic_val() -> tuple[float, float]:
+    def plain_val() -> EvalResult:
         model.eval()
         result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
         model.train()
-        return result.val_loss, result.val_bpb
+        return result
 
-    result = train(model, train_model, cfg, rt, log, periodic_val)
-    log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
-        f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+    path = cfg.eval_artifact
+    if not path:
+        log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+        result = train(model, train_model, cfg, rt, log, plain_val)
+        log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
+            f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+        prequant = plain_val()
+        log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
+        path = save_artifact(model, cfg, rt, log)
+    load_artifact(model, path, log)
     return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log)
 
 
@@ -1655,7 +2229,7 @@ def main() -> int:
         log_run_header(log, cfg, rt)
         run(cfg, rt, log)
         return 0
-    except (ConfigError, ShardError) as err:
+    except (ConfigError, ShardError, ArtifactError) as err:
         if rt is None or rt.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

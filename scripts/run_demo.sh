@@ -23,4 +23,7 @@ export VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-100}"
 # 8192-token chunks so the 95k-token validation split gets a dozen score-then-update rounds
 export USE_MIXER="${USE_MIXER:-learned}" NGRAM_ORACLE_TOKENS="${NGRAM_ORACLE_TOKENS:-2000000}"
 export NGRAM_CHUNK_TOKENS="${NGRAM_CHUNK_TOKENS:-8192}" NGRAM_AUDIT_POSITIONS="${NGRAM_AUDIT_POSITIONS:-16}"
+# this small model's matrices are below the default 65,536-value threshold: quantize them all; 16
+# self-generated calibration sequences keep GPTQ's sampling to seconds on a CPU
+export QUANT_MIN_NUMEL="${QUANT_MIN_NUMEL:-4096}" GPTQ_CALIB_SEQS="${GPTQ_CALIB_SEQS:-16}"
 exec python3 train_gpt.py

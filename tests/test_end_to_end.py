@@ -1,4 +1,5 @@
 """train_gpt.py as users run it: plain python and torchrun with two CPU processes, and bad settings."""
+import hashlib
 import os
 import re
 import subprocess
@@ -15,7 +16,8 @@ TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                 ROPE_DIMS="8", XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="8", VE_DIM="8", VE_LAYERS="1",
                 TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TRAIN_BATCH_TOKENS="256",
                 VAL_BATCH_SIZE="256", ITERATIONS="6", WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
-                VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5")
+                VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5",
+                QUANT_MIN_NUMEL="512", GPTQ_CALIB_SEQS="4")  # the tiny model's matrices do get quantized
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +49,22 @@ def final_bpb(log_text, name):
     return float(re.search(rf"^{name}_exact val_loss:\S+ val_bpb:(\S+)$", log_text, re.M).group(1))
 
 
-def test_one_process_run_logs_settings_steps_and_final_lines(dataset, tmp_path):
+FINAL_LINE = re.compile(r"^final_\S+_exact val_loss:\S+ val_bpb:\S+$", re.M)
+
+
+@pytest.fixture(scope="module")
+def single_run(dataset, tmp_path_factory):
+    """(folder the run ran in, its log, its stdout) of one plain `python3 train_gpt.py` run."""
     data, tok = dataset
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="single"), tmp_path)
+    folder = tmp_path_factory.mktemp("single")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="single"), folder)
     assert proc.returncode == 0, failure(proc)
-    log = (tmp_path / "logs" / "single.txt").read_text()
-    assert log == proc.stdout
+    return folder, (folder / "logs" / "single.txt").read_text(), proc.stdout
+
+
+def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
+    folder, log, stdout = single_run
+    assert log == stdout
     sha, size = tg.script_identity()
     assert f"script_sha256:{sha} code_bytes:{size}" in log
     assert "setting NUM_LAYERS=2" in log and "setting VE_LAYERS=1" in log
@@ -63,6 +75,56 @@ def test_one_process_run_logs_settings_steps_and_final_lines(dataset, tmp_path):
     assert re.search(r"^ngram_oracle tokens:\d+ orders:2,3,4,5,6,7 bytes:\d+ time:\d+ms$", log, re.M)
     assert float(last_bpb) == final_bpb(log, "final_sliding_window_ngram_learned") > 0
     assert final_bpb(log, "final_sliding_window") > 0
+
+
+def test_run_scores_the_artifact_it_wrote_and_states_its_size(single_run):
+    folder, log, _ = single_run
+    artifact = folder / "artifacts" / "single.pgqw"
+    size = re.search(r"^Total submission size quantized\+zstd: (\d+) bytes \(code (\d+), artifact (\d+)\)$", log, re.M)
+    assert size and int(size.group(3)) == artifact.stat().st_size
+    assert int(size.group(1)) == int(size.group(2)) + int(size.group(3)) and int(size.group(2)) == tg.script_identity()[1]
+    assert re.search(r"^gptq_hessians matrices:\d+ calib_seqs:4 ", log, re.M)
+    assert re.search(r"^artifact_try mlp_bits:5 attn_bits:6 embed_bits:8 prune:0.03 .* fits:1 ", log, re.M)
+    # Order: training, the float model's score, the artifact, then every final line from the artifact.
+    lines = log.splitlines()
+    at = {key: next(i for i, l in enumerate(lines) if l.startswith(key))
+          for key in ("train_done", "prequant_plain", "artifact_saved", "artifact_loaded", "final_plain")}
+    assert at["train_done"] < at["prequant_plain"] < at["artifact_saved"] < at["artifact_loaded"] < at["final_plain"]
+    assert f"sha256:{hashlib.sha256(artifact.read_bytes()).hexdigest()}" in lines[at["artifact_loaded"]]
+
+
+def test_artifact_alone_in_a_fresh_process_gives_the_same_scores(single_run, dataset, tmp_path):
+    """EVAL_ARTIFACT: no training, no training shards; the artifact file is all the model there is."""
+    folder, log, _ = single_run
+    data, tok = dataset
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    (val_only / "fineweb_val_000000.bin").write_bytes((data / "fineweb_val_000000.bin").read_bytes())
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(val_only), TOKENIZER_PATH=tok, RUN_ID="reeval",
+                           EVAL_ARTIFACT=str(folder / "artifacts" / "single.pgqw")), tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    again = (tmp_path / "logs" / "reeval.txt").read_text()
+    assert "train_done" not in again and "ngram_oracle" not in again
+    assert FINAL_LINE.findall(again) == FINAL_LINE.findall(log) and len(FINAL_LINE.findall(log)) == 3
+
+
+def test_a_damaged_artifact_stops_the_evaluation_with_one_line(single_run, dataset, tmp_path):
+    folder, _, _ = single_run
+    data, tok = dataset
+    damaged = tmp_path / "damaged.pgqw"
+    damaged.write_bytes((folder / "artifacts" / "single.pgqw").read_bytes()[:-10])
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, EVAL_ARTIFACT=str(damaged)), tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "artifact truncated" in lines[0], proc.stderr
+
+
+def test_an_artifact_that_cannot_fit_stops_before_evaluation(dataset, tmp_path):
+    data, tok = dataset
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, ITERATIONS="1", VAL_LOSS_EVERY="0",
+                           TARGET_BYTES="1000"), tmp_path)
+    assert proc.returncode == 2 and "artifact cannot fit" in proc.stderr.strip().splitlines()[-1]
+    assert "final_" not in proc.stdout and not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
@@ -94,6 +156,9 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(TOKENIZER_PATH="/no/such.model"), "TOKENIZER_PATH='/no/such.model' is not a file"),
     (dict(TRAIN_BATCH_TOKENS="100"), "TRAIN_BATCH_TOKENS=100 is not allowed"),
     (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
+    (dict(QUANT_MLP_BITS="9"), "QUANT_MLP_BITS=9 is not allowed: 2..8"),
+    (dict(GPTQ_CALIB="val"), "GPTQ_CALIB='val' is not allowed: selfgen or train"),
+    (dict(EVAL_ARTIFACT="/no/such.pgqw"), "EVAL_ARTIFACT='/no/such.pgqw' is not allowed"),
 ])
 def test_bad_settings_stop_with_one_line(dataset, tmp_path, updates, message):
     data, tok = dataset
