@@ -63,6 +63,7 @@ MIXER_CHOICES = ("learned", "hedge", "none")
 HEDGE_ORDERS = (1, 2, 3)
 HEDGE_ALPHA = 0.05
 HEDGE_PRIOR_NEURAL = 0.9
+TTT_OPTIMIZERS = ("sgd", "adamw")
 
 
 class ConfigError(ValueError):
@@ -147,6 +148,18 @@ class Hyperparameters:
     zstd_level: int = 22
     target_bytes: int = 16_000_000
     eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
+    # score-first test-time training (0 epochs: off)
+    ttt_epochs: int = 0
+    ttt_chunk_tokens: int = 131_072
+    ttt_optimizer: str = "sgd"
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.95
+    ttt_proj_lr_mult: float = 1.0
+    ttt_in_lr_mult: float = 1.0
+    ttt_freeze_blocks: int = 0
+    ttt_polyak: float = 0.998
+    ttt_batch_seqs: int = 32
+    eval_budget_seconds: float = 540.0
     # optimizers
     matrix_lr: float = 0.03
     scalar_lr: float = 0.025
@@ -253,6 +266,18 @@ class Hyperparameters:
         need(0 <= self.prune_fraction < 1, "PRUNE_FRACTION", self.prune_fraction, "in [0, 1)")
         need(1 <= self.zstd_level <= 22, "ZSTD_LEVEL", self.zstd_level, "1..22")
         need(self.target_bytes >= 1, "TARGET_BYTES", self.target_bytes, "at least 1")
+        need(self.ttt_epochs >= 0, "TTT_EPOCHS", self.ttt_epochs, "0 (off) or more")
+        need(self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS", self.ttt_chunk_tokens,
+             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk")
+        need(self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", self.ttt_optimizer, " or ".join(TTT_OPTIMIZERS))
+        for name in ("TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT"):
+            need(getattr(self, name.lower()) >= 0, name, getattr(self, name.lower()), "0 or more")
+        for name in ("TTT_MOMENTUM", "TTT_POLYAK"):
+            need(0 <= getattr(self, name.lower()) < 1, name, getattr(self, name.lower()), "in [0, 1); TTT_POLYAK=0 is off")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", self.ttt_freeze_blocks,
+             f"0..NUM_LAYERS ({self.num_layers})")
+        need(self.ttt_batch_seqs >= 1, "TTT_BATCH_SEQS", self.ttt_batch_seqs, "at least 1")
+        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", self.eval_budget_seconds, "greater than 0")
         need(not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT", self.eval_artifact,
              "empty (train, then evaluate the new artifact) or the path of an artifact file")
         for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
@@ -1151,6 +1176,18 @@ class WeightEMA:
         for name, p in model.named_parameters():
             p.copy_(self.shadow[name].to(p.dtype))
 
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """The averaged weights in the model for the duration, the model's own weights back after."""
+        own = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(own[name])
+
 
 def synced_max(value: float, rt: Runtime) -> float:
     """The largest `value` over ranks: every rank then takes the same schedule and stop decisions."""
@@ -1833,10 +1870,13 @@ def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) ->
 
 
 def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int,
-                           rt: Runtime) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                           rt: Runtime, lo: int = 1, hi: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's batches of windows: (index (B, L+1) of each window's tokens in val_tokens, mask (B, L)
-    of the targets the window scores)."""
-    spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
+    of the targets the window scores). Only targets in [lo, hi) are scored: a window that straddles `lo`
+    or `hi` is computed for each side, which is exact since a position never sees what follows it."""
+    hi = val_tokens.numel() if hi is None else hi
+    spans = [(s, n, k) for s, n, k in sliding_window_spans(val_tokens.numel(), seq_len, stride)
+             if s + n - k + 1 < hi and s + n + 1 > lo]
     batch_windows = max(1, batch_tokens // seq_len)
     for first, last in _owned_batches(len(spans), batch_windows, rt):
         starts = torch.tensor([s for s, _, _ in spans[first:last]], device=val_tokens.device)
@@ -1844,7 +1884,7 @@ def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, 
         index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]
         scored = torch.tensor([n for _, _, n in spans[first:last]], device=val_tokens.device)
         mask = torch.arange(window_len, device=val_tokens.device)[None, :] >= (window_len - scored)[:, None]
-        yield index, mask
+        yield index, mask & (index[:, 1:] >= lo) & (index[:, 1:] < hi)
 
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
@@ -1883,11 +1923,11 @@ class NeuralScores:
 
 @torch.no_grad()
 def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
-                rt: Runtime, audit_targets: torch.Tensor) -> NeuralScores:
-    """The sliding-window pass of the model alone; n-gram caches play no part in it."""
+                rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
+    """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
     parts, audit_rows = [], {}
     for index, mask in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
-                                              cfg.val_batch_size, rt):
+                                              cfg.val_batch_size, rt, lo, hi):
         window = val_tokens[index]
         with rt.autocast():
             logprobs, mixer_logits = eval_outputs(window[:, :-1])
@@ -1903,6 +1943,137 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
         return NeuralScores(empty, empty.double(), None, empty, audit_rows)
     cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])
     return NeuralScores(cat(0), cat(1), cat(2), cat(3), audit_rows)
+
+
+def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
+    """The scores of consecutive target ranges as one, still in target order."""
+    parts = [p for p in parts if p.targets.numel()] or parts[:1]  # a rank may own nothing of a chunk
+    mixer = None if parts[0].mixer_logits is None else torch.cat([p.mixer_logits for p in parts])
+    return NeuralScores(torch.cat([p.targets for p in parts]), torch.cat([p.logprob for p in parts]), mixer,
+                        torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
+
+
+# --- score-first test-time training -------------------------------------------------------------------
+# The validation stream in chunks of TTT_CHUNK_TOKENS targets: a chunk is scored first, by the weights
+# adapted on the chunks before it, and only then trained on. Every rank scores its share of a chunk and
+# all train in lockstep on the same sequences with summed gradients, so every rank holds the same weights
+# and no number depends on the number of ranks (to float rounding of the sums).
+
+
+def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
+    """The parameters TTT adapts, grouped by learning-rate multiplier: output projections (attention and
+    MLP) x TTT_PROJ_LR_MULT, input projections (q, k, v, MLP fc) x TTT_IN_LR_MULT, the rest x 1. The first
+    TTT_FREEZE_BLOCKS blocks stay as trained, and so does the mixer head: TTT's loss is the model's
+    cross-entropy alone."""
+    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
+    outputs, inputs = (".attn.proj.weight", ".mlp.proj.weight"), (".c_q.weight", ".c_k.weight", ".c_v.weight",
+                                                                   ".mlp.fc.weight")
+    groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
+    for name, p in model.named_parameters():
+        if name.startswith(frozen):
+            continue
+        mult = cfg.ttt_proj_lr_mult if name.endswith(outputs) else cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0
+        groups[mult].append(p)
+    return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
+
+
+def ttt_optimizer(groups: list[dict], cfg: Hyperparameters) -> torch.optim.Optimizer:
+    if cfg.ttt_optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    return torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+
+
+def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
+    """Cosine decay from TTT_LR over the chunks that are trained on."""
+    return cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_train_chunks)))
+
+
+def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
+    """(n, seq_len+1) non-overlapping sequences of the chunk of targets [lo, hi): inputs from lo-1, every
+    token already scored. A tail shorter than seq_len is left out."""
+    n = (hi - lo) // seq_len
+    starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
+    return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
+
+
+@torch.enable_grad()  # called from inside the evaluation's no_grad
+def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
+                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
+                    polyak: WeightEMA | None) -> None:
+    """TTT_EPOCHS passes over the chunk's sequences in global batches of TTT_BATCH_SEQS, each batch split
+    over the ranks; the loss is the mean over the global batch, so the summed gradients do not depend on
+    how it was split."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    for _ in range(cfg.ttt_epochs):
+        order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
+        for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
+            batch = order[b:b + cfg.ttt_batch_seqs]
+            mine = batch[rt.rank::rt.world_size].to(seqs.device)
+            if mine.numel():
+                x = seqs[mine]
+                with rt.autocast():
+                    loss = train_forward(x[:, :-1], x[:, 1:])
+                (loss * (mine.numel() / batch.numel())).backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if rt.distributed:
+                    dist.all_reduce(p.grad)
+            if cfg.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
+            if polyak is not None:
+                polyak.update(model)
+
+
+def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
+                    cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
+                    eval_start: float) -> NeuralScores:
+    """The neural sliding-window scores with score-first TTT. Before training on a chunk, the measured
+    pace decides: if that training and the scoring of every chunk left would end after
+    EVAL_BUDGET_SECONDS from `eval_start` (a perf_counter time), adaptation stops and the rest is scored
+    with the weights as they are (the budget leaves a margin for the n-gram pass that follows). The model
+    is left holding its adapted weights."""
+    C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
+    num_chunks = (N - 2) // C + 1
+    optimizer = ttt_optimizer(ttt_param_groups(model, cfg), cfg)
+    polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts, adapting, trained = [], True, 0
+    score_s, train_s, t_start = 0.0, None, time.perf_counter()
+    for k in range(num_chunks):
+        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
+        t0 = time.perf_counter()
+        model.eval()
+        with polyak.swapped_in(model) if polyak is not None else contextlib.nullcontext():
+            parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
+        rt.synchronize()
+        score_s = max(score_s, time.perf_counter() - t0)
+        if k == num_chunks - 1 or not adapting:
+            continue
+        # Until a chunk has been trained on, training is guessed at 3 forward passes per epoch.
+        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
+        elapsed = synced_max(time.perf_counter() - eval_start, rt)
+        projected = elapsed + guess + (num_chunks - 1 - k) * score_s
+        if projected > cfg.eval_budget_seconds:
+            adapting = False
+            log(f"ttt_stopped chunk:{k + 1}/{num_chunks} elapsed:{elapsed:.1f}s projected:{projected:.1f}s "
+                f"budget:{cfg.eval_budget_seconds:.1f}s: the remaining chunks are scored without adapting")
+            continue
+        t0 = time.perf_counter()
+        model.train()
+        ttt_train_chunk(model, train_forward, optimizer, chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len),
+                        cfg, rt, ttt_lr_at(k, num_chunks - 1, cfg), generator, polyak)
+        rt.synchronize()
+        train_s = synced_max(time.perf_counter() - t0, rt)
+        trained += 1
+    model.eval()
+    log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
+        f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
+    return concatenated_scores(parts)
 
 
 def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
@@ -1976,34 +2147,35 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
         if t_hi > t_lo:
             keys, available = target_context_keys(cache, val_tokens, t_lo, t_hi)
             counts, totals = cache.target_stats(keys, val_tokens[t_lo:t_hi])
+            # This rank's targets inside [t_lo, t_hi): all of them, unless test-time training interleaves
+            # the ranks' shares within a chunk.
+            mine = scores.targets[own] - t_lo
             if hedge:
                 probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
-                valid = torch.ones_like(available)
-                mine = scores.targets[own] - t_lo
                 weights = log_w.softmax(0).expand(own.stop - own.start, -1)
                 expert_loss = -probs.log().sum(0)
-                probs, valid_own = probs[mine], valid[mine]
+                probs, valid_own = probs[mine], torch.ones_like(available[mine])
             else:
-                valid_own = available & (totals > 0)
+                counts, totals = counts[mine], totals[mine]
+                valid_own = available[mine] & (totals > 0)
                 probs = torch.where(valid_own, counts.double() / totals.clamp(min=1).double(), 0.0)
                 weights = mixer_weights(scores.mixer_logits[own], valid_own)
             nll = mixture_nll(scores.logprob[own], weights.double(), probs)
             total += float(nll.sum())
-            _audit_chunk(scores, own, nll, keys, valid_own, weights, cache, val_tokens, t_lo, hedge, audit,
-                         None if not hedge else scores.targets[own] - t_lo)
+            _audit_chunk(scores, own, nll, keys, valid_own, weights, cache, val_tokens, hedge, audit, mine)
             if hedge:
                 log_w = log_w - cfg.mixer_eta * torch.cat((chunk_neural_loss[k:k + 1], expert_loss))
         cache.add_stream(val_tokens, lo, hi)
     return total
 
 
-def _audit_chunk(scores, own, nll, keys, valid, weights, cache, val_tokens, t_lo, hedge, audit, mine) -> None:
+def _audit_chunk(scores, own, nll, keys, valid, weights, cache, val_tokens, hedge, audit, mine) -> None:
     """Materializes q_t over the whole vocabulary at the audit positions of this chunk."""
     targets = scores.targets[own]
     for i, t in enumerate(targets.tolist()):
         if t not in scores.audit_rows:
             continue
-        at = (t - t_lo) if mine is None else int(mine[i])
+        at = int(mine[i])
         q = materialized_mixture(scores.audit_rows[t], cache, [int(k[at]) for k in keys],
                                  valid[i].tolist(), weights[i], hedge)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
@@ -2019,14 +2191,21 @@ def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.
 
 @torch.no_grad()
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
-                           rt: Runtime, log, audit: AuditStats | None = None) -> tuple[EvalResult, EvalResult]:
+                           rt: Runtime, log, audit: AuditStats | None = None,
+                           neural_scores=None) -> tuple[EvalResult, EvalResult | None]:
     """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
-    score-first n-gram cache (USE_MIXER). Returns (neural, mixed)."""
+    score-first n-gram cache (USE_MIXER; None with USE_MIXER=none). Returns (neural, mixed).
+    `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training)."""
     if audit is None:
         audit = AuditStats(audit_target_positions(cfg, val_tokens.numel(), val_tokens.device))
-    scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
+    if neural_scores is None:
+        scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
+    else:
+        scores = neural_scores(audit.targets)
     byte_sum, count = int(scores.nbytes.sum()), scores.targets.numel()
     neural = _reduce_eval_sums(float(-scores.logprob.sum()), byte_sum, count, rt)
+    if cfg.use_mixer == "none":
+        return neural, None
     chunk_loss = None
     if cfg.use_mixer == "hedge":
         num_chunks = (val_tokens.numel() - 2) // cfg.ngram_chunk_tokens + 1
@@ -2190,13 +2369,14 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
         path = save_artifact(model, cfg, rt, log)
     load_artifact(model, path, log)
-    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log)
+    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, compiled)
 
 
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
-                   cfg: Hyperparameters, rt: Runtime, log) -> EvalResult:
-    """The final lines: plain, sliding window, and (with a mixer) sliding window mixed with the n-gram
-    cache, which is then the run's score, last in the log."""
+                   cfg: Hyperparameters, rt: Runtime, log, train_forward=None) -> EvalResult:
+    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0), and (with a
+    mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log.
+    `train_forward(inputs, targets) -> loss` is what TTT trains through (default: the model itself)."""
     model.eval()
     rt.synchronize()
     start = t0 = time.perf_counter()
@@ -2204,18 +2384,30 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     rt.synchronize()
     log_final(log, "final_plain", plain, 1000 * (time.perf_counter() - t0))
     t0 = time.perf_counter()
-    if cfg.use_mixer == "none":
+    if cfg.use_mixer == "none" and not cfg.ttt_epochs:
         score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
                                  cfg.val_batch_size, rt)
         rt.synchronize()
         log_final(log, "final_sliding_window", score, 1000 * (time.perf_counter() - t0))
     else:
-        neural, score = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log)
+        neural_scores, name = None, "final_sliding_window"
+        if cfg.ttt_epochs:
+            name += "_ttt"
+            neural_scores = lambda audit_targets: ttt_neural_pass(
+                model, eval_outputs, train_forward or model, val_tokens, tables, cfg, rt, audit_targets, log, start)
+        neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
+                                               neural_scores=neural_scores)
         rt.synchronize()
         elapsed = 1000 * (time.perf_counter() - t0)
-        log_final(log, "final_sliding_window", neural, elapsed)
-        log_final(log, f"final_sliding_window_ngram_{cfg.use_mixer}", score, elapsed)
-    log(f"eval_done eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+        log_final(log, name, neural, elapsed)
+        score = neural
+        if mixed is not None:
+            log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
+            score = mixed
+    eval_s = time.perf_counter() - start
+    if eval_s > cfg.eval_budget_seconds:
+        log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
+    log(f"eval_done eval_time:{1000 * eval_s:.0f}ms")
     return score
 
 

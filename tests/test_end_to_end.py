@@ -108,6 +108,22 @@ def test_artifact_alone_in_a_fresh_process_gives_the_same_scores(single_run, dat
     assert FINAL_LINE.findall(again) == FINAL_LINE.findall(log) and len(FINAL_LINE.findall(log)) == 3
 
 
+def test_test_time_training_from_the_artifact(single_run, dataset, tmp_path):
+    folder, log, _ = single_run
+    data, tok = dataset
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="ttt", TTT_EPOCHS="1",
+                           TTT_CHUNK_TOKENS="2048", TTT_OPTIMIZER="adamw", TTT_LR="0.001",
+                           EVAL_ARTIFACT=str(folder / "artifacts" / "single.pgqw")), tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    again = (tmp_path / "logs" / "ttt.txt").read_text()
+    assert re.search(r"^ttt_done chunks:3 trained:2 epochs:1 optimizer:adamw ", again, re.M)
+    finals = [line.split()[0] for line in FINAL_LINE.findall(again)]
+    assert finals == ["final_plain_exact", "final_sliding_window_ttt_exact",
+                      "final_sliding_window_ttt_ngram_learned_exact"]
+    assert final_bpb(again, "final_plain") == final_bpb(log, "final_plain")  # TTT acts after plain scoring
+    assert final_bpb(again, "final_sliding_window_ttt") != final_bpb(log, "final_sliding_window")
+
+
 def test_a_damaged_artifact_stops_the_evaluation_with_one_line(single_run, dataset, tmp_path):
     folder, _, _ = single_run
     data, tok = dataset
@@ -158,6 +174,8 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
     (dict(QUANT_MLP_BITS="9"), "QUANT_MLP_BITS=9 is not allowed: 2..8"),
     (dict(GPTQ_CALIB="val"), "GPTQ_CALIB='val' is not allowed: selfgen or train"),
+    (dict(TTT_OPTIMIZER="adam"), "TTT_OPTIMIZER='adam' is not allowed: sgd or adamw"),
+    (dict(TTT_CHUNK_TOKENS="16"), "TTT_CHUNK_TOKENS=16 is not allowed: at least TRAIN_SEQ_LEN"),
     (dict(EVAL_ARTIFACT="/no/such.pgqw"), "EVAL_ARTIFACT='/no/such.pgqw' is not allowed"),
 ])
 def test_bad_settings_stop_with_one_line(dataset, tmp_path, updates, message):
