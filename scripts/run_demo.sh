@@ -25,5 +25,5 @@ export USE_MIXER="${USE_MIXER:-learned}" NGRAM_ORACLE_TOKENS="${NGRAM_ORACLE_TOK
 export NGRAM_CHUNK_TOKENS="${NGRAM_CHUNK_TOKENS:-8192}" NGRAM_AUDIT_POSITIONS="${NGRAM_AUDIT_POSITIONS:-16}"
 # this small model's matrices are below the default 65,536-value threshold: quantize them all; 16
 # self-generated calibration sequences keep GPTQ's sampling to seconds on a CPU
-export QUANT_MIN_NUMEL="${QUANT_MIN_NUMEL:-4096}" GPTQ_CALIB_SEQS="${GPTQ_CALIB_SEQS:-16}"
+export QUANT_MIN_NUMEL="${QUANT_MIN_NUMEL:-4096}" GPTQ_CALIB_SEQS="${GPTQ_CALIB_SEQS:-16}" GPTQ_CALIB_SEQ_LEN="${GPTQ_CALIB_SEQ_LEN:-256}"
 exec python3 train_gpt.py

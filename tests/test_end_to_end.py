@@ -17,7 +17,7 @@ TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                 TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TRAIN_BATCH_TOKENS="256",
                 VAL_BATCH_SIZE="256", ITERATIONS="6", WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
                 VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5",
-                QUANT_MIN_NUMEL="512", GPTQ_CALIB_SEQS="4")  # the tiny model's matrices do get quantized
+                QUANT_MIN_NUMEL="512", GPTQ_CALIB_SEQS="4", GPTQ_CALIB_SEQ_LEN="32")  # the tiny model's matrices do get quantized
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ def quant_config(**overrides) -> tg.Hyperparameters:
     base = dict(vocab_size=64, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
                 rope_dims=8, xsa_last_n=1, bigram_vocab_size=37, bigram_dim=8, ve_dim=8, ve_layers=(1,),
                 train_seq_len=32, eval_seq_len=32, eval_stride=8, train_batch_tokens=256, val_batch_size=64,
+                gptq_calib_seq_len=32,
                 compile=False, gptq_calib="train", gptq_calib_seqs=16, zstd_level=3,
                 quant_min_numel=1024)  # quantize these small matrices, which the default would keep raw
     base.update(overrides)
@@ -172,7 +173,7 @@ def test_selfgen_calibration_is_seeded_model_samples(trained_model):
 
 
 def test_calibration_from_train_tokens_needs_enough_of_them():
-    cfg = quant_config(gptq_calib_seqs=2, train_seq_len=8)
+    cfg = quant_config(gptq_calib_seqs=2, gptq_calib_seq_len=8)
     assert tg.calibration_tokens(None, cfg, torch.arange(20)).shape == (2, 8)
     with pytest.raises(tg.ArtifactError, match="needs 16 training tokens, got 10"):
         tg.calibration_tokens(None, cfg, torch.arange(10))
