@@ -2380,6 +2380,10 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
             log(f"warning: training and artifact took {phase_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
                 f"{cfg.max_wallclock_seconds:g}: raise TRAIN_RESERVE_SECONDS")
     load_artifact(model, path, log)
+    if cfg.eval_artifact:  # the size line a training run prints, for this artifact and this script
+        artifact_bytes, code_bytes = Path(path).stat().st_size, script_identity()[1]
+        log(f"Total submission size quantized+zstd: {code_bytes + artifact_bytes} bytes "
+            f"(code {code_bytes}, artifact {artifact_bytes})")
     return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, compiled)
 
 
