@@ -1,0 +1,160 @@
+"""Quantization side by side on the demo model: round-to-nearest, GPTQ, and GPTQ on a CROWN-Q-trained model.
+
+    python3 scripts/bench_quant.py                  # 120 training steps per run: a few minutes on a CPU
+    python3 scripts/bench_quant.py --steps 200      # the demo's length
+    python3 scripts/bench_quant.py --threads 1      # a CPU shared with other work: see scripts/bench_ngram.py
+    python3 scripts/bench_quant.py --quick          # seconds: 10 steps, 4 calibration sequences, 16k val tokens
+
+Two models are trained with train_gpt.train on the sample corpus, the same seed, data and schedule:
+one with CROWN_Q_LAMBDA=0 (quantized by round-to-nearest, GPTQ=0, and by GPTQ) and one with
+CROWN_Q_LAMBDA=0.01 (quantized by GPTQ): CROWN-Q acts in training, adding its penalty during the
+warm-down, so it needs its own run. Each model is quantized as save_artifact does on the first
+size-fitting try (the demo's artifact fits at once): self-generated calibration (GPTQ_CALIB=selfgen,
+the demo's GPTQ_CALIB_SEQS x GPTQ_CALIB_SEQ_LEN), Hessians, quantize_state, prune_smallest at
+PRUNE_FRACTION, pack_artifact at zstd 22; then unpacked, dequantized into a copy of the model and
+scored with evaluate_plain on the sample val split.
+The quantization penalty is that val_bpb minus the same model's before quantization. A line also says
+how far CROWN-Q moved the integer-stored matrices from the CROWN_Q_LAMBDA=0 run's (relative L2, max |dw|).
+
+Settings are the demo's (read from scripts/run_demo.sh, overridden by the environment), with USE_MIXER=none
+(no oracle: quicker, and the mixer head is not what is measured), COMPILE=0, QUANT_MIN_NUMEL=4096 (the demo's
+matrices are all below the default threshold) and no wall-clock cap (both runs take the same schedule
+whatever else the machine is doing).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+
+import numpy as np
+import torch
+
+from bench_ngram import demo_config, timed  # scripts/ is on sys.path when this script runs
+import train_gpt as tg  # noqa: E402  (bench_ngram put the repository root on sys.path)
+
+CROWN_Q_LAMBDA = 0.01
+PUBLISHED_ANCHOR = ("published figure, not ours: an 11-layer stack lost 0.004 bpb to int6 GPTQ "
+                    "(val_bpb 1.1340 before, 1.1381 after, artifact 15.98 MB)")
+
+
+def trained_model(cfg: tg.Hyperparameters, rt: tg.Runtime) -> tuple[tg.GPT, tg.TrainResult]:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model = tg.GPT(cfg).to(rt.device)
+    result = tg.train(model, model, cfg, rt, lambda line: print(f"  {line}", flush=True))
+    return model.eval(), result
+
+
+def plain_bpb(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables) -> float:
+    return tg.evaluate_plain(model.token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt).val_bpb
+
+
+def quantize_and_score(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables) -> dict:
+    """The artifact of `model` at `cfg`'s settings (GPTQ or not), its size, and the val_bpb of its weights."""
+    calib_s = hessians_s = 0.0
+    hessians = {}
+    if cfg.gptq:
+        def calibrate():
+            with rt.autocast():
+                return tg.calibration_tokens(model, cfg)
+        calib, calib_s = timed(rt, calibrate)
+        hessians, hessians_s = timed(rt, lambda: tg.collect_hessians(model, calib))
+    quantized, quantize_s = timed(rt, lambda: tg.quantize_state(model, cfg, hessians))
+    blob = tg.pack_artifact(tg.prune_smallest(quantized, cfg.prune_fraction), cfg.zstd_level)
+    restored = tg.dequantize_into(copy.deepcopy(model), tg.unpack_artifact(blob))
+    params = sum(p.numel() for p in model.parameters())
+    return dict(params=params, artifact_bytes=len(blob), bytes_per_param=len(blob) / params,
+                int_matrices=sum(1 for q in quantized.values() if q.bits), gptq_matrices=len(hessians),
+                post_bpb=plain_bpb(restored, cfg, rt, val_tokens, tables), calib_s=calib_s,
+                hessians_s=hessians_s, quantize_s=quantize_s, gptq_s=hessians_s + quantize_s if cfg.gptq else 0.0)
+
+
+def weight_change(base: tg.GPT, other: tg.GPT) -> str:
+    """How far `other`'s integer-stored matrices are from `base`'s: what CROWN-Q changed."""
+    diff = norm = max_abs = 0.0
+    for (name, a), b in zip(base.state_dict().items(), other.state_dict().values()):
+        if tg.tensor_class(name, a, base.cfg.quant_min_numel) != "raw":
+            diff += float((a.float() - b.float()).square().sum())
+            norm += float(a.float().square().sum())
+            max_abs = max(max_abs, float((a.float() - b.float()).abs().max()))
+    return f"relative_l2:{(diff / norm) ** 0.5:.3e} max_abs:{max_abs:.3e}"
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [("method", "{}"), ("crown_q_lambda", "{:g}"), ("artifact_bytes", "{}"), ("bytes_per_param", "{:.4f}"),
+               ("pre_bpb", "{:.4f}"), ("post_bpb", "{:.4f}"), ("penalty_bpb", "{:+.4f}"), ("calib_s", "{:.1f}"),
+               ("hessians_s", "{:.1f}"), ("quantize_s", "{:.1f}"), ("gptq_s", "{:.1f}")]
+    cells = [[name] + [fmt.format(row[name]) for row in rows] for name, fmt in columns]
+    widths = [max(len(c) for c in column) for column in cells]
+    for r in range(len(rows) + 1):
+        print("  ".join(column[r].rjust(w) for column, w in zip(cells, widths)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=120, help="training steps of each run (default 120)")
+    parser.add_argument("--val-tokens", type=int, default=0,
+                        help="score only the first N validation tokens (default all)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps (warm-up 2, warm-down 5), "
+                                                             "4 calibration sequences, 16,384 val tokens")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rt = tg.Runtime(0, 1, 0, torch.device(args.device))
+    try:
+        cfg = dataclasses.replace(demo_config(rt.device), use_mixer="none", compile=False, iterations=args.steps,
+                                  quant_min_numel=4096, max_wallclock_seconds=0.0, train_log_every=0, zstd_level=22)
+        if args.quick:
+            cfg = dataclasses.replace(cfg, iterations=10, warmup_steps=2, warmdown_iters=5, gptq_calib_seqs=4)
+            args.val_tokens = 16_384
+        cfg.validate()
+        tg.grad_accum_steps_for(cfg, 1)
+    except tg.ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    val_tokens = tg.load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    val_tokens = (val_tokens[:args.val_tokens] if args.val_tokens else val_tokens).to(rt.device)
+    tables = tg.token_byte_tables(tg.load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+              else f"cpu({torch.get_num_threads()}_threads)")
+    print(f"bench_quant device:{device.replace(' ', '_')} layers:{cfg.num_layers} dim:{cfg.model_dim} "
+          f"steps:{cfg.iterations} warmdown_iters:{cfg.warmdown_iters} bits(mlp/attn/embed):{cfg.quant_mlp_bits}/"
+          f"{cfg.quant_attn_bits}/{cfg.quant_embed_bits} quant_min_numel:{cfg.quant_min_numel} "
+          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} gptq_calib:{cfg.gptq_calib} "
+          f"calib:{cfg.gptq_calib_seqs}x{cfg.gptq_calib_seq_len} val_tokens:{val_tokens.numel()}")
+    rows, first_model = [], None
+    runs = ((0.0, (("rtn", False), ("gptq", True))), (CROWN_Q_LAMBDA, (("gptq+crown_q", True),)))
+    for crown_q_lambda, methods in runs:
+        run_cfg = dataclasses.replace(cfg, crown_q_lambda=crown_q_lambda)
+        print(f"training crown_q_lambda:{crown_q_lambda:g} (used by: {', '.join(m for m, _ in methods)})", flush=True)
+        model, result = trained_model(run_cfg, rt)
+        pre_bpb = plain_bpb(model, run_cfg, rt, val_tokens, tables)
+        print(f"  trained steps:{result.steps} train_time:{result.train_time_ms / 1000:.1f}s pre_bpb:{pre_bpb:.4f}",
+              flush=True)
+        if first_model is None:
+            first_model = model
+        else:
+            print(f"  weights vs the CROWN_Q_LAMBDA=0 run: {weight_change(first_model, model)}", flush=True)
+        for method, gptq in methods:
+            row = quantize_and_score(model, dataclasses.replace(run_cfg, gptq=gptq), rt, val_tokens, tables)
+            row.update(method=method, crown_q_lambda=crown_q_lambda, pre_bpb=pre_bpb,
+                       penalty_bpb=row["post_bpb"] - pre_bpb)
+            print("  " + " ".join(f"{k}:{v:.6g}" if isinstance(v, float) else f"{k}:{v}" for k, v in row.items()),
+                  flush=True)
+            rows.append(row)
+    print("quantization on the sample corpus (rtn and gptq: one model trained with CROWN_Q_LAMBDA=0; "
+          f"gptq+crown_q: its own run with CROWN_Q_LAMBDA={CROWN_Q_LAMBDA:g}, the same seed, data and steps; "
+          "penalty = val_bpb after dequantization - before, plain evaluation)")
+    print_table(rows)
+    print(PUBLISHED_ANCHOR)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
