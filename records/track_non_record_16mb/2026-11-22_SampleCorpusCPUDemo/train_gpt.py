@@ -1,0 +1,2449 @@
+"""train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
+
+Trains a language model on FineWeb shards, then evaluates bits per byte (val_bpb)
+on the whole validation split with a sliding window. Every q_t that is scored is
+a full, normalized distribution over the vocabulary that depends on x_<t only
+(../shared/LEGALITY.md).
+
+Run:
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs
+    python3 train_gpt.py                                      # one process; CPU if no CUDA
+Every setting is an environment variable (see Hyperparameters below, and the
+README's table); the resolved settings are printed at the top of the log.
+
+Techniques, and where they come from:
+- Muon optimizer (Newton-Schulz orthogonalized momentum) for the matrices, from
+  modded-nanogpt (Keller Jordan); AdamW for embeddings, gains and scalars.
+- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a
+  learned per-head gain, zero-initialised output projections, U-Net style skip
+  connections between the first and second half of the layers: the
+  parameter-golf baseline.
+- MLP with LeakyReLU(0.5) squared, 3.5x wide; partial RoPE (ROPE_DIMS); XSA
+  (exclusive self-attention: the output loses its component along the token's
+  own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value
+  embeddings added to V on VE_LAYERS; value residual (ResFormer: every layer's V
+  mixed with the first layer's): the published 11-layer record stacks.
+- Weight decay on Muon (MUON_WD), EMA of the weights (EMA_DECAY), a warm-down
+  that ends with the wall-clock budget: the published record stacks.
+- Sliding-window evaluation (EVAL_STRIDE) that scores each token once with the
+  longest context the window allows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import math
+import os
+import platform
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+
+# =============================================================================
+# HYPERPARAMETERS
+# =============================================================================
+
+
+MIXER_CHOICES = ("learned", "hedge", "none")
+# Hedge mixes the neural model with these fixed orders (unigram, bigram, trigram) of the cache.
+HEDGE_ORDERS = (1, 2, 3)
+HEDGE_ALPHA = 0.05
+HEDGE_PRIOR_NEURAL = 0.9
+TTT_OPTIMIZERS = ("sgd", "adamw")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is the one line the run stops with."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r} is not allowed: use 0 or 1")
+    return raw == "1"
+
+
+def _parse_int_list(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in raw.split(",") if part.strip() != "")
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not allowed: use comma-separated integers, e.g. 9,10") from None
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = "run"
+    seed: int = 1337
+    # training length and batch
+    iterations: int = 20000
+    warmup_steps: int = 20
+    warmdown_iters: int = 3500
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
+    max_wallclock_seconds: float = 600.0
+    train_reserve_seconds: float = 8.0
+    # evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    val_loss_every: int = 0
+    train_log_every: int = 100
+    val_batch_size: int = 524_288
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    mlp_mult: float = 3.5
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    unet_skips: bool = True
+    xsa_last_n: int = 4
+    bigram_vocab_size: int = 6144
+    bigram_dim: int = 128
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_layers: tuple[int, ...] = (9, 10)
+    value_residual: bool = True
+    # n-gram experts and mixer
+    use_mixer: str = "learned"
+    mixer_eta: float = 0.001
+    mixer_loss_weight: float = 0.5
+    ngram_min_order: int = 2
+    ngram_max_order: int = 7
+    ngram_oracle_tokens: int = 50_000_000
+    ngram_chunk_tokens: int = 131_072
+    ngram_audit_positions: int = 0
+    # quantization and packing
+    quant_mlp_bits: int = 5
+    quant_attn_bits: int = 6
+    quant_embed_bits: int = 8
+    quant_min_numel: int = 65_536
+    gptq: bool = True
+    gptq_calib: str = "selfgen"
+    gptq_calib_seqs: int = 64
+    gptq_calib_seq_len: int = 512  # self-generation reruns the prefix per token: cost grows as its square
+    gptq_damp: float = 0.01
+    crown_q_lambda: float = 0.01
+    prune_fraction: float = 0.03
+    zstd_level: int = 22
+    target_bytes: int = 16_000_000
+    eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
+    # score-first test-time training (0 epochs: off)
+    ttt_epochs: int = 0
+    ttt_chunk_tokens: int = 131_072
+    ttt_optimizer: str = "sgd"
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.95
+    ttt_proj_lr_mult: float = 1.0
+    ttt_in_lr_mult: float = 1.0
+    ttt_freeze_blocks: int = 0
+    ttt_polyak: float = 0.998
+    ttt_batch_seqs: int = 32
+    eval_budget_seconds: float = 540.0
+    # optimizers
+    matrix_lr: float = 0.03
+    scalar_lr: float = 0.025
+    embed_lr: float = 0.6
+    tied_embed_lr: float = 0.035
+    head_lr: float = 0.008
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997
+    # runtime
+    compile: bool = True
+    compile_warmup_steps: int = 3
+
+    @property
+    def ngram_orders(self) -> tuple[int, ...]:
+        """Orders of the evaluation cache: the learned head's experts, or Hedge's, or none."""
+        if self.use_mixer == "learned":
+            return tuple(range(self.ngram_min_order, self.ngram_max_order + 1))
+        return HEDGE_ORDERS if self.use_mixer == "hedge" else ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
+        """Reads every setting from `env` (UPPER_SNAKE of the field name), then checks them.
+
+        COMPILE defaults to on only where CUDA is: compiling for the CPU is slow and
+        gains little for the small CPU models; COMPILE=1 on a CPU still compiles."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = field.name.upper()
+            if name not in env:
+                continue
+            raw = env[name].strip()
+            values[field.name] = _parse_value(name, raw, field.default)
+        if "compile" not in values:
+            values["compile"] = cuda
+        hp = cls(**values)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, value, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", self.vocab_size, "2..65536 (token ids are uint16)")
+        need(self.iterations >= 1, "ITERATIONS", self.iterations, "at least 1")
+        need(self.warmup_steps >= 0, "WARMUP_STEPS", self.warmup_steps, "0 or more")
+        need(self.warmdown_iters >= 0, "WARMDOWN_ITERS", self.warmdown_iters, "0 or more")
+        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", self.train_seq_len, "at least 2")
+        need(self.eval_seq_len >= 2, "EVAL_SEQ_LEN", self.eval_seq_len, "at least 2")
+        need(1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", self.eval_stride,
+             f"1..EVAL_SEQ_LEN ({self.eval_seq_len})")
+        need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS", self.grad_accum_steps, "0 (automatic) or more")
+        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", self.max_wallclock_seconds, "0 (no limit) or more")
+        need(self.train_reserve_seconds >= 0, "TRAIN_RESERVE_SECONDS", self.train_reserve_seconds, "0 or more")
+        need(self.val_loss_every >= 0, "VAL_LOSS_EVERY", self.val_loss_every, "0 (only at the end) or more")
+        need(self.train_log_every >= 0, "TRAIN_LOG_EVERY", self.train_log_every, "0 (off) or more")
+        need(self.val_batch_size >= self.eval_seq_len and self.val_batch_size >= self.train_seq_len,
+             "VAL_BATCH_SIZE", self.val_batch_size, "tokens per evaluation batch, at least one sequence")
+        need(self.num_layers >= 1, "NUM_LAYERS", self.num_layers, "at least 1")
+        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM", self.model_dim,
+             f"a multiple of NUM_HEADS ({self.num_heads})")
+        head_dim = self.model_dim // self.num_heads
+        need(head_dim % 2 == 0, "MODEL_DIM", self.model_dim, "MODEL_DIM / NUM_HEADS must be even (rotary pairs)")
+        need(1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
+             "NUM_KV_HEADS", self.num_kv_heads, f"a divisor of NUM_HEADS ({self.num_heads})")
+        need(self.mlp_mult > 0, "MLP_MULT", self.mlp_mult, "greater than 0")
+        need(self.rope_base > 0, "ROPE_BASE", self.rope_base, "greater than 0")
+        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS", self.rope_dims,
+             f"an even number from 0 to the head size ({head_dim}); 0 means the whole head")
+        need(self.logit_softcap >= 0, "LOGIT_SOFTCAP", self.logit_softcap, "0 (off) or more")
+        need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
+             f"0..NUM_LAYERS ({self.num_layers})")
+        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE",
+             self.bigram_vocab_size, "0 (off) or at least 2")
+        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, "BIGRAM_DIM", self.bigram_dim, "at least 1")
+        need(not self.ve_enabled or self.ve_dim >= 1, "VE_DIM", self.ve_dim, "at least 1")
+        need(all(0 <= i < self.num_layers for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
+             "VE_LAYERS", ",".join(map(str, self.ve_layers)), f"distinct layer indices in 0..{self.num_layers - 1}")
+        need(self.use_mixer in MIXER_CHOICES, "USE_MIXER", self.use_mixer, " or ".join(MIXER_CHOICES))
+        need(self.mixer_eta >= 0, "MIXER_ETA", self.mixer_eta, "0 or more")
+        need(self.mixer_loss_weight >= 0, "MIXER_LOSS_WEIGHT", self.mixer_loss_weight, "0 or more")
+        need(self.ngram_min_order >= 2, "NGRAM_MIN_ORDER", self.ngram_min_order, "at least 2")
+        need(self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER", self.ngram_max_order,
+             f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16")
+        need(self.ngram_oracle_tokens >= (1 if self.use_mixer == "learned" else 0), "NGRAM_ORACLE_TOKENS",
+             self.ngram_oracle_tokens, "at least 1 with USE_MIXER=learned (the head learns from the oracle)")
+        need(self.ngram_chunk_tokens >= 1, "NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens, "at least 1")
+        need(self.ngram_audit_positions >= 0, "NGRAM_AUDIT_POSITIONS", self.ngram_audit_positions, "0 or more")
+        for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS"):
+            need(2 <= getattr(self, name.lower()) <= 8, name, getattr(self, name.lower()), "2..8")
+        need(self.quant_min_numel >= 0, "QUANT_MIN_NUMEL", self.quant_min_numel, "0 or more")
+        need(self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", self.gptq_calib, "selfgen or train")
+        need(self.gptq_calib_seqs >= 1, "GPTQ_CALIB_SEQS", self.gptq_calib_seqs, "at least 1")
+        need(self.gptq_calib_seq_len >= 2, "GPTQ_CALIB_SEQ_LEN", self.gptq_calib_seq_len, "at least 2")
+        need(self.gptq_damp > 0, "GPTQ_DAMP", self.gptq_damp, "greater than 0")
+        need(self.crown_q_lambda >= 0, "CROWN_Q_LAMBDA", self.crown_q_lambda, "0 (off) or more")
+        need(0 <= self.prune_fraction < 1, "PRUNE_FRACTION", self.prune_fraction, "in [0, 1)")
+        need(1 <= self.zstd_level <= 22, "ZSTD_LEVEL", self.zstd_level, "1..22")
+        need(self.target_bytes >= 1, "TARGET_BYTES", self.target_bytes, "at least 1")
+        need(self.ttt_epochs >= 0, "TTT_EPOCHS", self.ttt_epochs, "0 (off) or more")
+        need(self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS", self.ttt_chunk_tokens,
+             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk")
+        need(self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", self.ttt_optimizer, " or ".join(TTT_OPTIMIZERS))
+        for name in ("TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT"):
+            need(getattr(self, name.lower()) >= 0, name, getattr(self, name.lower()), "0 or more")
+        for name in ("TTT_MOMENTUM", "TTT_POLYAK"):
+            need(0 <= getattr(self, name.lower()) < 1, name, getattr(self, name.lower()), "in [0, 1); TTT_POLYAK=0 is off")
+        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", self.ttt_freeze_blocks,
+             f"0..NUM_LAYERS ({self.num_layers})")
+        need(self.ttt_batch_seqs >= 1, "TTT_BATCH_SEQS", self.ttt_batch_seqs, "at least 1")
+        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", self.eval_budget_seconds, "greater than 0")
+        need(not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT", self.eval_artifact,
+             "empty (train, then evaluate the new artifact) or the path of an artifact file")
+        for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
+                     "GRAD_CLIP_NORM"):
+            value = getattr(self, name.lower())
+            need(value >= 0, name, value, "0 or more")
+        for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"):
+            value = getattr(self, name.lower())
+            need(0 <= value < 1, name, value, "in [0, 1)")
+        need(self.compile_warmup_steps >= 0, "COMPILE_WARMUP_STEPS", self.compile_warmup_steps, "0 or more")
+        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", self.muon_backend_steps, "at least 1")
+        need(self.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS", self.muon_momentum_warmup_steps,
+             "0 or more")
+
+    def as_log_lines(self) -> list[str]:
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            elif isinstance(value, bool):
+                value = int(value)
+            lines.append(f"setting {field.name.upper()}={value}")
+        return lines
+
+
+def _parse_value(name: str, raw: str, default):
+    if isinstance(default, bool):
+        return _parse_bool(name, raw)
+    if isinstance(default, tuple):
+        return _parse_int_list(name, raw)
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
+    return raw
+
+
+def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparameters:
+    """The run's settings, with the paths checked: a missing path stops the run here."""
+    hp = Hyperparameters.from_env(env, cuda)
+    if not Path(hp.data_path).is_dir():
+        raise ConfigError(
+            f"DATA_PATH={hp.data_path!r} is not a directory: download FineWeb with "
+            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
+            "sample corpus with `python3 scripts/make_sample_data.py`")
+    if not Path(hp.tokenizer_path).is_file():
+        raise ConfigError(
+            f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
+            "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
+    return hp
+
+
+# =============================================================================
+# DATA
+# =============================================================================
+# A shard is 256 little-endian int32 (magic, version, token count, zeros), then
+# that many little-endian uint16 token ids: the format of the published FineWeb
+# shards, kept so that their files and tools work unchanged.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that is not in the FineWeb format; the message names the file."""
+
+
+def shard_token_count(path: str | Path) -> int:
+    """The number of tokens the header of `path` declares, after checking the header and the file size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a FineWeb shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {header[1]} is not supported; only version {SHARD_VERSION} is")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ShardError(f"{path}: header declares {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return count
+
+
+def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """All token ids of one shard as uint16, refusing ids outside the vocabulary."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if count and int(tokens.max()) >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"{path}: token id {int(tokens[where])} at position {where} is not below "
+                         f"VOCAB_SIZE={vocab_size}")
+    return tokens.astype(np.uint16, copy=False)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Writes a shard atomically: a temporary file in the same folder, then a rename."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > 65535)):
+        raise ShardError(f"{path}: shard tokens must be a 1-D array of ids in 0..65535")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def shard_files(data_path: str | Path, split: str) -> list[str]:
+    """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
+    files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ShardError(
+            f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: download FineWeb with "
+            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
+            "sample corpus with `python3 scripts/make_sample_data.py`")
+    return files
+
+
+def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tensor:
+    """The whole validation split (every fineweb_val_* file, in name order) as one int64 tensor."""
+    parts = [load_shard(f, vocab_size) for f in shard_files(data_path, "val")]
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    if tokens.numel() < 2:
+        raise ShardError(f"DATA_PATH={str(data_path)!r}: the validation split has {tokens.numel()} tokens; "
+                         "at least 2 are needed to score one")
+    return tokens
+
+
+class TokenStream:
+    """An endless stream over the training shards; the shard order is a permutation drawn from the seed,
+    and each pass over the shards draws a new one. Each token also carries its position in the shards
+    read in name order, which is where the n-gram oracle's text comes from."""
+
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
+        self.files = list(files)
+        self.vocab_size = vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
+        self.order: list[int] = []
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        self.shard = 0
+        self.pos = 0
+
+    def _next_shard(self) -> None:
+        if not self.order:
+            self.order = list(self.rng.permutation(len(self.files)))
+        self.shard = self.order.pop(0)
+        self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+        self.pos = 0
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n tokens, crossing shard boundaries as needed, and their positions in name order."""
+        parts, places, left = [], [], n
+        while left > 0:
+            if self.pos >= self.tokens.size:
+                self._next_shard()
+            piece = self.tokens[self.pos:self.pos + left]
+            parts.append(piece)
+            places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
+            self.pos += piece.size
+            left -= piece.size
+        return np.concatenate(parts), np.concatenate(places)
+
+
+def oracle_run_lengths(places: np.ndarray, oracle_tokens: int) -> np.ndarray:
+    """For each token, how many tokens up to it (inclusive) are consecutive in the oracle's text (the
+    first `oracle_tokens` tokens in name order): an n-gram ending here was counted iff this is >= n."""
+    inside = places < oracle_tokens
+    chained = np.zeros(places.size, dtype=bool)
+    chained[1:] = inside[1:] & inside[:-1] & (np.diff(places) == 1)
+    index = np.arange(places.size)
+    run_start = np.maximum.accumulate(np.where(chained, 0, index))
+    return np.where(inside, index - run_start + 1, 0)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor             # (B, T) int64
+    targets: torch.Tensor            # (B, T) int64
+    oracle_run: torch.Tensor | None  # (B, T) int64: oracle_run_lengths at each target, when an oracle is on
+
+
+class DistributedBatchLoader:
+    """Every rank reads the same stream and keeps its own contiguous part of each global micro-batch,
+    so the data a step sees depends on the seed alone, never on timing."""
+
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
+                 oracle_tokens: int = 0):
+        self.stream = TokenStream(files, vocab_size, seed)
+        self.rank, self.world_size = rank, world_size
+        self.oracle_tokens = oracle_tokens
+
+    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device) -> Batch:
+        """This rank's (global_tokens // (world_size * seq_len), seq_len) share of the next global batch."""
+        local_tokens = global_tokens // self.world_size
+        span = local_tokens + 1
+        chunk, places = self.stream.take(span * self.world_size)
+        mine = slice(self.rank * span, (self.rank + 1) * span)
+        local = torch.from_numpy(chunk[mine].astype(np.int64))
+        x = local[:-1].reshape(-1, seq_len).to(device, non_blocking=True)
+        y = local[1:].reshape(-1, seq_len).to(device, non_blocking=True)
+        run = None
+        if self.oracle_tokens:
+            runs = torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens))
+            run = runs[1:].reshape(-1, seq_len).to(device, non_blocking=True)
+        return Batch(x, y, run)
+
+
+# =============================================================================
+# BITS PER BYTE
+# =============================================================================
+# val_bpb = sum(-ln q_t(x_t)) / (ln 2 * UTF-8 bytes of the scored tokens). A
+# token's bytes are its piece's bytes without the leading-space marker, plus one
+# for that space unless the previous token is a boundary (control or unknown)
+# token, after which the decoder drops it. Byte-fallback pieces are one byte.
+
+
+@dataclass(frozen=True)
+class TokenByteTables:
+    base_bytes: torch.Tensor          # (V,) int64: bytes of the piece, leading marker excluded
+    has_leading_space: torch.Tensor   # (V,) bool: the piece starts with the marker
+    is_boundary: torch.Tensor         # (V,) bool: control/unknown: no text, and no space after it
+
+    def to(self, device: torch.device) -> "TokenByteTables":
+        return TokenByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
+    """Byte accounting tables for a SentencePiece processor, padded to vocab_size (ids past the
+    tokenizer's size are boundaries with no bytes: the model may have a larger vocabulary)."""
+    if sp.vocab_size() > vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
+                          "VOCAB_SIZE must be at least that")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        # A marker inside a piece (runs of spaces, when the tokenizer keeps them) is a plain space.
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    return TokenByteTables(base, space, boundary)
+
+
+def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: TokenByteTables) -> torch.Tensor:
+    """UTF-8 bytes of each token of `tokens`, given the token before each (same shape, int64)."""
+    extra_space = tables.has_leading_space[tokens] & ~tables.is_boundary[prev_tokens]
+    return tables.base_bytes[tokens] + extra_space.to(torch.int64)
+
+
+def load_tokenizer(path: str):
+    import sentencepiece as spm  # imported here so that the model code imports without it
+
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+# =============================================================================
+# MODEL
+# =============================================================================
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head (partial RoPE: the other
+    channels carry position-free content, which the record stacks found helps at 16 of 64)."""
+
+    def __init__(self, head_dim: int, dims: int, base: float):
+        super().__init__()
+        self.dims = dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Recomputed each call: a T x dims/2 outer product is cheap, and a cache mutated inside
+        # forward would break torch.compile's graph.
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
+        return freqs.cos(), freqs.sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, H, T, hd)
+        cos, sin = self.cos_sin(x.size(2), x.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rot, rest = x[..., :self.dims], x[..., self.dims:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.mixes_first_value = cfg.value_residual and layer > 0
+        if self.mixes_first_value:
+            # ResFormer: v = a * v + b * v_first, starting as the plain v.
+            self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None,
+                first_value: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, this layer's value before mixing) for x: (B, T, D)."""
+        B, T, D = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
+        v = self.c_v(x)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
+        raw_v = v
+        if self.mixes_first_value and first_value is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * first_value
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        if self.xsa:
+            y = self._exclude_own_value(y, v)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.proj(y), raw_v
+
+    def _exclude_own_value(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """XSA: remove from each head's output its component along the token's own value, so attention
+        carries only what other tokens add (the token's own content already rides the residual)."""
+        B, H, T, hd = y.shape
+        group = H // self.num_kv_heads
+        y = y.view(B, self.num_kv_heads, group, T, hd)
+        v_unit = F.normalize(v, dim=-1).unsqueeze(2)                 # (B, Hkv, 1, T, hd)
+        y = y - (y * v_unit).sum(-1, keepdim=True) * v_unit
+        return y.view(B, H, T, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike relu^2 (record stacks: ~0.003 bpb).
+        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+
+    def forward(self, x, value_embed, first_value):
+        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x, raw_v
+
+
+def bigram_hash_ids(tokens: torch.Tensor, buckets: int) -> torch.Tensor:
+    """A bucket per (previous, current) token pair; position 0, which has no previous token, gets the
+    last bucket of its own. tokens: (B, T) -> (B, T)."""
+    prev = tokens[:, :-1].to(torch.int64)
+    cur = tokens[:, 1:].to(torch.int64)
+    mixed = torch.bitwise_xor(prev * 36313, cur * 27191) % (buckets - 1)
+    first = torch.full_like(tokens[:, :1], buckets - 1, dtype=torch.int64)
+    return torch.cat((first, mixed), dim=1)
+
+
+class BigramHashEmbedding(nn.Module):
+    """Adds an embedding of the hashed (previous, current) token pair: cheap local context the first
+    layer would otherwise spend attention on (record stacks: BigramHash 6144 x 128)."""
+
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.buckets = cfg.bigram_vocab_size
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
+
+
+class GPT(nn.Module):
+    """The one model class: training, evaluation and (later) quantization all use it."""
+
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 1.0)
+        self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size else None
+        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
+        self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
+        if self.ve_layers:
+            # One table shared by the VE layers, each with its own projection-free scale.
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+            self.value_embed_proj = nn.Linear(cfg.ve_dim, kv_dim, bias=False)
+            self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
+        if self.num_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+            nn.init.zeros_(self.lm_head.weight)
+        self.mixer_head = None
+        if cfg.use_mixer == "learned":
+            # Weights over [neural, order min..max] from the final hidden state. It starts by trusting
+            # the neural model (bias 2 against 0) and learns from the oracle when to trust counts.
+            self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
+            nn.init.zeros_(self.mixer_head.weight)
+            with torch.no_grad():
+                self.mixer_head.bias.zero_()[0] = 2.0
+
+    def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only."""
+        x = self.tok_emb(tokens)
+        if self.bigram is not None:
+            x = x + self.bigram(tokens)
+        x = rms_norm(x)
+        value_embeds = {}
+        if self.ve_layers:
+            shared = self.value_embed_proj(self.value_embed(tokens))
+            value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * shared
+                            for i, layer in enumerate(self.ve_layers)}
+        skips, first_value = [], None
+        for i, block in enumerate(self.blocks):
+            # U-Net: the second half adds back the outputs of the first half, mirrored.
+            if self.num_skips and i >= len(self.blocks) - self.num_skips:
+                x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
+            x, raw_v = block(x, value_embeds.get(i), first_value)
+            if first_value is None:
+                first_value = raw_v
+            if i < self.num_skips:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-ln q(target) per position, (B, T) float32."""
+        logits = self.logits_from_hidden(self.forward_hidden(tokens))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def eval_outputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities over the vocabulary (B, T, V) float32, mixer logits (B, T, 1+K) or None)."""
+        hidden = self.forward_hidden(tokens)
+        logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
+        return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
+                expert_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss: mean cross-entropy, plus MIXER_LOSS_WEIGHT times the mixture's loss when the
+        oracle's target probabilities (B, T, K) and validity are given (fixed inputs: no gradient to counts)."""
+        hidden = self.forward_hidden(tokens)
+        logits = self.logits_from_hidden(hidden)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        if expert_probs is None or self.mixer_head is None:
+            return nll.mean()
+        weights = mixer_weights(self.mixer_head(hidden), expert_valid)
+        return nll.mean() + self.cfg.mixer_loss_weight * mixture_nll(-nll, weights, expert_probs).mean()
+
+
+# =============================================================================
+# N-GRAM EXPERTS AND MIXER
+# =============================================================================
+# An order-n expert is p_n(v | ctx) = c(ctx, v) / T(ctx), T(ctx) the exact sum of its row of counts,
+# so every expert is a normalized distribution by construction (../shared/LEGALITY.md, rule 2).
+# Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
+# 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
+# per (context bucket, next token): a collision merges two contexts into one distribution, it
+# never breaks normalization. The same class serves as the frozen oracle (counted from training
+# shards, read-only) and as the evaluation cache (grows from already-scored validation tokens).
+
+KEY_MASK = (1 << 62) - 1
+
+
+def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key of the order-1 tokens ending at each position (the context for predicting the next token),
+    and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
+    width = order - 1
+    keys = torch.zeros(tokens.shape, dtype=torch.int64, device=tokens.device)
+    exact = width * max(1, (vocab_size - 1).bit_length()) <= 62
+    for k in range(width):
+        shifted = F.pad(tokens[..., :tokens.size(-1) - k].to(torch.int64), (k, 0))
+        if exact:
+            keys = keys * vocab_size + shifted
+        else:
+            # multiply-xor mixing; int64 products wrap, which is all a hash needs
+            keys = torch.bitwise_xor(keys * 0x100000001B3, shifted + 0x9E3779B97F4A7C15 % (1 << 62))
+    positions = torch.arange(tokens.size(-1), device=tokens.device)
+    return keys & KEY_MASK, (positions >= width - 1).expand(tokens.shape)
+
+
+class NgramCounts:
+    """Counts of one order: sorted unique context keys with their row totals, and sorted unique
+    (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
+    device; 8 + 8 bytes per distinct context and per distinct (context, token) pair."""
+
+    def __init__(self, order: int, vocab_size: int, device: torch.device):
+        self.order, self.vocab_size = order, vocab_size
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
+
+    def add(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        """Counts each (context key, next token) pair once more."""
+        if keys.numel() == 0:
+            return
+        V = self.vocab_size
+        old_rows_next = self.pair_keys // V, self.pair_keys % V
+        ctx_keys = torch.unique(torch.cat((self.ctx_keys, keys)))
+        old_rows = torch.searchsorted(ctx_keys, self.ctx_keys)
+        new_rows = torch.searchsorted(ctx_keys, keys)
+        pairs = torch.cat((old_rows[old_rows_next[0]] * V + old_rows_next[1], new_rows * V + next_tokens.to(torch.int64)))
+        counts = torch.cat((self.pair_counts, torch.ones_like(keys)))
+        self.pair_keys, inverse = torch.unique(pairs, return_inverse=True)
+        self.pair_counts = torch.zeros_like(self.pair_keys).index_add_(0, inverse, counts)
+        self.totals = torch.zeros_like(ctx_keys).index_add_(0, self.pair_keys // V, self.pair_counts)
+        self.ctx_keys = ctx_keys
+
+    def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row index, context seen) for each key."""
+        if self.ctx_keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
+        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
+        return rows, self.ctx_keys[rows] == keys
+
+    def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
+        rows, seen = self._rows(keys)
+        totals = torch.where(seen, self.totals[rows] if self.totals.numel() else torch.zeros_like(keys), 0)
+        if self.pair_keys.numel() == 0:
+            return torch.zeros_like(keys), totals
+        pair = rows * self.vocab_size + next_tokens.to(torch.int64)
+        at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
+        counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at], 0)
+        return counts, totals
+
+    def row_counts(self, key: int) -> torch.Tensor:
+        """The whole row of counts (V,) for one context key: what the audit materializes."""
+        row = torch.zeros(self.vocab_size, dtype=torch.int64, device=self.ctx_keys.device)
+        rows, seen = self._rows(torch.tensor([key], device=self.ctx_keys.device))
+        if bool(seen[0]):
+            lo = torch.searchsorted(self.pair_keys, rows * self.vocab_size)
+            hi = torch.searchsorted(self.pair_keys, (rows + 1) * self.vocab_size)
+            span = slice(int(lo[0]), int(hi[0]))
+            row[self.pair_keys[span] % self.vocab_size] = self.pair_counts[span]
+        return row
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
+
+
+class NgramModel:
+    """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one growing token stream."""
+
+    def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
+        self.orders, self.vocab_size = tuple(orders), vocab_size
+        self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
+        self.counted_tokens = 0
+
+    def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Counts the n-grams whose predicted token is tokens[t], start <= t < end, reading their
+        contexts from tokens[:t] (so contexts may reach back before `start`)."""
+        start = max(start, 1)
+        if end <= start:
+            return
+        keys, available = target_context_keys(self, tokens, start, end)
+        for i, table in enumerate(self.tables):
+            keep = available[:, i]
+            table.add(keys[i][keep], tokens[start:end][keep])
+
+    def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, totals), each (..., K), of every order for each target given its context keys."""
+        stats = [table.lookup(k, targets) for table, k in zip(self.tables, keys)]
+        return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes() for t in self.tables)
+
+
+def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per order, the context key at every position of `tokens` (..., T), and which orders have their
+    whole context inside it, (..., T, K)."""
+    pairs = [context_keys(tokens, n, model.vocab_size) for n in model.orders]
+    return [k for k, _ in pairs], torch.stack([a for _, a in pairs], -1)
+
+
+def target_context_keys(model: NgramModel, tokens: torch.Tensor, start: int,
+                        end: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Context keys, per order, for predicting tokens[t], start <= t < end (start >= 1), read from the
+    stream before t; and which orders have their whole context there, (end - start, K)."""
+    lo = max(0, start - max(model.orders) + 1)
+    keys, available = stream_context_keys(model, tokens[lo:end - 1])
+    return [k[start - 1 - lo:] for k in keys], available[start - 1 - lo:]
+
+
+def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int) -> np.ndarray:
+    """The first `count` tokens of the training shards in name order: the oracle's text. Training
+    positions know their place in this same order, which is what leave-one-out needs."""
+    parts, left = [], count
+    for f in files:
+        if left <= 0:
+            break
+        tokens = load_shard(f, vocab_size)[:left]
+        parts.append(tokens)
+        left -= tokens.size
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor,
+                           oracle_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each order's probability of the true next token, (B, T, K), and its context-only validity mask.
+
+    oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
+    in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
+    counted this very occurrence: it is taken out (leave-one-out), so the head learns how often an
+    order is right about text it has not seen, which is what the evaluation cache offers."""
+    keys, available = stream_context_keys(oracle, inputs)
+    counts, totals = oracle.target_stats(keys, targets)
+    orders = torch.tensor(oracle.orders, device=inputs.device)
+    counted = (oracle_run[..., None] >= orders).to(torch.int64)
+    counts, totals = counts - counted, totals - counted
+    valid = available & (totals > 0)
+    probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
+    return probs.float(), valid
+
+
+def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the neural expert (always valid, column 0) and the n-gram experts whose context
+    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K)."""
+    always = torch.ones_like(valid[..., :1])
+    mask = torch.cat((always, valid), -1)
+    return torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
+
+
+def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor) -> torch.Tensor:
+    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K).
+    Since the w sum to one and every p is a distribution, this is the target's entry of one."""
+    expert_terms = weights[..., 1:] * expert_probs
+    positive = expert_terms > 0
+    # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
+    log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
+    log_neural = neural_logprob + weights[..., 0].clamp_min(1e-30).log()
+    return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
+
+
+def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Hedge's experts with add-alpha smoothing, (c(ctx, x) + a) / (T(ctx) + a V): normalized, positive
+    (so Hedge's log-losses stay finite) and a function of counts alone, so every rank can compute the
+    losses of chunks that other ranks scored. counts, totals: (..., K) -> (..., K) float64."""
+    return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
+
+
+def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Tensor:
+    """Hedge's starting weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-gram
+    experts, whose first chunk faces an empty cache."""
+    w = torch.full((num_experts,), (1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1), dtype=torch.float64, device=device)
+    w[0] = HEDGE_PRIOR_NEURAL
+    return w.log()
+
+
+# =============================================================================
+# OPTIMIZERS
+# =============================================================================
+
+
+def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T: a quintic Newton-Schulz iteration whose coefficients
+    (from modded-nanogpt) push singular values towards 1 fast without needing them to converge."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then the update orthogonalized; decoupled weight decay.
+
+    Under DDP the gradients are already averaged; rank r orthogonalizes parameters r, r+W, ...
+    and one all-reduce of a flat buffer gives every rank every update, so the Newton-Schulz work is
+    split W ways and all ranks keep identical weights."""
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"])
+                    update = newton_schulz_orthogonalize(g, group["backend_steps"])
+                    # Scale so that the update's RMS does not shrink for tall matrices.
+                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Parameters by optimizer: 2-D weights inside blocks and projections go to Muon; embedding tables,
+    the untied head, and every gain, scale and vector to AdamW."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
+            groups["embed"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif name.startswith("mixer_head."):
+            groups["scalar"].append(p)  # 7 x 512: too small and too special for Muon
+        elif p.ndim == 2:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    groups = parameter_groups(model)
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    adam_groups = [dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr),
+                   dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
+    if groups["head"]:
+        adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd,
+                             fused=torch.cuda.is_available() and next(model.parameters()).is_cuda)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps, weight_decay=cfg.muon_wd, rank=rank, world_size=world_size)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    return [adam, muon]
+
+
+# =============================================================================
+# TRAINING
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among world_size processes and its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        # bf16 on CUDA; float32 on the CPU, where bf16 matmuls are slow and the models small.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+class RunLog:
+    """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str) -> None:
+        if self.path is None:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
+    """Micro-steps per optimizer step; automatic keeps the micro-batch the same on 1 and 8 GPUs."""
+    if cfg.grad_accum_steps:
+        steps = cfg.grad_accum_steps
+    else:
+        steps = 8 // world_size if 8 % world_size == 0 else 1
+    unit = world_size * steps * cfg.train_seq_len
+    if cfg.train_batch_tokens % unit or cfg.train_batch_tokens < unit:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not allowed: it must be a positive "
+                          f"multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {steps} x "
+                          f"{cfg.train_seq_len} = {unit}")
+    return steps
+
+
+def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
+    """Linear warm-up over WARMUP_STEPS, then a linear warm-down to zero that ends where training ends:
+    at ITERATIONS, or at the wall-clock stop if that comes first (its length is WARMDOWN_ITERS steps at
+    the average step time so far)."""
+    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.warmdown_iters:
+        steps_left = cfg.iterations - step
+        scale = min(scale, steps_left / cfg.warmdown_iters)
+        if stop_ms is not None and step > 0:
+            warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
+            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / warmdown_ms)
+    return max(scale, 0.0)
+
+
+def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
+    if cfg.muon_momentum_warmup_steps == 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+class WeightEMA:
+    """An fp32 exponential moving average of the weights, copied into the model at the end of training
+    (record stacks: decay 0.997, worth ~0.002-0.005 bpb after the warm-down)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            self.shadow[name].lerp_(p.detach().float(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """The averaged weights in the model for the duration, the model's own weights back after."""
+        own = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(own[name])
+
+
+def synced_max(value: float, rt: Runtime) -> float:
+    """The largest `value` over ranks: every rank then takes the same schedule and stop decisions."""
+    if not rt.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
+               cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
+               oracle: NgramModel | None = None, penalty=None) -> float:
+    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's).
+    `penalty` (a function of the weights, e.g. CROWN-Q) joins the last micro-step's backward: one
+    backward per forward, as DDP requires."""
+    micro_tokens = cfg.train_batch_tokens // accum_steps
+    total = torch.zeros((), device=rt.device)
+    for micro in range(accum_steps):
+        batch = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
+        args = (batch.inputs, batch.targets)
+        if oracle is not None:
+            args += oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
+        sync = micro == accum_steps - 1
+        with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
+            with rt.autocast():
+                loss = train_model(*args)
+            objective = loss / accum_steps
+            if penalty is not None and sync:
+                objective = objective + penalty()
+            objective.backward()
+        total += loss.detach() / accum_steps
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    if cfg.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       cfg.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return float(total)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    stopped_early: bool
+
+
+def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
+    """The frozen n-gram oracle: every order counted over the first NGRAM_ORACLE_TOKENS training tokens
+    (in shard name order), on the run's device. Each rank counts the same text."""
+    tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
+                              .astype(np.int64)).to(rt.device)
+    oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
+    oracle.add_stream(tokens, 1, tokens.numel())
+    oracle.counted_tokens = tokens.numel()
+    return oracle
+
+
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
+          evaluate_val=None) -> TrainResult:
+    """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
+    kept for the work after training). The oracle's counting is training time; validation is not."""
+    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
+    files = shard_files(cfg.data_path, "train")
+    oracle, oracle_tokens = None, 0
+    rt.synchronize()
+    t0 = time.perf_counter()
+    if model.mixer_head is not None:
+        oracle = build_oracle(cfg, rt, files)
+        oracle_tokens = cfg.ngram_oracle_tokens
+        rt.synchronize()
+        log(f"ngram_oracle tokens:{oracle.counted_tokens} "
+            f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
+            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    train_ms = 1000 * (time.perf_counter() - t0)
+    if cfg.compile and cfg.compile_warmup_steps:
+        prime_compiled_model(model, train_model, cfg, rt, files, accum_steps, oracle)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
+    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
+    step, stopped_early = 0, False
+    rt.synchronize()
+    t0 = time.perf_counter()
+    while step < cfg.iterations:
+        elapsed = synced_max(train_ms + 1000 * (time.perf_counter() - t0), rt)
+        if stop_ms is not None and elapsed >= stop_ms:
+            stopped_early = True
+            break
+        scale = lr_scale(step, elapsed, stop_ms, cfg)
+        warming_down = step >= cfg.warmup_steps and scale < 1.0
+        penalty = (lambda: crown_q_penalty(model, cfg)) if cfg.crown_q_lambda and warming_down else None
+        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale,
+                          muon_momentum_at(step, cfg), oracle, penalty)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        if cfg.train_log_every and (step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations):
+            rt.synchronize()
+            now = train_ms + 1000 * (time.perf_counter() - t0)
+            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / step:.2f}ms")
+        if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
+            rt.synchronize()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            val = evaluate_val()
+            log(f"step:{step}/{cfg.iterations} val_loss:{val.val_loss:.4f} val_bpb:{val.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+            rt.synchronize()
+            t0 = time.perf_counter()
+    rt.synchronize()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    if stopped_early:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema:applied decay:{cfg.ema_decay}")
+    return TrainResult(step, train_ms, stopped_early)
+
+
+def prime_compiled_model(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
+                         files: Sequence[str], accum_steps: int, oracle: NgramModel | None) -> None:
+    """Runs COMPILE_WARMUP_STEPS real steps so that torch.compile builds its kernels before the clock
+    starts, then puts back the initial weights: the timed run starts from the same state as without."""
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
+                                    cfg.ngram_oracle_tokens if oracle is not None else 0)
+    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+    for _ in range(cfg.compile_warmup_steps):
+        train_step(train_model, optimizers, loader, cfg, rt, accum_steps, 1.0, cfg.muon_momentum, oracle)
+    with torch.no_grad():
+        model.load_state_dict(initial)
+    rt.synchronize()
+
+
+# =============================================================================
+# QUANTIZATION AND PACKING
+# =============================================================================
+# The artifact is the model's weights as integers, packed and zstd-compressed; code + artifact must fit
+# TARGET_BYTES. Each matrix is stored as signed integers with one fp16 step per row: the MLP at
+# QUANT_MLP_BITS, attention and the other projections at QUANT_ATTN_BITS, embedding tables and the head
+# at QUANT_EMBED_BITS. GPTQ (Frantar et al. 2022) rounds one input column at a time and moves each
+# column's rounding error onto the columns not yet rounded, through the inverse Hessian H = E[x x^T] of
+# the layer's inputs, so that the layer's output x W^T changes least; round-to-nearest (GPTQ=0) is the
+# baseline with the same per-row steps.
+
+EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
+CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
+GPTQ_BLOCK = 128
+PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
+
+ARTIFACT_MAGIC = b"PGQW"
+ARTIFACT_VERSION = 1
+ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
+TENSOR_HEAD = struct.Struct("<HBBBB")     # name length, ndim, bits (0: raw), layout, dtype code
+LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
+LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
+DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be made to fit, or a blob that is not a sound artifact of this format."""
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One state-dict entry as stored. bits > 0: `values` int8 (rows, cols) in [-qmax, qmax] with a
+    per-row fp16 `scale` (the step). bits == 0: `values` is the tensor itself in fp16, `scale` None."""
+    bits: int
+    values: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' for a tensor kept in fp16: not a
+    matrix, or fewer than `min_numel` values (QUANT_MIN_NUMEL: gains, scales and the mixer head, well
+    under 1% of the bytes at the default size)."""
+    if tensor.ndim != 2 or tensor.numel() < min_numel:
+        return "raw"
+    if name in EMBED_TENSOR_NAMES:
+        return "embed"
+    if name.startswith("blocks.") and ".mlp." in name:
+        return "mlp"
+    return "attn"  # attention, and the bigram and value-embedding projections
+
+
+def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
+    """Bit width `tensor` is stored with; 0 means raw fp16."""
+    return {"raw": 0, "mlp": cfg.quant_mlp_bits, "attn": cfg.quant_attn_bits,
+            "embed": cfg.quant_embed_bits}[tensor_class(name, tensor, cfg.quant_min_numel)]
+
+
+def qmax_for(bits: int) -> int:
+    # Symmetric grid [-qmax, qmax]: zero is exact, and 2^bits - 1 levels leave no code unused but one.
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row step (fp16 values, as float32) choosing, per row, the clip ratio of max |w| with the least
+    squared rounding error; errors weighted by `col_weight` (diag H: how much signal each input column
+    carries) when given. Clipping a few outliers buys a finer step for all the other weights."""
+    qmax = qmax_for(bits)
+    w = w.float()
+    row_max = w.abs().amax(dim=1)
+    best_scale, best_err = None, None
+    for ratio in CLIP_RATIOS:
+        # The fp16 rounding happens before the error is measured: the stored step is the one searched.
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = (w - q * scale[:, None]).square()
+        err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+    return best_scale
+
+
+def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) by rounding to nearest."""
+    scale = row_scales(w, bits)
+    q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax_for(bits), qmax_for(bits))
+    return q.to(torch.int8), scale.half()
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Its rows give, in one pass, the
+    error-compensation weights GPTQ would get by removing each rounded column from H^-1 in turn.
+    A Hessian that is not positive definite even so (a rank-deficient calibration set) gets 10x the
+    damping until it is."""
+    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
+    mean_diag = h.diagonal().mean()
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    raise ArtifactError(f"GPTQ: Hessian not positive definite even with damping {damp * 10 ** 5:g}")
+
+
+def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
+                       block_size: int) -> torch.Tensor:
+    """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
+    divided by its pivot, is subtracted from the later columns of its block at once and from the rest
+    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w)."""
+    w = w.clone()
+    q = torch.zeros_like(w)
+    for start in range(0, w.size(1), block_size):
+        end = min(start + block_size, w.size(1))
+        block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            column = block[:, j]
+            q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
+            q[:, start + j] = q_column
+            error = (column - q_column * scale) / h_block[j, j]
+            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
+            errors[:, j] = error
+        w[:, end:] -= errors @ hinv_upper[start:end, end:]
+    return q
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
+                  block_size: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
+    with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
+        w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
+        dead = h.diagonal() == 0  # inputs that were always zero: any weight there is free, store 0
+        h[dead, dead] = 1.0
+        w = w.masked_fill(dead[None, :], 0.0)
+        scale = row_scales(w, bits, h.diagonal())
+        # Act-order: the columns with the largest inputs go first, while the most columns remain to absorb
+        # their error (the GPTQ authors' "desc_act"; it matters most at low bit widths).
+        order = torch.argsort(h.diagonal(), descending=True)
+        hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
+        q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
+    return q[:, torch.argsort(order)].to(torch.int8), scale.half()
+
+
+@torch.no_grad()
+def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
+                               bos_id: int = 1) -> torch.Tensor:
+    """(num_seqs, seq_len) int64 token sequences the model samples itself, from BOS at temperature 1.
+    Calibration from the model alone needs no data after training ends, and the inputs GPTQ sees are
+    those the model produces. No KV cache: each step reruns the prefix, so cost grows as seq_len^2."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    batches = []
+    for start in range(0, num_seqs, batch_seqs):
+        seqs = torch.full((min(batch_seqs, num_seqs - start), 1), bos_id, dtype=torch.int64, device=device)
+        while seqs.size(1) < seq_len:
+            logits = model.logits_from_hidden(model.forward_hidden(seqs)[:, -1])  # (B, V)
+            probs = torch.softmax(logits.float(), dim=-1)
+            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=generator)), dim=1)
+        batches.append(seqs)
+    model.train(was_training)
+    return torch.cat(batches)
+
+
+def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """GPTQ_CALIB_SEQS sequences of GPTQ_CALIB_SEQ_LEN tokens for the Hessians: generated by the model
+    (GPTQ_CALIB=selfgen) or the first tokens of `train_tokens` (GPTQ_CALIB=train, a 1-D tensor the
+    caller read from the training shards). Never validation tokens: the score would see them."""
+    if cfg.gptq_calib == "selfgen":
+        return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
+    need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
+    if train_tokens is None or train_tokens.numel() < need:
+        have = 0 if train_tokens is None else train_tokens.numel()
+        raise ArtifactError(f"GPTQ_CALIB=train needs {need} training tokens, got {have}")
+    return train_tokens[:need].to(torch.int64).view(cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """H = mean of x x^T over the calibration tokens, for the input x of every nn.Linear the forward pass
+    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN."""
+    sums, counts, handles = {}, {}, []
+
+    def accumulate(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().flatten(0, -2).float()  # (tokens, in_features)
+            if name not in sums:
+                sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+                counts[name] = 0
+            sums[name].addmm_(x.T, x)
+            counts[name] += x.size(0)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_hook(accumulate(f"{name}.weight")))
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, calib_tokens.size(0), batch_seqs):
+            model.forward_hidden(calib_tokens[start:start + batch_seqs].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / counts[name] for name, total in sums.items()}
+
+
+@torch.no_grad()
+def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
+                   cache: dict | None = None) -> dict[str, QuantizedTensor]:
+    """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
+    GPTQ is on and the matrix has a Hessian, else round-to-nearest. `cache` maps (name, bits) to an
+    earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        bits = quant_bits(name, tensor, cfg)
+        if cache is not None and (name, bits) in cache:
+            state[name] = cache[(name, bits)]
+            continue
+        if bits == 0:
+            quantized = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        else:
+            if cfg.gptq and name in hessians:
+                q, scale = gptq_quantize(tensor, hessians[name], bits, cfg.gptq_damp)
+            else:
+                q, scale = rtn_quantize(tensor, bits)
+            quantized = QuantizedTensor(bits, q.cpu(), scale.cpu())
+        state[name] = quantized
+        if cache is not None:
+            cache[(name, bits)] = quantized
+    return state
+
+
+def dequantized_tensor(quantized: QuantizedTensor) -> torch.Tensor:
+    if quantized.bits == 0:
+        return quantized.values.float()
+    return quantized.values.float() * quantized.scale.float()[:, None]
+
+
+@torch.no_grad()
+def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
+    """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
+    if expected != stored:
+        differing = sorted(set(expected.items()) ^ set(stored.items()))[0]
+        raise ArtifactError(f"artifact does not match the model built from these settings: {differing[0]} "
+                            f"is {stored.get(differing[0])} in the artifact, {expected.get(differing[0])} in the model")
+    model.load_state_dict({name: dequantized_tensor(q) for name, q in quantized_state.items()})
+    return model
+
+
+def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
+    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's
+    step at its bit width (detached). delta^2/12 is the variance of rounding noise of step delta; its
+    gradient acts as a weight decay as strong as the row's squared step, so the rows that will be
+    rounded coarsest are pulled in hardest during the warm-down."""
+    terms = []
+    for name, p in model.named_parameters():
+        bits = quant_bits(name, p, cfg)
+        if bits:
+            delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
+            terms.append((p.float().square() * delta.square()).mean() / 12)
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return cfg.crown_q_lambda * torch.stack(terms).mean()
+
+
+def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
+    """A copy where `fraction` of all values of the MLP and attention matrices, chosen among the nonzero
+    ones by the smallest |q| * step (the error that zeroing adds), are set to 0: long runs of zeros are
+    what zstd compresses best, and these cost the least error. Embeddings are left alone."""
+    names = [name for name, q in quantized_state.items()
+             if q.bits and tensor_class(name, q.values) in ("mlp", "attn")]
+    total = sum(quantized_state[name].values.numel() for name in names)
+    if not names or int(fraction * total) == 0:
+        return dict(quantized_state)
+    cost = torch.cat([(quantized_state[name].values.float().abs()
+                       * quantized_state[name].scale.float()[:, None]).flatten() for name in names])
+    cost[cost == 0] = float("inf")  # already zero: nothing to gain
+    k = min(int(fraction * total), int(torch.isfinite(cost).sum()))
+    zero = torch.zeros(cost.numel(), dtype=torch.bool)
+    zero[torch.topk(cost, k, largest=False).indices] = True
+    pruned, offset = dict(quantized_state), 0
+    for name in names:
+        q = quantized_state[name]
+        mask = zero[offset:offset + q.values.numel()].view_as(q.values)
+        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask, 0), q.scale)
+        offset += q.values.numel()
+    return pruned
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Values in [-qmax, qmax] as `bits`-bit unsigned fields (value + qmax), most significant bit
+    first, the last byte zero-padded."""
+    fields = (values.astype(np.int16).ravel() + qmax_for(bits)).astype(np.uint8)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
+    return np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
+    return (fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)
+
+
+def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(value bytes, scale bytes) a tensor of this description takes in the body."""
+    count = math.prod(shape)
+    if layout == LAYOUT_RAW:
+        return count * torch.finfo(dtype).bits // 8, 0
+    value_bytes = count if layout == LAYOUT_BYTES else (count * bits + 7) // 8
+    return value_bytes, shape[0] * torch.finfo(dtype).bits // 8
+
+
+def artifact_body(quantized_state: dict[str, QuantizedTensor], layout: int) -> bytes:
+    """Uncompressed body: tensor count, every tensor's header (name, shape, bits, layout, dtype of the raw
+    values or of the steps), then every tensor's values and steps in the same order."""
+    heads, data = [struct.pack("<I", len(quantized_state))], []
+    for name, q in quantized_state.items():
+        name_bytes, shape = name.encode(), tuple(q.values.shape)
+        if q.bits == 0:
+            tensor_layout, dtype = LAYOUT_RAW, q.values.dtype
+            data.append(q.values.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
+                raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
+            tensor_layout, dtype = layout, q.scale.dtype
+            values = q.values.numpy()
+            data.append(values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits))
+            data.append(q.scale.reshape(-1).view(torch.uint8).numpy().tobytes())
+        heads.append(TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, tensor_layout, DTYPE_CODES[dtype]))
+        heads.append(name_bytes + struct.pack(f"<{len(shape)}I", *shape))
+    return b"".join(heads + data)
+
+
+def pack_artifact_as(quantized_state: dict[str, QuantizedTensor], layout: int, zstd_level: int = 22) -> bytes:
+    """The artifact with every integer tensor in `layout` (LAYOUT_BYTES or LAYOUT_BITS): frame (magic,
+    version, crc32 and length of the payload), then the zstd-compressed body."""
+    payload = zstandard.ZstdCompressor(level=zstd_level).compress(artifact_body(quantized_state, layout))
+    return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
+
+
+def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> bytes:
+    """The smaller of the byte-per-value and bit-packed artifacts: which one zstd shrinks more depends
+    on the weights, so both are tried; the header records which was kept."""
+    return min((pack_artifact_as(quantized_state, layout, zstd_level) for layout in (LAYOUT_BYTES, LAYOUT_BITS)),
+               key=len)
+
+
+def artifact_payload(blob: bytes) -> bytes:
+    """The compressed payload, once magic, version, length and checksum are all right."""
+    if len(blob) < ARTIFACT_FRAME.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
+    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
+    payload = blob[ARTIFACT_FRAME.size:]
+    if len(payload) != length:
+        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: payload checksum does not match")
+    return payload
+
+
+def read_tensor_heads(body: bytes) -> tuple[list[tuple], int]:
+    """([(name, shape, bits, layout, dtype)], offset of the first data byte) from the body."""
+    (count,), offset, heads = struct.unpack_from("<I", body), 4, []
+    for _ in range(count):
+        name_len, ndim, bits, layout, dtype_code = TENSOR_HEAD.unpack_from(body, offset)
+        offset += TENSOR_HEAD.size
+        name = body[offset:offset + name_len].decode()
+        shape = struct.unpack_from(f"<{ndim}I", body, offset + name_len)
+        offset += name_len + 4 * ndim
+        if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE:
+            raise ArtifactError(f"artifact header of {name} has unknown layout {layout} or dtype {dtype_code}")
+        if (layout == LAYOUT_RAW) != (bits == 0) or (bits and (ndim != 2 or not 2 <= bits <= 8)):
+            raise ArtifactError(f"artifact header of {name} is inconsistent: bits {bits}, layout {layout}, "
+                                f"shape {shape}")
+        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code]))
+    return heads, offset
+
+
+def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
+    """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
+    try:
+        body = zstandard.ZstdDecompressor().decompress(artifact_payload(blob))
+        heads, offset = read_tensor_heads(body)
+    except (zstandard.ZstdError, struct.error, UnicodeDecodeError) as err:
+        raise ArtifactError(f"artifact unreadable: {err}") from None
+    state = {}
+    for name, shape, bits, layout, dtype in heads:
+        value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
+        if offset + value_bytes + scale_bytes > len(body):
+            raise ArtifactError(f"artifact body ends inside tensor {name}")
+        raw = body[offset:offset + value_bytes]
+        if layout == LAYOUT_RAW:
+            values = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
+        elif layout == LAYOUT_BYTES:
+            values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
+        else:
+            values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
+        scale = None
+        if bits:
+            scale = torch.frombuffer(bytearray(body[offset + value_bytes:offset + value_bytes + scale_bytes]),
+                                     dtype=dtype)
+        state[name] = QuantizedTensor(bits, values, scale)
+        offset += value_bytes + scale_bytes
+    if offset != len(body):
+        raise ArtifactError(f"artifact body has {len(body) - offset} bytes after its last tensor")
+    return state
+
+
+@dataclass(frozen=True)
+class ArtifactSummary:
+    artifact_bytes: int
+    code_bytes: int
+    mlp_bits: int
+    attn_bits: int
+    embed_bits: int
+    prune_fraction: float
+    layout: str  # "int8" (one byte per value) or "bitpacked"
+
+    @property
+    def total_bytes(self) -> int:
+        return self.code_bytes + self.artifact_bytes
+
+
+def shrink_schedule(cfg: Hyperparameters) -> Iterator[tuple[Hyperparameters, float]]:
+    """(settings, prune fraction) to try, in order, until the artifact fits: the configured widths with
+    PRUNE_FRACTION raised in steps of PRUNE_STEP; then the same ramp with the MLP one bit narrower
+    (the most values, and the most tolerant of rounding); then with attention one bit narrower too."""
+    narrower = [cfg, dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))]
+    narrower.append(dataclasses.replace(narrower[1], quant_attn_bits=max(2, cfg.quant_attn_bits - 1)))
+    for widths in narrower:
+        for step in range(PRUNE_STEPS + 1):
+            yield widths, min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
+
+
+def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
+    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES, shrinking in the
+    order of `shrink_schedule` and logging every try; ArtifactError when even the last try is too big.
+    `calib_tokens` (from `calibration_tokens`) are needed when GPTQ is on."""
+    hessians = {}
+    if cfg.gptq:
+        if calib_tokens is None:
+            raise ValueError("fit_artifact: GPTQ=1 needs calib_tokens")
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model, calib_tokens)
+        log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
+            f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    cache, tried = {}, set()
+    for widths, prune in shrink_schedule(cfg):
+        if (widths.quant_mlp_bits, widths.quant_attn_bits, prune) in tried:
+            continue  # a width already at its floor: the same try again would not shrink anything
+        tried.add((widths.quant_mlp_bits, widths.quant_attn_bits, prune))
+        t0 = time.perf_counter()
+        quantized = prune_smallest(quantize_state(model, widths, hessians, cache), prune)
+        packings = {name: pack_artifact_as(quantized, layout, cfg.zstd_level) for layout, name in LAYOUT_NAMES.items()}
+        layout = min(packings, key=lambda name: len(packings[name]))
+        summary = ArtifactSummary(len(packings[layout]), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
+                                  widths.quant_embed_bits, prune, layout)
+        fits = summary.total_bytes <= cfg.target_bytes
+        log(f"artifact_try mlp_bits:{summary.mlp_bits} attn_bits:{summary.attn_bits} embed_bits:{summary.embed_bits} "
+            f"prune:{prune:.2f} int8_bytes:{len(packings['int8'])} bitpacked_bytes:{len(packings['bitpacked'])} "
+            f"layout:{layout} total_bytes:{summary.total_bytes} target_bytes:{cfg.target_bytes} fits:{int(fits)} "
+            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        if fits:
+            log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
+                f"(code {code_bytes}, artifact {summary.artifact_bytes})")
+            return packings[layout], summary
+    raise ArtifactError(f"artifact cannot fit: code + artifact is {summary.total_bytes} bytes at the smallest setting "
+                        f"tried (mlp {summary.mlp_bits} bits, attn {summary.attn_bits} bits, prune "
+                        f"{summary.prune_fraction:.2f}), over TARGET_BYTES={cfg.target_bytes}")
+
+
+def write_artifact(path: str | Path, blob: bytes) -> None:
+    """Writes to a temporary name, then renames: a crash never leaves a half-written artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =============================================================================
+# EVALUATION
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float      # mean nats per scored token
+    val_bpb: float       # bits per UTF-8 byte of the scored tokens
+    scored_tokens: int
+    scored_bytes: int
+
+
+def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows that score every target position 1..num_tokens-1 exactly once, each with the longest
+    context the window allows.
+
+    Returns (window_start, window_len, scored) triples: the window reads tokens[start:start+len] and
+    predicts tokens[start+1:start+len+1]; its last `scored` predictions are scored. The first window
+    scores all of its targets, the next ones `stride` new targets each, and the last window is moved
+    back so that it is full length: every window but a too-short stream's is seq_len long."""
+    spans, scored_end = [], 1
+    while scored_end < num_tokens:
+        end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
+        start = max(0, end - 1 - seq_len)
+        spans.append((start, end - 1 - start, end - scored_end))
+        scored_end = end
+    return spans
+
+
+def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tuple[int, int]]:
+    """(first, last+1) item ranges of the batches this rank evaluates. Batches are cut from the global
+    order, the same for any world size, so every window is computed in the same batch everywhere."""
+    num_batches = (num_items + batch_size - 1) // batch_size
+    per_rank = (num_batches + rt.world_size - 1) // rt.world_size
+    for b in range(rt.rank * per_rank, min(num_batches, (rt.rank + 1) * per_rank)):
+        yield b * batch_size, min(num_items, (b + 1) * batch_size)
+
+
+def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) -> EvalResult:
+    sums = torch.tensor([nll_sum, float(byte_sum), float(count)], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    nll, nbytes, ntok = sums.tolist()
+    return EvalResult(nll / ntok, nll / (math.log(2) * nbytes), int(ntok), int(nbytes))
+
+
+def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int,
+                           rt: Runtime, lo: int = 1, hi: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's batches of windows: (index (B, L+1) of each window's tokens in val_tokens, mask (B, L)
+    of the targets the window scores). Only targets in [lo, hi) are scored: a window that straddles `lo`
+    or `hi` is computed for each side, which is exact since a position never sees what follows it."""
+    hi = val_tokens.numel() if hi is None else hi
+    spans = [(s, n, k) for s, n, k in sliding_window_spans(val_tokens.numel(), seq_len, stride)
+             if s + n - k + 1 < hi and s + n + 1 > lo]
+    batch_windows = max(1, batch_tokens // seq_len)
+    for first, last in _owned_batches(len(spans), batch_windows, rt):
+        starts = torch.tensor([s for s, _, _ in spans[first:last]], device=val_tokens.device)
+        window_len = spans[first][1]
+        index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]
+        scored = torch.tensor([n for _, _, n in spans[first:last]], device=val_tokens.device)
+        mask = torch.arange(window_len, device=val_tokens.device)[None, :] >= (window_len - scored)[:, None]
+        yield index, mask & (index[:, 1:] >= lo) & (index[:, 1:] < hi)
+
+
+def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                          stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
+    `token_nll(inputs, targets) -> (B, T)` is the model's per-token loss."""
+    for index, mask in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
+        window = val_tokens[index]
+        with rt.autocast():
+            nll = token_nll(window[:, :-1], window[:, 1:]).double()
+        nbytes = target_byte_counts(window[:, :-1], window[:, 1:], tables)
+        yield index[:, 1:][mask], nll[mask], nbytes[mask]
+
+
+@torch.no_grad()
+def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int, stride: int,
+                     batch_tokens: int, rt: Runtime) -> EvalResult:
+    nll_sum, byte_sum, count = 0.0, 0, 0
+    for targets, nll, nbytes in sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride,
+                                                      batch_tokens, rt):
+        nll_sum += float(nll.sum())
+        byte_sum += int(nbytes.sum())
+        count += targets.numel()
+    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+
+
+@dataclass
+class NeuralScores:
+    """What the neural pass keeps of each target this rank scores, in target order."""
+    targets: torch.Tensor                 # (n,) int64 positions in the validation stream
+    logprob: torch.Tensor                 # (n,) float64 ln p_nn(x_t)
+    mixer_logits: torch.Tensor | None     # (n, 1+K) float32, the learned head's output
+    nbytes: torch.Tensor                  # (n,) int64
+    audit_rows: dict[int, torch.Tensor]   # target position -> (V,) float64 neural log-probabilities
+
+
+@torch.no_grad()
+def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
+    """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
+    parts, audit_rows = [], {}
+    for index, mask in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
+                                              cfg.val_batch_size, rt, lo, hi):
+        window = val_tokens[index]
+        with rt.autocast():
+            logprobs, mixer_logits = eval_outputs(window[:, :-1])
+        targets = index[:, 1:]
+        target_logprob = logprobs.gather(-1, window[:, 1:, None]).squeeze(-1).double()
+        parts.append((targets[mask], target_logprob[mask],
+                      None if mixer_logits is None else mixer_logits[mask].float(),
+                      target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask]))
+        for b, j in (mask & torch.isin(targets, audit_targets)).nonzero().tolist():
+            audit_rows[int(targets[b, j])] = logprobs[b, j].double()
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
+        return NeuralScores(empty, empty.double(), None, empty, audit_rows)
+    cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])
+    return NeuralScores(cat(0), cat(1), cat(2), cat(3), audit_rows)
+
+
+def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
+    """The scores of consecutive target ranges as one, still in target order."""
+    parts = [p for p in parts if p.targets.numel()] or parts[:1]  # a rank may own nothing of a chunk
+    mixer = None if parts[0].mixer_logits is None else torch.cat([p.mixer_logits for p in parts])
+    return NeuralScores(torch.cat([p.targets for p in parts]), torch.cat([p.logprob for p in parts]), mixer,
+                        torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
+
+
+# --- score-first test-time training -------------------------------------------------------------------
+# The validation stream in chunks of TTT_CHUNK_TOKENS targets: a chunk is scored first, by the weights
+# adapted on the chunks before it, and only then trained on. Every rank scores its share of a chunk and
+# all train in lockstep on the same sequences with summed gradients, so every rank holds the same weights
+# and no number depends on the number of ranks (to float rounding of the sums).
+
+
+def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
+    """The parameters TTT adapts, grouped by learning-rate multiplier: output projections (attention and
+    MLP) x TTT_PROJ_LR_MULT, input projections (q, k, v, MLP fc) x TTT_IN_LR_MULT, the rest x 1. The first
+    TTT_FREEZE_BLOCKS blocks stay as trained, and so does the mixer head: TTT's loss is the model's
+    cross-entropy alone."""
+    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
+    outputs, inputs = (".attn.proj.weight", ".mlp.proj.weight"), (".c_q.weight", ".c_k.weight", ".c_v.weight",
+                                                                   ".mlp.fc.weight")
+    groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
+    for name, p in model.named_parameters():
+        if name.startswith(frozen):
+            continue
+        mult = cfg.ttt_proj_lr_mult if name.endswith(outputs) else cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0
+        groups[mult].append(p)
+    return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
+
+
+def ttt_optimizer(groups: list[dict], cfg: Hyperparameters) -> torch.optim.Optimizer:
+    if cfg.ttt_optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
+    return torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
+
+
+def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
+    """Cosine decay from TTT_LR over the chunks that are trained on."""
+    return cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_train_chunks)))
+
+
+def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
+    """(n, seq_len+1) non-overlapping sequences of the chunk of targets [lo, hi): inputs from lo-1, every
+    token already scored. A tail shorter than seq_len is left out."""
+    n = (hi - lo) // seq_len
+    starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
+    return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
+
+
+@torch.enable_grad()  # called from inside the evaluation's no_grad
+def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
+                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
+                    polyak: WeightEMA | None) -> None:
+    """TTT_EPOCHS passes over the chunk's sequences in global batches of TTT_BATCH_SEQS, each batch split
+    over the ranks; the loss is the mean over the global batch, so the summed gradients do not depend on
+    how it was split."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    for _ in range(cfg.ttt_epochs):
+        order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
+        for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
+            batch = order[b:b + cfg.ttt_batch_seqs]
+            mine = batch[rt.rank::rt.world_size].to(seqs.device)
+            if mine.numel():
+                x = seqs[mine]
+                with rt.autocast():
+                    loss = train_forward(x[:, :-1], x[:, 1:])
+                (loss * (mine.numel() / batch.numel())).backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if rt.distributed:
+                    dist.all_reduce(p.grad)
+            if cfg.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
+            if polyak is not None:
+                polyak.update(model)
+
+
+def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
+                    cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
+                    eval_start: float) -> NeuralScores:
+    """The neural sliding-window scores with score-first TTT. Before training on a chunk, the measured
+    pace decides: if that training and the scoring of every chunk left would end after
+    EVAL_BUDGET_SECONDS from `eval_start` (a perf_counter time), adaptation stops and the rest is scored
+    with the weights as they are (the budget leaves a margin for the n-gram pass that follows). The model
+    is left holding its adapted weights."""
+    C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
+    num_chunks = (N - 2) // C + 1
+    optimizer = ttt_optimizer(ttt_param_groups(model, cfg), cfg)
+    polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts, adapting, trained = [], True, 0
+    score_s, train_s, t_start = 0.0, None, time.perf_counter()
+    for k in range(num_chunks):
+        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
+        t0 = time.perf_counter()
+        model.eval()
+        with polyak.swapped_in(model) if polyak is not None else contextlib.nullcontext():
+            parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
+        rt.synchronize()
+        score_s = max(score_s, time.perf_counter() - t0)
+        if k == num_chunks - 1 or not adapting:
+            continue
+        # Until a chunk has been trained on, training is guessed at 3 forward passes per epoch.
+        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
+        elapsed = synced_max(time.perf_counter() - eval_start, rt)
+        projected = elapsed + guess + (num_chunks - 1 - k) * score_s
+        if projected > cfg.eval_budget_seconds:
+            adapting = False
+            log(f"ttt_stopped chunk:{k + 1}/{num_chunks} elapsed:{elapsed:.1f}s projected:{projected:.1f}s "
+                f"budget:{cfg.eval_budget_seconds:.1f}s: the remaining chunks are scored without adapting")
+            continue
+        t0 = time.perf_counter()
+        model.train()
+        ttt_train_chunk(model, train_forward, optimizer, chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len),
+                        cfg, rt, ttt_lr_at(k, num_chunks - 1, cfg), generator, polyak)
+        rt.synchronize()
+        train_s = synced_max(time.perf_counter() - t0, rt)
+        trained += 1
+    model.eval()
+    log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
+        f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
+    return concatenated_scores(parts)
+
+
+def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
+    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of one materialized distribution q (V,)
+    float64: the check that the number scored is the target's entry of a normalized distribution."""
+    return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
+
+
+def materialized_mixture(neural_logprobs: torch.Tensor, cache: NgramModel, keys: Sequence[int],
+                         valid: Sequence[bool], weights: torch.Tensor, hedge: bool) -> torch.Tensor:
+    """The whole distribution q_t (V,) float64 that the fast path scores one entry of."""
+    q = weights[0].double() * neural_logprobs.exp()
+    for i, table in enumerate(cache.tables):
+        row = table.row_counts(keys[i]).double()
+        if hedge:
+            q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), cache.vocab_size)
+        elif valid[i]:
+            q = q + weights[i + 1].double() * row / row.sum()
+    return q
+
+
+@dataclass
+class AuditStats:
+    """The audit of NGRAM_AUDIT_POSITIONS: q_t materialized over the whole vocabulary at `targets`.
+    With keep=True the distributions and the fast path's -ln q_t(x_t) are kept (tests compare them)."""
+    targets: torch.Tensor
+    keep: bool = False
+    positions: int = 0
+    worst_sum_error: float = 0.0
+    min_prob: float = 1.0
+    worst_target_diff: float = 0.0
+    distributions: dict = dataclasses.field(default_factory=dict)
+    fast_nll: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, t: int, q: torch.Tensor, target: int, nll: float) -> None:
+        sum_error, min_prob, target_diff = audit_distribution(q, target, nll)
+        self.positions += 1
+        self.worst_sum_error = max(self.worst_sum_error, sum_error)
+        self.min_prob = min(self.min_prob, min_prob)
+        self.worst_target_diff = max(self.worst_target_diff, target_diff)
+        if self.keep:
+            self.distributions[t], self.fast_nll[t] = q, nll
+
+
+@torch.no_grad()
+def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
+               chunk_neural_loss: torch.Tensor | None, audit: AuditStats) -> float:
+    """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
+    scored with the cache as it stood before the chunk (counts of every target < 1 + kC), then the whole
+    chunk is counted. Any rank builds that state from the validation tokens before its first chunk, so no
+    number depends on the number of ranks. Returns the sum of -ln q over this rank's targets.
+
+    Hedge also needs, before each chunk, every expert's loss on all earlier chunks: the n-gram experts'
+    losses are recomputed here from counts, and the neural model's come in chunk_neural_loss (summed over
+    ranks)."""
+    if scores.targets.numel() == 0:
+        return 0.0
+    C, N, hedge = cfg.ngram_chunk_tokens, val_tokens.numel(), cfg.use_mixer == "hedge"
+    cache = NgramModel(cfg.ngram_orders, cfg.vocab_size, val_tokens.device)
+    first_chunk = (int(scores.targets[0]) - 1) // C
+    last_chunk = (int(scores.targets[-1]) - 1) // C
+    start_chunk = 0 if hedge else first_chunk
+    cache.add_stream(val_tokens, 1, 1 + start_chunk * C)
+    log_w = hedge_prior_log_weights(1 + len(cache.orders), val_tokens.device) if hedge else None
+    total = 0.0
+    for k in range(start_chunk, last_chunk + 1):
+        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
+        own = slice(int(torch.searchsorted(scores.targets, lo)), int(torch.searchsorted(scores.targets, hi)))
+        t_lo, t_hi = (lo, hi) if hedge else (int(scores.targets[own][0]), int(scores.targets[own][-1]) + 1) \
+            if own.stop > own.start else (lo, lo)
+        if t_hi > t_lo:
+            keys, available = target_context_keys(cache, val_tokens, t_lo, t_hi)
+            counts, totals = cache.target_stats(keys, val_tokens[t_lo:t_hi])
+            # This rank's targets inside [t_lo, t_hi): all of them, unless test-time training interleaves
+            # the ranks' shares within a chunk.
+            mine = scores.targets[own] - t_lo
+            if hedge:
+                probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
+                weights = log_w.softmax(0).expand(own.stop - own.start, -1)
+                expert_loss = -probs.log().sum(0)
+                probs, valid_own = probs[mine], torch.ones_like(available[mine])
+            else:
+                counts, totals = counts[mine], totals[mine]
+                valid_own = available[mine] & (totals > 0)
+                probs = torch.where(valid_own, counts.double() / totals.clamp(min=1).double(), 0.0)
+                weights = mixer_weights(scores.mixer_logits[own], valid_own)
+            nll = mixture_nll(scores.logprob[own], weights.double(), probs)
+            total += float(nll.sum())
+            _audit_chunk(scores, own, nll, keys, valid_own, weights, cache, val_tokens, hedge, audit, mine)
+            if hedge:
+                log_w = log_w - cfg.mixer_eta * torch.cat((chunk_neural_loss[k:k + 1], expert_loss))
+        cache.add_stream(val_tokens, lo, hi)
+    return total
+
+
+def _audit_chunk(scores, own, nll, keys, valid, weights, cache, val_tokens, hedge, audit, mine) -> None:
+    """Materializes q_t over the whole vocabulary at the audit positions of this chunk."""
+    targets = scores.targets[own]
+    for i, t in enumerate(targets.tolist()):
+        if t not in scores.audit_rows:
+            continue
+        at = int(mine[i])
+        q = materialized_mixture(scores.audit_rows[t], cache, [int(k[at]) for k in keys],
+                                 valid[i].tolist(), weights[i], hedge)
+        audit.add(t, q, int(val_tokens[t]), float(nll[i]))
+
+
+def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """NGRAM_AUDIT_POSITIONS target positions drawn from the seed (the same on every rank)."""
+    if not cfg.ngram_audit_positions:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(1, num_tokens, (cfg.ngram_audit_positions,), generator=g).to(device)
+
+
+@torch.no_grad()
+def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                           rt: Runtime, log, audit: AuditStats | None = None,
+                           neural_scores=None) -> tuple[EvalResult, EvalResult | None]:
+    """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
+    score-first n-gram cache (USE_MIXER; None with USE_MIXER=none). Returns (neural, mixed).
+    `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training)."""
+    if audit is None:
+        audit = AuditStats(audit_target_positions(cfg, val_tokens.numel(), val_tokens.device))
+    if neural_scores is None:
+        scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
+    else:
+        scores = neural_scores(audit.targets)
+    byte_sum, count = int(scores.nbytes.sum()), scores.targets.numel()
+    neural = _reduce_eval_sums(float(-scores.logprob.sum()), byte_sum, count, rt)
+    if cfg.use_mixer == "none":
+        return neural, None
+    chunk_loss = None
+    if cfg.use_mixer == "hedge":
+        num_chunks = (val_tokens.numel() - 2) // cfg.ngram_chunk_tokens + 1
+        chunk_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
+        chunk_loss.index_add_(0, (scores.targets - 1) // cfg.ngram_chunk_tokens, -scores.logprob)
+        if rt.distributed:
+            dist.all_reduce(chunk_loss)
+    mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit), byte_sum, count, rt)
+    if audit.targets.numel():
+        stats = torch.tensor([audit.positions, audit.worst_sum_error, -audit.min_prob, audit.worst_target_diff],
+                             dtype=torch.float64, device=val_tokens.device)
+        if rt.distributed:
+            positions = stats[:1].clone()
+            dist.all_reduce(positions)
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            stats[0] = positions[0]
+        log(f"ngram_audit positions:{int(stats[0])} worst_abs_sum_minus_1:{stats[1]:.3e} "
+            f"min_prob:{-stats[2]:.3e} worst_target_diff:{stats[3]:.3e}")
+    return neural, mixed
+
+
+@torch.no_grad()
+def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                   batch_tokens: int, rt: Runtime) -> EvalResult:
+    """Non-overlapping windows of seq_len over the whole split (the last one shorter): each token is
+    scored once, with context reset at every window start."""
+    num_targets = val_tokens.numel() - 1
+    full = num_targets // seq_len
+    batch_windows = max(1, batch_tokens // seq_len)
+    nll_sum, byte_sum, count = 0.0, 0, 0
+    windows = [(i * seq_len, seq_len) for i in range(full)]
+    if num_targets % seq_len:
+        windows.append((full * seq_len, num_targets % seq_len))
+    for first, last in _owned_batches(len(windows), batch_windows, rt):
+        for length in sorted({n for _, n in windows[first:last]}):
+            starts = torch.tensor([s for s, n in windows[first:last] if n == length], device=val_tokens.device)
+            index = starts[:, None] + torch.arange(length + 1, device=val_tokens.device)[None, :]
+            window = val_tokens[index].to(rt.device)
+            with rt.autocast():
+                nll = token_nll(window[:, :-1], window[:, 1:]).double()
+            nll_sum += float(nll.sum())
+            byte_sum += int(target_byte_counts(window[:, :-1], window[:, 1:], tables).sum())
+            count += nll.numel()
+    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+
+
+def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> None:
+    log(f"{name} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{eval_ms:.0f}ms "
+        f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
+    log(f"{name}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+
+# =============================================================================
+# MAIN
+# =============================================================================
+
+
+def init_runtime(env: Mapping[str, str]) -> Runtime:
+    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
+    NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
+    rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def script_identity() -> tuple[str, int]:
+    """(sha256, bytes) of this file: the log records which script produced it, and the code counts
+    towards the artifact's size."""
+    code = Path(__file__).read_bytes()
+    return hashlib.sha256(code).hexdigest(), len(code)
+
+
+def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
+    sha, code_bytes = script_identity()
+    log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
+        f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
+    for line in cfg.as_log_lines():
+        log(line)
+
+
+def artifact_path(cfg: Hyperparameters) -> Path:
+    return Path("artifacts") / f"{cfg.run_id}.pgqw"
+
+
+def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
+    """Quantizes, packs and writes the artifact (see QUANTIZATION AND PACKING); returns its path and the
+    seconds it took. Every rank does the same deterministic work, so that a failure stops all of them
+    alike; rank 0 writes."""
+    t0 = time.perf_counter()
+    calib = None
+    if cfg.gptq:
+        train_tokens = None
+        if cfg.gptq_calib == "train":
+            stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size, cfg.seed)
+            train_tokens = torch.from_numpy(stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
+        with rt.autocast():
+            calib = calibration_tokens(model, cfg, train_tokens)
+    _, code_bytes = script_identity()
+    blob, summary = fit_artifact(model, cfg, code_bytes, log, calib)
+    path = artifact_path(cfg)
+    if rt.is_main:
+        write_artifact(path, blob)
+    if rt.distributed:
+        dist.barrier()
+    rt.synchronize()
+    seconds = time.perf_counter() - t0
+    log(f"artifact_saved path:{path} bytes:{summary.artifact_bytes} layout:{summary.layout} time:{1000 * seconds:.0f}ms")
+    return path, seconds
+
+
+def load_artifact(model: GPT, path: str | Path, log) -> GPT:
+    """Overwrites every weight of `model` with the artifact's dequantized values: what is evaluated is
+    the artifact alone (dequantize_into refuses an artifact whose tensors differ from the model's)."""
+    blob = Path(path).read_bytes()
+    dequantize_into(model, unpack_artifact(blob))
+    log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
+    return model
+
+
+def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()}")
+
+    model = GPT(cfg).to(rt.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
+    train_model = compiled
+    if rt.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    token_nll = torch.compile(model.token_nll, dynamic=False) if cfg.compile else model.token_nll
+    eval_outputs = torch.compile(model.eval_outputs, dynamic=False) if cfg.compile else model.eval_outputs
+
+    def plain_val() -> EvalResult:
+        model.eval()
+        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+        model.train()
+        return result
+
+    path = cfg.eval_artifact
+    if not path:
+        log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+        result = train(model, train_model, cfg, rt, log, plain_val)
+        log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
+            f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+        prequant = plain_val()
+        log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
+        path, artifact_s = save_artifact(model, cfg, rt, log)
+        # The artifact is part of training: its time counts against MAX_WALLCLOCK_SECONDS, which
+        # TRAIN_RESERVE_SECONDS must leave room for.
+        phase_ms = result.train_time_ms + 1000 * artifact_s
+        log(f"training_phase train_time:{result.train_time_ms:.0f}ms artifact_time:{1000 * artifact_s:.0f}ms "
+            f"total:{phase_ms:.0f}ms")
+        if cfg.max_wallclock_seconds and phase_ms > 1000 * cfg.max_wallclock_seconds:
+            log(f"warning: training and artifact took {phase_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+                f"{cfg.max_wallclock_seconds:g}: raise TRAIN_RESERVE_SECONDS")
+    load_artifact(model, path, log)
+    if cfg.eval_artifact:  # the size line a training run prints, for this artifact and this script
+        artifact_bytes, code_bytes = Path(path).stat().st_size, script_identity()[1]
+        log(f"Total submission size quantized+zstd: {code_bytes + artifact_bytes} bytes "
+            f"(code {code_bytes}, artifact {artifact_bytes})")
+    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, compiled)
+
+
+def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
+                   cfg: Hyperparameters, rt: Runtime, log, train_forward=None) -> EvalResult:
+    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0), and (with a
+    mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log.
+    `train_forward(inputs, targets) -> loss` is what TTT trains through (default: the model itself)."""
+    model.eval()
+    rt.synchronize()
+    start = t0 = time.perf_counter()
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+    rt.synchronize()
+    log_final(log, "final_plain", plain, 1000 * (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    if cfg.use_mixer == "none" and not cfg.ttt_epochs:
+        score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
+                                 cfg.val_batch_size, rt)
+        rt.synchronize()
+        log_final(log, "final_sliding_window", score, 1000 * (time.perf_counter() - t0))
+    else:
+        neural_scores, name = None, "final_sliding_window"
+        if cfg.ttt_epochs:
+            name += "_ttt"
+            neural_scores = lambda audit_targets: ttt_neural_pass(
+                model, eval_outputs, train_forward or model, val_tokens, tables, cfg, rt, audit_targets, log, start)
+        neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
+                                               neural_scores=neural_scores)
+        rt.synchronize()
+        elapsed = 1000 * (time.perf_counter() - t0)
+        log_final(log, name, neural, elapsed)
+        score = neural
+        if mixed is not None:
+            log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
+            score = mixed
+    eval_s = time.perf_counter() - start
+    if eval_s > cfg.eval_budget_seconds:
+        log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
+    log(f"eval_done eval_time:{1000 * eval_s:.0f}ms")
+    return score
+
+
+def main() -> int:
+    rt = None
+    try:
+        rt = init_runtime(os.environ)
+        cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
+        grad_accum_steps_for(cfg, rt.world_size)
+        log = RunLog(Path("logs") / f"{cfg.run_id}.txt" if rt.is_main else None)
+        log_run_header(log, cfg, rt)
+        run(cfg, rt, log)
+        return 0
+    except (ConfigError, ShardError, ArtifactError) as err:
+        if rt is None or rt.is_main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
