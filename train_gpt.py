@@ -2030,8 +2030,11 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if rt.distributed:
-                    dist.all_reduce(p.grad)
+            if rt.distributed:  # one collective per step, not one per parameter
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
             if cfg.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
             optimizer.step()
