@@ -1936,7 +1936,7 @@ class NeuralScores:
 def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
                 rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
     """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
-    parts, audit_rows = [], {}
+    parts = []
     for index, mask in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
                                               cfg.val_batch_size, rt, lo, hi):
         window = val_tokens[index]
@@ -1944,16 +1944,15 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
             logprobs, mixer_logits = eval_outputs(window[:, :-1])
         targets = index[:, 1:]
         target_logprob = logprobs.gather(-1, window[:, 1:, None]).squeeze(-1).double()
-        parts.append((targets[mask], target_logprob[mask],
-                      None if mixer_logits is None else mixer_logits[mask].float(),
-                      target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask]))
-        for b, j in (mask & torch.isin(targets, audit_targets)).nonzero().tolist():
-            audit_rows[int(targets[b, j])] = logprobs[b, j].double()
+        audit_rows = {int(targets[b, j]): logprobs[b, j].double()
+                      for b, j in (mask & torch.isin(targets, audit_targets)).nonzero().tolist()}
+        parts.append(NeuralScores(targets[mask], target_logprob[mask],
+                                  None if mixer_logits is None else mixer_logits[mask].float(),
+                                  target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask], audit_rows))
     if not parts:
         empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
-        return NeuralScores(empty, empty.double(), None, empty, audit_rows)
-    cat = lambda i: None if parts[0][i] is None else torch.cat([p[i] for p in parts])
-    return NeuralScores(cat(0), cat(1), cat(2), cat(3), audit_rows)
+        return NeuralScores(empty, empty.double(), None, empty, {})
+    return concatenated_scores(parts)
 
 
 def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
