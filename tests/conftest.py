@@ -22,6 +22,19 @@ def tiny_config(**overrides) -> tg.Hyperparameters:
     return tg.Hyperparameters(**base)
 
 
+def perturbed_gpt(cfg: tg.Hyperparameters, scale: float, seed: int = 0) -> tg.GPT:
+    """A GPT in eval mode with scale x N(0, 1) added to every weight: no zero-initialised matrix is left,
+    so every part of the model acts on the output (and has something to quantize)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
 def stdlib_documents(count: int) -> list[str]:
     """Real text for tests: the first `count` modules of the standard library, in name order."""
     import sysconfig

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import tiny_config
+from conftest import perturbed_gpt, tiny_config
 
 
 @pytest.mark.parametrize("num_tokens, seq_len, stride", [
@@ -28,15 +28,6 @@ def test_every_target_is_scored_exactly_once_with_the_longest_context(num_tokens
     assert scored == list(range(1, num_tokens))
 
 
-def _trained_like_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = tg.GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 def _uniform_byte_tables(vocab):
     return tg.TokenByteTables(torch.arange(vocab) % 3 + 1, torch.arange(vocab) % 2 == 0,
                               torch.arange(vocab) < 2)
@@ -44,7 +35,7 @@ def _uniform_byte_tables(vocab):
 
 def test_sliding_equals_plain_when_stride_is_the_window(cpu_runtime):
     cfg = tiny_config()
-    model = _trained_like_model(cfg)
+    model = perturbed_gpt(cfg, 0.05)
     tokens = torch.randint(0, cfg.vocab_size, (16 * 7 + 1,))
     tables = _uniform_byte_tables(cfg.vocab_size)
     plain = tg.evaluate_plain(model.token_nll, tokens, tables, 16, 64, cpu_runtime)
@@ -68,7 +59,7 @@ def _scores_by_target(model, tokens, tables, rt, seq_len=16, stride=4):
 
 def test_scores_of_earlier_tokens_ignore_later_tokens(cpu_runtime):
     cfg = tiny_config()
-    model = _trained_like_model(cfg)
+    model = perturbed_gpt(cfg, 0.05)
     tables = _uniform_byte_tables(cfg.vocab_size)
     tokens = torch.randint(0, cfg.vocab_size, (120,))
     for t in (5, 40, 70, 118):
@@ -85,7 +76,7 @@ def _eval_in_process(rank, world_size, init_file, tokens, cfg, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
     rt = tg.Runtime(rank, world_size, rank, torch.device("cpu"))
-    model = _trained_like_model(cfg)
+    model = perturbed_gpt(cfg, 0.05)
     tables = _uniform_byte_tables(cfg.vocab_size)
     plain = tg.evaluate_plain(model.token_nll, tokens, tables, 16, 64, rt)
     sliding = tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 4, 64, rt)

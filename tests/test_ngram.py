@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
-from conftest import tiny_config
+from conftest import perturbed_gpt, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -42,12 +42,8 @@ def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
 
 
 def trained_like(cfg, seed=0):
-    torch.manual_seed(seed)
-    model = tg.GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+    """Weights far enough from initialisation that the mixer head's output varies with the context."""
+    return perturbed_gpt(cfg, 0.3, seed)
 
 
 def repetitive_stream(n, vocab, seed=0):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import perturbed_gpt
 
 
 def quant_config(**overrides) -> tg.Hyperparameters:
@@ -19,15 +20,6 @@ def quant_config(**overrides) -> tg.Hyperparameters:
     base.update(overrides)
     return tg.Hyperparameters(**base)
 
-
-def perturbed_model(cfg: tg.Hyperparameters, seed: int = 0) -> tg.GPT:
-    """A GPT with no zero-initialised matrix left, so that every tensor has something to quantize."""
-    torch.manual_seed(seed)
-    model = tg.GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
 
 
 def structured_tokens(num_seqs: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
@@ -202,7 +194,7 @@ def test_dequantize_into_refuses_another_model_shape(trained_model):
 
 def test_prune_zeroes_the_cheapest_values_of_mlp_and_attention_only():
     cfg = quant_config(gptq=False)
-    state = tg.quantize_state(perturbed_model(cfg), cfg, {})
+    state = tg.quantize_state(perturbed_gpt(cfg, 0.05), cfg, {})
     pruned = tg.prune_smallest(state, 0.1)
     prunable = [n for n, q in state.items() if q.bits and tg.tensor_class(n, q.values) in ("mlp", "attn")]
     total = sum(state[n].values.numel() for n in prunable)
@@ -274,7 +266,7 @@ def test_damaged_artifacts_are_refused():
 
 def test_crown_q_penalty_is_positive_and_reaches_the_weights():
     cfg = quant_config(crown_q_lambda=0.5)
-    model = perturbed_model(cfg)
+    model = perturbed_gpt(cfg, 0.05)
     penalty = tg.crown_q_penalty(model, cfg)
     assert penalty.ndim == 0 and float(penalty.detach()) > 0
     w = model.blocks[0].mlp.fc.weight.detach()
