@@ -21,7 +21,6 @@ def quant_config(**overrides) -> tg.Hyperparameters:
     return tg.Hyperparameters(**base)
 
 
-
 def structured_tokens(num_seqs: int, seq_len: int, vocab: int, seed: int) -> torch.Tensor:
     """Sequences from a fixed sparse Markov chain: each token is followed by one of 3 successors, so
     that a small model learns real structure in a few dozen steps."""
