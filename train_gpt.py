@@ -1681,11 +1681,15 @@ def pack_artifact_as(quantized_state: dict[str, QuantizedTensor], layout: int, z
     return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
 
 
+def artifacts_by_layout(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> dict[str, bytes]:
+    """The artifact packed both ways, by layout name ("int8", "bitpacked"): which one zstd shrinks more
+    depends on the weights, so both are tried; the header records which was kept."""
+    return {name: pack_artifact_as(quantized_state, layout, zstd_level) for layout, name in LAYOUT_NAMES.items()}
+
+
 def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> bytes:
-    """The smaller of the byte-per-value and bit-packed artifacts: which one zstd shrinks more depends
-    on the weights, so both are tried; the header records which was kept."""
-    return min((pack_artifact_as(quantized_state, layout, zstd_level) for layout in (LAYOUT_BYTES, LAYOUT_BITS)),
-               key=len)
+    """The smaller of the byte-per-value and bit-packed artifacts."""
+    return min(artifacts_by_layout(quantized_state, zstd_level).values(), key=len)
 
 
 def artifact_payload(blob: bytes) -> bytes:
@@ -1799,7 +1803,7 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         tried.add((widths.quant_mlp_bits, widths.quant_attn_bits, prune))
         t0 = time.perf_counter()
         quantized = prune_smallest(quantize_state(model, widths, hessians, cache), prune)
-        packings = {name: pack_artifact_as(quantized, layout, cfg.zstd_level) for layout, name in LAYOUT_NAMES.items()}
+        packings = artifacts_by_layout(quantized, cfg.zstd_level)
         layout = min(packings, key=lambda name: len(packings[name]))
         summary = ArtifactSummary(len(packings[layout]), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
                                   widths.quant_embed_bits, prune, layout)
