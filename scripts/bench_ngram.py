@@ -65,6 +65,15 @@ def demo_config(device: torch.device) -> tg.Hyperparameters:
     return tg.hyperparameters_from_env(env, device.type == "cuda")
 
 
+def runtime_from_args(parser: argparse.ArgumentParser, args) -> tg.Runtime:
+    """One process on --device, with --threads torch threads when given (shared by the benchmarks)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return tg.Runtime(0, 1, 0, torch.device(args.device))
+
+
 def peak_memory_bytes(rt: tg.Runtime) -> int:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device)
@@ -165,11 +174,7 @@ def main(argv=None) -> int:
         args.tokens, args.val_tokens = 200_000, 16_384
     if args.tokens < 2 or args.chunk_tokens < 1 or args.val_tokens < 0 or args.val_tokens == 1:
         parser.error("--tokens must be at least 2, --chunk-tokens at least 1, --val-tokens 0 (all) or at least 2")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rt = tg.Runtime(0, 1, 0, torch.device(args.device))
+    rt = runtime_from_args(parser, args)
     try:
         cfg = dataclasses.replace(demo_config(rt.device), ngram_chunk_tokens=args.chunk_tokens,
                                   ngram_audit_positions=0)

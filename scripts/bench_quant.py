@@ -31,7 +31,7 @@ import sys
 import numpy as np
 import torch
 
-from bench_ngram import demo_config, timed  # scripts/ is on sys.path when this script runs
+from bench_ngram import demo_config, runtime_from_args, timed  # scripts/ is on sys.path when this script runs
 import train_gpt as tg  # noqa: E402  (bench_ngram put the repository root on sys.path)
 
 CROWN_Q_LAMBDA = 0.01
@@ -102,11 +102,7 @@ def main(argv=None) -> int:
                                                              "4 calibration sequences, 16,384 val tokens")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own choice)")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device here")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rt = tg.Runtime(0, 1, 0, torch.device(args.device))
+    rt = runtime_from_args(parser, args)
     try:
         cfg = dataclasses.replace(demo_config(rt.device), use_mixer="none", compile=False, iterations=args.steps,
                                   quant_min_numel=4096, max_wallclock_seconds=0.0, train_log_every=0, zstd_level=22)
