@@ -799,16 +799,18 @@ class GPT(nn.Module):
 # shards, read-only) and as the evaluation cache (grows from already-scored validation tokens).
 
 KEY_MASK = (1 << 62) - 1
+NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
 
 
 def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Key of the order-1 tokens ending at each position (the context for predicting the next token),
     and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
-    width = order - 1
+    width, T = order - 1, tokens.size(-1)
     keys = torch.zeros(tokens.shape, dtype=torch.int64, device=tokens.device)
     exact = width * max(1, (vocab_size - 1).bit_length()) <= 62
     for k in range(width):
-        shifted = F.pad(tokens[..., :tokens.size(-1) - k].to(torch.int64), (k, 0))
+        # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
+        shifted = F.pad(tokens[..., :max(T - k, 0)].to(torch.int64), (min(k, T), 0))
         if exact:
             keys = keys * vocab_size + shifted
         else:
@@ -954,10 +956,16 @@ def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: to
 
 def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the neural expert (always valid, column 0) and the n-gram experts whose context
-    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K)."""
+    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K).
+
+    The neural expert keeps at least NEURAL_WEIGHT_FLOOR: a softmax whose other logits lead by ~104
+    rounds its weight to exactly 0 in float32, and then q_t is 0 wherever the counts are, which rule 2
+    of ../shared/LEGALITY.md forbids. The weights still sum to one."""
     always = torch.ones_like(valid[..., :1])
     mask = torch.cat((always, valid), -1)
-    return torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
+    weights = torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
+    floor = F.pad(torch.full_like(weights[..., :1], NEURAL_WEIGHT_FLOOR), (0, weights.size(-1) - 1))
+    return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
 
 
 def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor) -> torch.Tensor:
@@ -967,7 +975,7 @@ def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_prob
     positive = expert_terms > 0
     # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
     log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
-    log_neural = neural_logprob + weights[..., 0].clamp_min(1e-30).log()
+    log_neural = neural_logprob + weights[..., 0].log()  # w_0 >= NEURAL_WEIGHT_FLOOR > 0
     return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
 
 
@@ -1196,13 +1204,15 @@ class WeightEMA:
                     p.copy_(own[name])
 
 
-def synced_max(value: float, rt: Runtime) -> float:
-    """The largest `value` over ranks: every rank then takes the same schedule and stop decisions."""
+def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
+    """The largest of each value over ranks. A decision taken from a clock or a measured time must be
+    taken from these on every rank: taken from its own clock, one rank stops while another goes on to
+    a collective that never completes (NCCL hangs until its watchdog kills the job)."""
     if not rt.distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
@@ -1286,7 +1296,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     rt.synchronize()
     t0 = time.perf_counter()
     while step < cfg.iterations:
-        elapsed = synced_max(train_ms + 1000 * (time.perf_counter() - t0), rt)
+        elapsed, = agreed_max([train_ms + 1000 * (time.perf_counter() - t0)], rt)
         if stop_ms is not None and elapsed >= stop_ms:
             stopped_early = True
             break
@@ -2071,10 +2081,11 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         score_s = max(score_s, time.perf_counter() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
-        # Until a chunk has been trained on, training is guessed at 3 forward passes per epoch.
+        # Until a chunk has been trained on, training is guessed at 3 forward passes per epoch. Each
+        # rank's own figures differ; the decision is taken from their maximum, the same on every rank.
         guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
-        elapsed = synced_max(time.perf_counter() - eval_start, rt)
-        projected = elapsed + guess + (num_chunks - 1 - k) * score_s
+        own_elapsed = time.perf_counter() - eval_start
+        elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
         if projected > cfg.eval_budget_seconds:
             adapting = False
             log(f"ttt_stopped chunk:{k + 1}/{num_chunks} elapsed:{elapsed:.1f}s projected:{projected:.1f}s "
@@ -2085,7 +2096,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         ttt_train_chunk(model, train_forward, optimizer, chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len),
                         cfg, rt, ttt_lr_at(k, num_chunks - 1, cfg), generator, polyak)
         rt.synchronize()
-        train_s = synced_max(time.perf_counter() - t0, rt)
+        train_s = time.perf_counter() - t0
         trained += 1
     model.eval()
     log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
@@ -2424,7 +2435,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
         if cfg.ttt_epochs:
             name += "_ttt"
             neural_scores = lambda audit_targets: ttt_neural_pass(
-                model, eval_outputs, train_forward or model, val_tokens, tables, cfg, rt, audit_targets, log, start)
+                model, eval_outputs, model if train_forward is None else train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start)
         neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
                                                neural_scores=neural_scores)
         rt.synchronize()

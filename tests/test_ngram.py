@@ -1,5 +1,6 @@
 """The n-gram experts and mixer keep ../shared/LEGALITY.md: normalized, causal, score-first, world-size free."""
 import dataclasses
+import math
 from collections import Counter
 
 import numpy as np
@@ -39,6 +40,57 @@ def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
         table = model.tables[i]
         row_sums = torch.zeros_like(table.totals).index_add_(0, table.pair_keys // vocab, table.pair_counts)
         assert torch.equal(row_sums, table.totals)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 4])
+def test_streams_shorter_than_the_context_count_nothing_and_do_not_fail(step):
+    """NGRAM_CHUNK_TOKENS below the longest context (1-4 for orders 2-7), and an oracle of 3-5 tokens:
+    the first adds see streams shorter than a context, which count no n-gram of that order."""
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, 5, size=40))
+    model = tg.NgramModel((2, 3, 5, 7), 5, CPU)
+    for lo in range(1, 40, step):
+        model.add_stream(tokens, lo, min(lo + step, 40))
+    keys, available = tg.target_context_keys(model, tokens, 1, 40)
+    counts, totals = model.target_stats(keys, tokens[1:])
+    seq = tokens.tolist()
+    for i, n in enumerate(model.orders):
+        brute = brute_counts(seq, n)
+        for t in range(1, 40):
+            assert bool(available[t - 1, i]) == (t >= n - 1)
+            if t >= n - 1:
+                assert counts[t - 1, i] == brute[tuple(seq[t - n + 1:t + 1])]
+    for size in (3, 4, 5):
+        oracle = tg.NgramModel(range(2, 8), 5, CPU)
+        oracle.add_stream(tokens[:size], 1, size)
+        assert [int(t.totals.sum()) for t in oracle.tables] == [max(0, size - n + 1) for n in range(2, 8)]
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_evaluation_with_chunks_shorter_than_the_context_stays_normalized(chunk):
+    cfg = tiny_config(ngram_chunk_tokens=chunk)
+    tokens = repetitive_stream(80, cfg.vocab_size)
+    _, mixed, audit, _ = mixed_eval(cfg, tokens, range(1, 80))
+    assert audit.positions == 79 and audit.worst_sum_error < 1e-6 and audit.worst_target_diff < 1e-9
+    assert mixed.scored_tokens == 79
+
+
+def test_the_neural_expert_keeps_weight_whatever_the_logits():
+    """Logits that favour an n-gram expert by 200 would round the neural weight to exactly 0 in float32:
+    q_t would then be 0 wherever that n-gram row is. The floor keeps every entry positive and the fast
+    path equal to the materialized entry."""
+    vocab = 8
+    cache = tg.NgramModel((2,), vocab, CPU)
+    cache.add_stream(torch.tensor([3, 5, 3, 5, 3]), 1, 5)  # context 3 -> 5, context 5 -> 3
+    key = int(tg.context_keys(torch.tensor([3]), 2, vocab)[0][0])
+    weights = tg.mixer_weights(torch.tensor([[0.0, 200.0]]), torch.tensor([[True]]))[0]
+    assert weights[0] > 0 and float(weights.double().sum()) == pytest.approx(1, abs=1e-7)
+    neural = torch.log_softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(0)), -1).double()
+    q = tg.materialized_mixture(neural, cache, [key], [True], weights, hedge=False)
+    for target in (5, 2):  # the n-gram's token, and one the n-gram never saw
+        nll = tg.mixture_nll(neural[target], weights.double(), torch.tensor([1.0 if target == 5 else 0.0],
+                                                                            dtype=torch.float64))
+        sum_error, min_prob, target_diff = tg.audit_distribution(q, target, float(nll))
+        assert sum_error < 1e-6 and min_prob > 0 and target_diff < 1e-12 and math.isfinite(float(nll))
 
 
 def trained_like(cfg, seed=0):

@@ -1,6 +1,7 @@
 """Score-first test-time training: chunks are scored before they are trained on, the rules of
 ../shared/LEGALITY.md still hold, the budget guard stops adaptation, and ranks agree."""
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,45 @@ def test_one_and_two_processes_give_the_same_val_bpb(tmp_path):
         mp.spawn(_ttt_in_process, args=(world, str(tmp_path / f"init{world}"), cfg, tokens, str(out)), nprocs=world)
         results.append(np.load(out))
     np.testing.assert_allclose(results[1], results[0], rtol=0, atol=1e-6)
+
+
+def test_final_evaluation_trains_through_a_compiled_module():
+    """A compiled module cannot be truth-tested (it forwards len() to the GPT, which has none): the
+    final evaluation must take it as it is. backend="eager" wraps it as COMPILE=1 does, without inductor."""
+    cfg = ttt_config(ttt_epochs=1)
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    model = trained_like(cfg)
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(TypeError):
+        bool(compiled)
+    lines = []
+    result = tg.evaluate_final(model, model.token_nll, model.eval_outputs, tokens, byte_tables(cfg.vocab_size), cfg,
+                               tg.Runtime(0, 1, 0, CPU), lines.append, compiled)
+    assert result.scored_tokens == 299 and any(l.startswith("ttt_done chunks:7 trained:6 ") for l in lines)
+
+
+def _ttt_with_own_clock(rank, world, init_file, cfg, tokens, out):
+    """Rank 1's clock runs a thousand times faster than rank 0's: the figures each measures differ."""
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    clock = iter(range(100_000))
+    tick = 1.0 if rank == 1 else 0.001
+    tg.time.perf_counter = lambda: tick * next(clock)
+    *_, lines, _ = ttt_scores(cfg, tokens, rt=tg.Runtime(rank, world, rank, CPU), budget_start=0.0)
+    Path(out.format(rank=rank)).write_text("\n".join(l for l in lines if l.startswith("ttt_stopped")))
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_clocks_take_the_same_stop_decision(tmp_path):
+    """Every decision taken from a clock is agreed: a rank that measures its chunks as slow and one that
+    measures them as fast stop adapting at the same chunk, and neither waits on a collective the other
+    skipped (with NCCL that is a hang until the watchdog kills the job)."""
+    cfg = ttt_config(eval_budget_seconds=16)
+    tokens = repetitive_stream(300, cfg.vocab_size)
+    out = str(tmp_path / "stopped{rank}.txt")
+    mp.spawn(_ttt_with_own_clock, args=(2, str(tmp_path / "init"), cfg, tokens, out), nprocs=2)
+    stopped = [Path(out.format(rank=r)).read_text() for r in (0, 1)]
+    assert stopped[0] == stopped[1] and stopped[0].startswith("ttt_stopped chunk:"), stopped
