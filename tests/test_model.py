@@ -4,6 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import train_gpt as tg
 from conftest import tiny_config
@@ -142,3 +143,31 @@ def test_wallclock_cap_stops_training(tmp_path, cpu_runtime):
     result = tg.train(model, model, cfg, cpu_runtime, lines.append)
     assert result.stopped_early and 0 < result.steps < 100000
     assert any(l.startswith("stopping_early: wallclock_cap") for l in lines)
+
+
+def _ema_after(values, decay, ramp=True):
+    """The averaged value of a one-parameter model whose weight takes `values` in turn, from 0."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = tg.WeightEMA(model, decay, ramp=ramp)
+    for v in values:
+        with torch.no_grad():
+            model.weight.fill_(v)
+        ema.update(model)
+    return float(ema.shadow["weight"])
+
+
+def test_ema_of_a_short_run_forgets_the_initial_weights():
+    """200 steps at the default decay: the initial weight (0 here; the steps' weights are 1) must not
+    weigh in the average. Without the ramp 0.997^200 = 55% of it would be the initialization."""
+    assert _ema_after([1.0] * 200, 0.997) > 0.999
+    assert _ema_after([1.0] * 200, 0.997, ramp=False) == pytest.approx(1 - 0.997 ** 200, rel=1e-4)
+
+
+def test_ema_of_a_long_run_averages_at_the_configured_decay():
+    """A weight that grows by 1 a step: the average lags it by decay / (1 - decay) steps once the ramp
+    has reached the decay, as a plain EMA at that decay does."""
+    steps = 20_000
+    lag = steps - _ema_after(range(1, steps + 1), 0.997)
+    assert lag == pytest.approx(0.997 / 0.003, rel=1e-3)
