@@ -34,12 +34,14 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import difflib
 import functools
 import glob
 import hashlib
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -184,6 +186,7 @@ class Hyperparameters:
     ema_decay: float = 0.997
     # runtime
     compile: bool = True
+    bf16: bool = True  # bf16 autocast; BF16=1 on a CPU runs what CUDA runs, to test that path there
     compile_warmup_steps: int = 3
 
     @property
@@ -197,8 +200,8 @@ class Hyperparameters:
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
         """Reads every setting from `env` (UPPER_SNAKE of the field name), then checks them.
 
-        COMPILE defaults to on only where CUDA is: compiling for the CPU is slow and
-        gains little for the small CPU models; COMPILE=1 on a CPU still compiles."""
+        COMPILE and BF16 default to on only where CUDA is: on the CPU, compiling is slow and bf16
+        matmuls are slower than fp32 for the small CPU models; set to 1 there, they still apply."""
         values = {}
         for field in dataclasses.fields(cls):
             name = field.name.upper()
@@ -206,8 +209,8 @@ class Hyperparameters:
                 continue
             raw = env[name].strip()
             values[field.name] = _parse_value(name, raw, field.default)
-        if "compile" not in values:
-            values["compile"] = cuda
+        for switch in ("compile", "bf16"):
+            values.setdefault(switch, cuda)
         hp = cls(**values)
         hp.validate()
         return hp
@@ -325,6 +328,40 @@ def _parse_value(name: str, raw: str, default):
         kind = "an integer" if isinstance(default, int) else "a number"
         raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
     return raw
+
+
+# Settings that other parameter-golf scripts read and this one does not, with what to use here instead:
+# set out of habit, they would otherwise change nothing and say nothing.
+FOREIGN_SETTINGS = {
+    "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
+    "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
+    "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
+    "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
+    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY", "LAWA_ENABLED": "EMA_DECAY",
+    "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS", "DATA_DIR": "DATA_PATH and TOKENIZER_PATH",
+    "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS",
+    "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ", "QAT_ENABLED": "CROWN_Q_LAMBDA",
+    "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA", "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS",
+    "EMBED_BITS": "QUANT_EMBED_BITS", "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER",
+    "USE_HEDGE_MIXER": "USE_MIXER=hedge", "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
+}
+SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
+
+
+def unknown_setting_warnings(env: Mapping[str, str]) -> list[str]:
+    """One line for each variable of `env` that looks like a setting but is none of this script's: a name
+    of other parameter-golf scripts, or one within a typo of a setting (MATRIX_LRR)."""
+    known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
+    lines = []
+    for name in sorted(env):
+        if name in known or not SETTING_NAME.fullmatch(name):
+            continue
+        if name in FOREIGN_SETTINGS:
+            lines.append(f"warning: {name} is a setting of other parameter-golf scripts, not of this one, and "
+                         f"changes nothing here; use instead: {FOREIGN_SETTINGS[name]}")
+        elif close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            lines.append(f"warning: {name} is not a setting and changes nothing; did you mean {close[0]}?")
+    return lines
 
 
 def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparameters:
@@ -566,7 +603,9 @@ def load_tokenizer(path: str):
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    # In fp32, returned in x's dtype, on every device: CUDA's autocast runs rms_norm in fp32 and returns
+    # fp32 (so bf16 q and k would come out fp32 there), the CPU's returns bf16.
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -642,7 +681,7 @@ class CausalSelfAttention(nn.Module):
         B, H, T, hd = y.shape
         group = H // self.num_kv_heads
         y = y.view(B, self.num_kv_heads, group, T, hd)
-        v_unit = F.normalize(v, dim=-1).unsqueeze(2)                 # (B, Hkv, 1, T, hd)
+        v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
         y = y - (y * v_unit).sum(-1, keepdim=True) * v_unit
         return y.view(B, H, T, hd)
 
@@ -657,7 +696,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike relu^2 (record stacks: ~0.003 bpb).
-        return self.proj(F.leaky_relu(self.fc(x), 0.5).square())
+        # h * h, not square(): CUDA's autocast runs pow in fp32, an fp32 copy of the widest activation;
+        # the product of two bf16 numbers rounded to bf16 is the same number either way.
+        h = F.leaky_relu(self.fc(x), 0.5)
+        return self.proj(h * h)
 
 
 class Block(nn.Module):
@@ -1101,6 +1143,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    bf16: bool = False  # BF16
 
     @property
     def is_main(self) -> bool:
@@ -1111,10 +1154,7 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        # bf16 on CUDA; float32 on the CPU, where bf16 matmuls are slow and the models small.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -1911,14 +1951,30 @@ def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, 
     # are a contiguous run, found by bisection.
     spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):
                   bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
-    batch_windows = max(1, batch_tokens // seq_len)
-    for first, last in _owned_batches(len(spans), batch_windows, rt):
-        starts = torch.tensor([s for s, _, _ in spans[first:last]], device=val_tokens.device)
-        window_len = spans[first][1]
-        index = starts[:, None] + torch.arange(window_len + 1, device=val_tokens.device)[None, :]
-        scored = torch.tensor([n for _, _, n in spans[first:last]], device=val_tokens.device)
-        mask = torch.arange(window_len, device=val_tokens.device)[None, :] >= (window_len - scored)[:, None]
-        yield index, mask & (index[:, 1:] >= lo) & (index[:, 1:] < hi)
+    rows = eval_batch_rows(batch_tokens, seq_len)
+    for first, last in _owned_batches(len(spans), rows, rt):
+        yield padded_window_batch(val_tokens, [(s, n - k) for s, n, k in spans[first:last]], rows, seq_len, lo, hi)
+
+
+def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
+    """Windows per evaluation batch: every batch has exactly this many, so the compiled model sees one
+    shape (compiled before the clock) and never recompiles inside it."""
+    return max(1, batch_tokens // seq_len)
+
+
+def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int]], rows: int, seq_len: int,
+                        lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (rows, seq_len+1), mask (rows, seq_len)) for windows given as (start, offset of the first
+    scored prediction). Rows past the windows, and positions past the stream's end, are padding that
+    reads the last token and is never scored: a position sees only what precedes it, so padding after
+    it or beside it changes nothing it computes."""
+    device, N = val_tokens.device, val_tokens.numel()
+    starts = torch.tensor([s for s, _ in windows] + [0] * (rows - len(windows)), device=device)
+    first = torch.tensor([f for _, f in windows] + [seq_len] * (rows - len(windows)), device=device)
+    index = starts[:, None] + torch.arange(seq_len + 1, device=device)[None, :]
+    mask = torch.arange(seq_len, device=device)[None, :] >= first[:, None]
+    mask &= (index[:, 1:] >= lo) & (index[:, 1:] < min(hi, N))
+    return index.clamp_(max=N - 1), mask
 
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
@@ -2269,23 +2325,18 @@ def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
     """Non-overlapping windows of seq_len over the whole split (the last one shorter): each token is
     scored once, with context reset at every window start."""
-    num_targets = val_tokens.numel() - 1
-    full = num_targets // seq_len
-    batch_windows = max(1, batch_tokens // seq_len)
+    num_windows = (val_tokens.numel() - 2) // seq_len + 1
+    rows = eval_batch_rows(batch_tokens, seq_len)
     nll_sum, byte_sum, count = 0.0, 0, 0
-    windows = [(i * seq_len, seq_len) for i in range(full)]
-    if num_targets % seq_len:
-        windows.append((full * seq_len, num_targets % seq_len))
-    for first, last in _owned_batches(len(windows), batch_windows, rt):
-        for length in sorted({n for _, n in windows[first:last]}):
-            starts = torch.tensor([s for s, n in windows[first:last] if n == length], device=val_tokens.device)
-            index = starts[:, None] + torch.arange(length + 1, device=val_tokens.device)[None, :]
-            window = val_tokens[index].to(rt.device)
-            with rt.autocast():
-                nll = token_nll(window[:, :-1], window[:, 1:]).double()
-            nll_sum += float(nll.sum())
-            byte_sum += int(target_byte_counts(window[:, :-1], window[:, 1:], tables).sum())
-            count += nll.numel()
+    for first, last in _owned_batches(num_windows, rows, rt):
+        index, mask = padded_window_batch(val_tokens, [(i * seq_len, 0) for i in range(first, last)], rows, seq_len,
+                                          1, val_tokens.numel())
+        window = val_tokens[index]
+        with rt.autocast():
+            nll = token_nll(window[:, :-1], window[:, 1:]).double()
+        nll_sum += float(nll[mask].sum())
+        byte_sum += int(target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask].sum())
+        count += int(mask.sum())
     return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
 
 
@@ -2466,9 +2517,12 @@ def main() -> int:
     try:
         rt = init_runtime(os.environ)
         cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
+        rt = dataclasses.replace(rt, bf16=cfg.bf16)
         grad_accum_steps_for(cfg, rt.world_size)
         log = RunLog(Path("logs") / f"{cfg.run_id}.txt" if rt.is_main else None)
         log_run_header(log, cfg, rt)
+        for line in unknown_setting_warnings(os.environ):
+            log(line)
         run(cfg, rt, log)
         return 0
     except (ConfigError, ShardError, ArtifactError) as err:

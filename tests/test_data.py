@@ -116,3 +116,21 @@ def test_byte_tables_pad_a_larger_model_vocabulary(real_text_tokenizer):
     assert tables.base_bytes[400:].sum() == 0 and tables.is_boundary[400:].all()
     with pytest.raises(tg.ConfigError, match="VOCAB_SIZE=100"):
         tg.token_byte_tables(sp, 100)
+
+
+def test_settings_of_other_scripts_and_typos_are_named_not_ignored():
+    env = {"MATRIX_LRR": "0.5", "TTT_ENABLED": "1", "SKIP_SLIDING": "1", "MATRIX_LR": "0.02", "PATH": "/bin",
+           "RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0", "TORCHELASTIC_RUN_ID": "x",
+           "NCCL_DEBUG": "WARN", "PYTHONPATH": ".", "HOME": "/root", "NUM_LAYER": "9"}
+    lines = tg.unknown_setting_warnings(env)
+    assert lines == [
+        "warning: MATRIX_LRR is not a setting and changes nothing; did you mean MATRIX_LR?",
+        "warning: NUM_LAYER is not a setting and changes nothing; did you mean NUM_LAYERS?",
+        "warning: SKIP_SLIDING is a setting of other parameter-golf scripts, not of this one, and changes nothing "
+        "here; use instead: none: the sliding window is the score",
+        "warning: TTT_ENABLED is a setting of other parameter-golf scripts, not of this one, and changes nothing "
+        "here; use instead: TTT_EPOCHS (0: off)",
+    ]
+    assert all(tg.unknown_setting_warnings({name: "1"}) == [] for name in tg.FOREIGN_SETTINGS.values()
+               if name.isupper() and "_" in name and " " not in name)
