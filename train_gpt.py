@@ -531,14 +531,20 @@ class DistributedBatchLoader:
         span = local_tokens + 1
         chunk, places = self.stream.take(span * self.world_size)
         mine = slice(self.rank * span, (self.rank + 1) * span)
-        local = torch.from_numpy(chunk[mine].astype(np.int64))
-        x = local[:-1].reshape(-1, seq_len).to(device, non_blocking=True)
-        y = local[1:].reshape(-1, seq_len).to(device, non_blocking=True)
+        local = to_device_async(torch.from_numpy(chunk[mine].astype(np.int64)), device)
         run = None
         if self.oracle_tokens:
-            runs = torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens))
-            run = runs[1:].reshape(-1, seq_len).to(device, non_blocking=True)
-        return Batch(x, y, run)
+            runs = to_device_async(torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens)), device)
+            run = runs[1:].view(-1, seq_len)
+        return Batch(local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), run)
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on `device` that does not wait: a copy to CUDA from pageable memory blocks the host, so the
+    host tensor is pinned first."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 # =============================================================================
@@ -817,16 +823,21 @@ class GPT(nn.Module):
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
-                expert_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss: mean cross-entropy, plus MIXER_LOSS_WEIGHT times the mixture's loss when the
-        oracle's target probabilities (B, T, K) and validity are given (fixed inputs: no gradient to counts)."""
+                expert_valid: torch.Tensor | None = None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss: mean cross-entropy over all positions (a target of -100 adds 0: padding), plus
+        MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K) and
+        validity are given (fixed inputs: no gradient to counts), plus penalty_scale (a 0-dim tensor, 0
+        outside the warm-down) times the CROWN-Q penalty: inside the compiled graph, not ~1,300 eager ops."""
         hidden = self.forward_hidden(tokens)
         logits = self.logits_from_hidden(hidden)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        if expert_probs is None or self.mixer_head is None:
-            return nll.mean()
-        weights = mixer_weights(self.mixer_head(hidden), expert_valid)
-        return nll.mean() + self.cfg.mixer_loss_weight * mixture_nll(-nll, weights, expert_probs).mean()
+        loss = nll.mean()
+        if expert_probs is not None and self.mixer_head is not None:
+            weights = mixer_weights(self.mixer_head(hidden), expert_valid)
+            loss = loss + self.cfg.mixer_loss_weight * mixture_nll(-nll, weights, expert_probs).mean()
+        if penalty_scale is not None:
+            loss = loss + penalty_scale * crown_q_penalty(self, self.cfg)
+        return loss
 
 
 # =============================================================================
@@ -927,6 +938,7 @@ class NgramModel:
     def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
         self.orders, self.vocab_size = tuple(orders), vocab_size
         self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
+        self.order_tensor = torch.tensor(self.orders, device=device)  # built once, not per training step
         self.counted_tokens = 0
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
@@ -988,8 +1000,7 @@ def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: to
     order is right about text it has not seen, which is what the evaluation cache offers."""
     keys, available = stream_context_keys(oracle, inputs)
     counts, totals = oracle.target_stats(keys, targets)
-    orders = torch.tensor(oracle.orders, device=inputs.device)
-    counted = (oracle_run[..., None] >= orders).to(torch.int64)
+    counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
     counts, totals = counts - counted, totals - counted
     valid = available & (totals > 0)
     probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
@@ -1264,28 +1275,42 @@ def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
+CLOCK_READ_EVERY = 10  # steps between wall-clock readings: each is a host sync and an all-reduce
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has built in this process so far: one built inside a timed phase is compile
+    time on its clock (logged as recompiles: on train_done and eval_done)."""
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def micro_step(train_model: nn.Module, batch: Batch, oracle: NgramModel | None, penalty_scale: torch.Tensor | None,
+               rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; its loss, detached. Under DDP the gradients are
+    all-reduced only on the step's last micro-batch (`sync`)."""
+    experts = (None, None)
+    if oracle is not None:
+        experts = oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
+    with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
+        with rt.autocast():
+            loss = train_model(batch.inputs, batch.targets, *experts, penalty_scale)
+        (loss / accum_steps).backward()
+    return loss.detach()
+
+
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
-               oracle: NgramModel | None = None, penalty=None) -> float:
-    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's).
-    `penalty` (a function of the weights, e.g. CROWN-Q) joins the last micro-step's backward: one
-    backward per forward, as DDP requires."""
+               oracle: NgramModel | None = None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's) as a
+    tensor: reading it would make the host wait for the device, so only logged steps do."""
     micro_tokens = cfg.train_batch_tokens // accum_steps
     total = torch.zeros((), device=rt.device)
     for micro in range(accum_steps):
         batch = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
-        args = (batch.inputs, batch.targets)
-        if oracle is not None:
-            args += oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
-        sync = micro == accum_steps - 1
-        with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
-            with rt.autocast():
-                loss = train_model(*args)
-            objective = loss / accum_steps
-            if penalty is not None and sync:
-                objective = objective + penalty()
-            objective.backward()
-        total += loss.detach() / accum_steps
+        total += micro_step(train_model, batch, oracle, penalty_scale, rt, accum_steps, micro == accum_steps - 1)
+    total /= accum_steps
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -1293,11 +1318,11 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
                 group["momentum"] = momentum
     if cfg.grad_clip_norm:
         torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
-                                       cfg.grad_clip_norm)
+                                       cfg.grad_clip_norm, foreach=True)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return float(total)
+    return total
 
 
 @dataclass
@@ -1305,6 +1330,7 @@ class TrainResult:
     steps: int
     train_time_ms: float
     stopped_early: bool
+    recompiles: int = 0  # graphs compiled while the training clock ran
 
 
 def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
@@ -1321,7 +1347,12 @@ def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> Ngr
 def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
           evaluate_val=None) -> TrainResult:
     """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the work after training). The oracle's counting is training time; validation is not."""
+    kept for the work after training). The oracle's counting is training time; validation is not.
+
+    The clock is read every CLOCK_READ_EVERY steps, as the maximum over ranks; between readings the
+    elapsed time is extrapolated from the last reading at the average step time. The warm-down and the
+    stop are taken from these agreed figures, so every rank takes the same decisions without a host sync
+    per step."""
     accum_steps = grad_accum_steps_for(cfg, rt.world_size)
     files = shard_files(cfg.data_path, "train")
     oracle, oracle_tokens = None, 0
@@ -1335,41 +1366,52 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
             f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
     train_ms = 1000 * (time.perf_counter() - t0)
+    penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     if cfg.compile and cfg.compile_warmup_steps:
-        prime_compiled_model(model, train_model, cfg, rt, files, accum_steps, oracle)
+        warm_up_training(train_model, cfg, rt, accum_steps, oracle, penalty_scale, log)
     loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
-    step, stopped_early = 0, False
+    step, stopped_early, reading, start_ms = 0, False, None, train_ms
+    compiles = compile_count()
     rt.synchronize()
     t0 = time.perf_counter()
     while step < cfg.iterations:
-        elapsed, = agreed_max([train_ms + 1000 * (time.perf_counter() - t0)], rt)
+        if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
+            rt.synchronize()
+            reading = (step, agreed_max([train_ms + 1000 * (time.perf_counter() - t0)], rt)[0])
+        step_ms = (reading[1] - start_ms) / reading[0] if reading[0] else 0.0
+        elapsed = reading[1] + (step - reading[0]) * step_ms
         if stop_ms is not None and elapsed >= stop_ms:
             stopped_early = True
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
+        # CROWN-Q acts during the warm-down only, where the weights settle where they will be rounded. The
+        # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops when it is 0.
         warming_down = step >= cfg.warmup_steps and scale < 1.0
-        penalty = (lambda: crown_q_penalty(model, cfg)) if cfg.crown_q_lambda and warming_down else None
-        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale,
-                          muon_momentum_at(step, cfg), oracle, penalty)
+        if penalty_scale is not None:
+            penalty_scale.fill_(float(warming_down))
+        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
+                          oracle, penalty_scale if cfg.compile or warming_down else None)
         if ema is not None:
             ema.update(model)
         step += 1
         if cfg.train_log_every and (step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations):
             rt.synchronize()
             now = train_ms + 1000 * (time.perf_counter() - t0)
-            log(f"step:{step}/{cfg.iterations} train_loss:{loss:.4f} train_time:{now:.0f}ms "
+            log(f"step:{step}/{cfg.iterations} train_loss:{float(loss):.4f} train_time:{now:.0f}ms "
                 f"step_avg:{now / step:.2f}ms")
         if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
             rt.synchronize()
             train_ms += 1000 * (time.perf_counter() - t0)
+            paused = compile_count()
             val = evaluate_val()
+            compiles += compile_count() - paused  # compiled while the clock was stopped
             log(f"step:{step}/{cfg.iterations} val_loss:{val.val_loss:.4f} val_bpb:{val.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
             rt.synchronize()
-            t0 = time.perf_counter()
+            t0, reading = time.perf_counter(), None
     rt.synchronize()
     train_ms += 1000 * (time.perf_counter() - t0)
     if stopped_early:
@@ -1377,22 +1419,36 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     if ema is not None:
         ema.copy_to(model)
         log(f"ema:applied decay:{cfg.ema_decay}")
-    return TrainResult(step, train_ms, stopped_early)
+    return TrainResult(step, train_ms, stopped_early, compile_count() - compiles)
 
 
-def prime_compiled_model(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
-                         files: Sequence[str], accum_steps: int, oracle: NgramModel | None) -> None:
-    """Runs COMPILE_WARMUP_STEPS real steps so that torch.compile builds its kernels before the clock
-    starts, then puts back the initial weights: the timed run starts from the same state as without."""
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
-                                    cfg.ngram_oracle_tokens if oracle is not None else 0)
-    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+def synthetic_tokens(shape: tuple[int, ...], cfg: Hyperparameters, device: torch.device,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Random token ids: what compiling and warming run on, never real data. Callers lay them out as
+    the real batches are (shape and strides), or the compiled graph would not be the one used."""
+    return torch.randint(0, cfg.vocab_size, shape, generator=generator).to(device)
+
+
+def warm_up_training(train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, accum_steps: int,
+                     oracle: NgramModel | None, penalty_scale: torch.Tensor | None, log) -> None:
+    """Compiles the training step before the clock starts (../shared/CONVENTIONS.md, "What the clocks
+    count"): COMPILE_WARMUP_STEPS steps' forward and backward passes, every micro-batch of them (under DDP
+    those that all-reduce and those that do not), on synthetic tokens, with the oracle's lookups and the
+    CROWN-Q penalty. It leaves no trace: no optimizer step is taken, the gradients are dropped, and the
+    data stream, the optimizers, the EMA and the global random stream are not touched."""
+    t0, compiles = time.perf_counter(), compile_count()
+    generator = torch.Generator().manual_seed(0)
+    rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
     for _ in range(cfg.compile_warmup_steps):
-        train_step(train_model, optimizers, loader, cfg, rt, accum_steps, 1.0, cfg.muon_momentum, oracle)
-    with torch.no_grad():
-        model.load_state_dict(initial)
+        for micro in range(accum_steps):
+            stream = synthetic_tokens((rows * cfg.train_seq_len + 1,), cfg, rt.device, generator)
+            inputs, targets = stream[:-1].view(rows, -1), stream[1:].view(rows, -1)  # as DistributedBatchLoader's
+            run = torch.zeros_like(targets) if oracle is not None else None
+            micro_step(train_model, Batch(inputs, targets, run), oracle, penalty_scale, rt, accum_steps,
+                       micro == accum_steps - 1)
+    train_model.zero_grad(set_to_none=True)
     rt.synchronize()
+    log(f"compile_warmup phase:train graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
 # =============================================================================
@@ -2095,16 +2151,16 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
+    rows = ttt_rows(cfg, rt)
     for _ in range(cfg.ttt_epochs):
         order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
         for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
             batch = order[b:b + cfg.ttt_batch_seqs]
-            mine = batch[rt.rank::rt.world_size].to(seqs.device)
-            if mine.numel():
-                x = seqs[mine]
-                with rt.autocast():
-                    loss = train_forward(x[:, :-1], x[:, 1:])
-                (loss * (mine.numel() / batch.numel())).backward()
+            inputs, targets = ttt_rank_batch(seqs, batch[rt.rank::rt.world_size].to(seqs.device), rows)
+            with rt.autocast():
+                loss = train_forward(inputs, targets)
+            # The loss is sum / (rows * T): scaled, the summed gradients are the global batch's mean's.
+            (loss * (rows / batch.numel())).backward()
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -2119,6 +2175,18 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
             model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
             if polyak is not None:
                 polyak.update(model)
+
+
+def ttt_rows(cfg: Hyperparameters, rt: Runtime) -> int:
+    """Sequences each rank trains on per TTT step: its share of TTT_BATCH_SEQS, rounded up."""
+    return -(-cfg.ttt_batch_seqs // rt.world_size)
+
+
+def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (rows, T), of this rank's sequences `mine`: always `rows` of them, one
+    compiled shape; the missing ones repeat the first with every target -100, which the loss counts as 0."""
+    x = torch.cat((seqs[mine], seqs[:1].expand(rows - mine.numel(), -1)))
+    return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
 
 
 def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
@@ -2434,13 +2502,20 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
 
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
-    compiled = torch.compile(model, dynamic=False) if cfg.compile else model
-    train_model = compiled
+    compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
+    train_model = model
     if rt.distributed:
+        # DDP inside compile, not around it: torch.compile then splits the backward at DDP's bucket
+        # boundaries (its DDPOptimizer), so each bucket's all-reduce runs while the rest of the backward
+        # is computed; wrapped around a compiled module, DDP waits for the whole backward. The only
+        # buffer is the constant rotary table: nothing to broadcast each step. Gradients live in DDP's
+        # buckets (no copy into them).
         train_model = nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-    token_nll = torch.compile(model.token_nll, dynamic=False) if cfg.compile else model.token_nll
-    eval_outputs = torch.compile(model.eval_outputs, dynamic=False) if cfg.compile else model.eval_outputs
+            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
+    train_model = compiled(train_model)
+    # TTT trains through the model itself: it sums its gradients over ranks in its own way.
+    ttt_forward, token_nll, eval_outputs = compiled(model), compiled(model.token_nll), compiled(model.eval_outputs)
 
     def plain_val() -> EvalResult:
         model.eval()
@@ -2453,7 +2528,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
         result = train(model, train_model, cfg, rt, log, plain_val)
         log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
-            f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms")
+            f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms recompiles:{result.recompiles}")
         prequant = plain_val()
         log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
         path, artifact_s = save_artifact(model, cfg, rt, log)
@@ -2470,7 +2545,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         artifact_bytes, code_bytes = Path(path).stat().st_size, script_identity()[1]
         log(f"Total submission size quantized+zstd: {code_bytes + artifact_bytes} bytes "
             f"(code {code_bytes}, artifact {artifact_bytes})")
-    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, compiled)
+    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, ttt_forward)
 
 
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
@@ -2478,8 +2553,12 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0), and (with a
     mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log.
     `train_forward(inputs, targets) -> loss` is what TTT trains through (default: the model itself)."""
+    train_forward = model if train_forward is None else train_forward
+    if cfg.compile:
+        warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
     model.eval()
     rt.synchronize()
+    compiles = compile_count()
     start = t0 = time.perf_counter()
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
     rt.synchronize()
@@ -2495,7 +2574,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
         if cfg.ttt_epochs:
             name += "_ttt"
             neural_scores = lambda audit_targets: ttt_neural_pass(
-                model, eval_outputs, model if train_forward is None else train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start)
+                model, eval_outputs, train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start)
         neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
                                                neural_scores=neural_scores)
         rt.synchronize()
@@ -2508,8 +2587,36 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     eval_s = time.perf_counter() - start
     if eval_s > cfg.eval_budget_seconds:
         log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
-    log(f"eval_done eval_time:{1000 * eval_s:.0f}ms")
+    log(f"eval_done eval_time:{1000 * eval_s:.0f}ms recompiles:{compile_count() - compiles}")
     return score
+
+
+def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
+                       log) -> None:
+    """Compiles, before the evaluation clock, every function the evaluation calls, in the one shape each
+    is called with (evaluation and TTT batches are padded to it): on synthetic tokens, never validation
+    tokens. TTT's forward and backward run in training mode; their gradients are dropped and no step is
+    taken, so the weights are as they were."""
+    t0, compiles = time.perf_counter(), compile_count()
+    generator = torch.Generator().manual_seed(0)
+    tokens = synthetic_tokens((eval_batch_rows(cfg.val_batch_size, cfg.eval_seq_len), cfg.eval_seq_len + 1), cfg,
+                              rt.device, generator)  # windows are cut as val_tokens[index]
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        token_nll(tokens[:, :-1], tokens[:, 1:])
+        if cfg.use_mixer != "none" or cfg.ttt_epochs:
+            eval_outputs(tokens[:, :-1])
+    if cfg.ttt_epochs:
+        rows = ttt_rows(cfg, rt)
+        seqs = synthetic_tokens((rows, cfg.train_seq_len + 1), cfg, rt.device, generator)
+        model.train()
+        with rt.autocast():
+            loss = train_forward(*ttt_rank_batch(seqs, torch.arange(rows, device=rt.device), rows))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    rt.synchronize()
+    log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
 def main() -> int:
