@@ -1228,11 +1228,13 @@ class WeightEMA:
     """An fp32 exponential moving average of the weights, copied into the model at the end of training
     (record stacks: decay 0.997, worth ~0.002-0.005 bpb after the warm-down).
 
-    With ramp=True the decay of update t is min(decay, (1 + t) / (10 + t)) (TensorFlow's
-    ExponentialMovingAverage with num_updates): the average spans about the last ninth of the steps
-    taken until that reaches 1 / (1 - decay) steps (step ~3,000 at 0.997). Without it, a 200-step run
+    With ramp=True the decay of update t is min(decay, (1 + t) / (3 + t)): until that reaches `decay`
+    (step 664 at 0.997) the average weighs step s by s + 1, spanning about the last half of the steps taken
+    (TensorFlow's num_updates ramp is (1 + t) / (10 + t), the last ninth). Without a ramp, a 200-step run
     at 0.997 ends with 55% of its average on the random initialization; a record-length run ends with
-    the same average either way. TTT's Polyak average starts from trained weights and needs no ramp."""
+    the same average either way. On the demo model at 200 steps (val_bpb, one run, several averages):
+    last weights 2.996, this ramp 2.314, /(10 + t) 2.723, plain 0.997 2.667, plain 0.98 2.423.
+    TTT's Polyak average starts from trained weights and needs no ramp."""
 
     def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
         self.decay, self.ramp, self.updates = decay, ramp, 0
@@ -1240,7 +1242,7 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.ramp else self.decay
+        decay = min(self.decay, (1 + self.updates) / (3 + self.updates)) if self.ramp else self.decay
         self.updates += 1
         # one fused kernel per dtype and device instead of one lerp per parameter
         torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in model.parameters()],
@@ -1439,7 +1441,9 @@ def warm_up_training(train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, 
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
-    for _ in range(cfg.compile_warmup_steps):
+    # DDP rebuilds its buckets after its first step and takes another path from the second on.
+    steps = max(cfg.compile_warmup_steps, 2 if rt.distributed else 1)
+    for _ in range(steps):
         for micro in range(accum_steps):
             stream = synthetic_tokens((rows * cfg.train_seq_len + 1,), cfg, rt.device, generator)
             inputs, targets = stream[:-1].view(rows, -1), stream[1:].view(rows, -1)  # as DistributedBatchLoader's
@@ -1448,7 +1452,8 @@ def warm_up_training(train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, 
                        micro == accum_steps - 1)
     train_model.zero_grad(set_to_none=True)
     rt.synchronize()
-    log(f"compile_warmup phase:train graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"compile_warmup phase:train steps:{steps} graphs:{compile_count() - compiles} "
+        f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
 # =============================================================================

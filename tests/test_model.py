@@ -160,8 +160,10 @@ def _ema_after(values, decay, ramp=True):
 
 def test_ema_of_a_short_run_forgets_the_initial_weights():
     """200 steps at the default decay: the initial weight (0 here; the steps' weights are 1) must not
-    weigh in the average. Without the ramp 0.997^200 = 55% of it would be the initialization."""
+    weigh in the average. Without the ramp 0.997^200 = 55% of it would be the initialization. With it,
+    step s weighs s + 1: a weight that grows by 1 a step averages to 2 * 200 / 3."""
     assert _ema_after([1.0] * 200, 0.997) > 0.999
+    assert _ema_after(range(1, 201), 0.997) == pytest.approx(400 / 3, rel=1e-5)
     assert _ema_after([1.0] * 200, 0.997, ramp=False) == pytest.approx(1 - 0.997 ** 200, rel=1e-4)
 
 
