@@ -12,6 +12,7 @@ speed of a step does not depend on the token values, and no data files are neede
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     try:
         cfg = tg.Hyperparameters.from_env(env, cuda)
         tg.grad_accum_steps_for(cfg, 1)
+        rt = dataclasses.replace(rt, bf16=cfg.bf16)
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

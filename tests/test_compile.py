@@ -71,26 +71,24 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
     eager = logged_run(dict(env, COMPILE="0"), folder, "e3")
     assert "setting BF16=1" in compiled and "train_done" not in compiled
     assert_nothing_compiled_on_the_clocks(compiled, training=False)
-    assert_same_finals(finals(compiled), finals(eager), BF16_TOLERANCE)
-
-
-# bf16 rounds each op's output to 8 bits of mantissa; the compiled graph fuses ops and rounds fewer
-# intermediates, so compiled and eager bf16 differ by more than fp32 runs do.
-BF16_TOLERANCE = 2e-3
+    assert_same_finals(finals(compiled), finals(eager), 1e-5)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
-def test_two_processes_compiled_in_bf16_give_the_eager_final_lines(dataset, tmp_path):
+@pytest.mark.parametrize("bf16, tolerance", [("0", 1e-5), ("1", 5e-4)], ids=["fp32", "bf16"])
+def test_two_processes_compiled_give_the_eager_final_lines(dataset, tmp_path, bf16, tolerance):
     """torchrun, gloo, DDP inside torch.compile with gradient accumulation (micro-steps with and without
-    the all-reduce), bf16 autocast, TTT in lockstep across ranks."""
+    the all-reduce), TTT in lockstep across ranks. Trained in bf16, compiled and eager weights part by
+    more (measured 1e-4 in val_bpb after 4 steps): the compiled graph fuses ops and rounds fewer
+    intermediates to bf16, and the training steps carry the differences forward."""
     data, tok = dataset
-    env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16="1", GRAD_ACCUM_STEPS="2",
+    env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16=bf16, GRAD_ACCUM_STEPS="2",
                TRAIN_BATCH_TOKENS="512")
     compiled = logged_run(dict(env, COMPILE="1"), tmp_path, "c2", TORCHRUN)
     eager = logged_run(dict(env, COMPILE="0"), tmp_path, "e2", TORCHRUN)
-    assert "world_size:2" in compiled
+    assert "world_size:2" in compiled and f"setting BF16={bf16}" in compiled
     assert_nothing_compiled_on_the_clocks(compiled)
-    assert_same_finals(finals(compiled), finals(eager), BF16_TOLERANCE)
+    assert_same_finals(finals(compiled), finals(eager), tolerance)
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
