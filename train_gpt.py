@@ -1067,6 +1067,14 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     return (x.T if transposed else x).to(g.dtype)
 
 
+def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int) -> torch.Tensor:
+    """Muon's update of one matrix: the momentum buffer `buf` takes the gradient in place, and the
+    Nesterov direction is orthogonalized, scaled so that its RMS does not shrink for tall matrices."""
+    buf.mul_(momentum).add_(grad)
+    update = newton_schulz_orthogonalize(grad + momentum * buf, steps)
+    return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then the update orthogonalized; decoupled weight decay.
 
@@ -1079,17 +1087,19 @@ class Muon(torch.optim.Optimizer):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
-        # Compiled, the ~25 ops of each matrix's Newton-Schulz iteration are a few fused kernels; one
-        # graph per matrix shape (four in the 11-layer model), built by compile_shapes before the clock.
-        self.orthogonalize = torch.compile(newton_schulz_orthogonalize, dynamic=False) if compile else \
-            newton_schulz_orthogonalize
+        # Compiled, each matrix's update (momentum, ~25 Newton-Schulz ops, scale) is a few fused kernels:
+        # one graph per matrix shape (four in the 11-layer model), built by compile_shapes before the clock.
+        self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update
 
     @torch.no_grad()
     def compile_shapes(self) -> None:
-        """Runs the orthogonalization once for every matrix shape, on zeros: it changes no state."""
+        """Runs the update once for every matrix shape, on zeros and throw-away buffers: no state changes."""
         for group in self.param_groups:
+            device = group["params"][0].device
+            momentum = torch.tensor(group["momentum"], device=device)
             for shape in sorted({tuple(p.shape) for p in group["params"]}):
-                self.orthogonalize(torch.zeros(shape, device=group["params"][0].device), group["backend_steps"])
+                self.update(torch.zeros(shape, device=device), torch.zeros(shape, device=device), momentum,
+                            group["backend_steps"])
 
     @torch.no_grad()
     def step(self):
@@ -1097,23 +1107,23 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            offset = 0
+            if "flat" not in group:  # one buffer for the all-reduce, and each matrix's view of it, kept
+                group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+                group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
+                                                                  params)]
+            flat, updates = group["flat"], group["updates"]
+            flat.zero_()
+            # a tensor, so that the compiled update is not rebuilt as the momentum warms up
+            momentum = torch.tensor(group["momentum"], device=flat.device)
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])
-                    update = self.orthogonalize(g, group["backend_steps"])
-                    # Scale so that the update's RMS does not shrink for tall matrices.
-                    update = update * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
+                    if "momentum" not in self.state[p]:
+                        self.state[p]["momentum"] = torch.zeros_like(p.grad)
+                    updates[i].copy_(self.update(p.grad, self.state[p]["momentum"], momentum, group["backend_steps"]))
             if self.world_size > 1:
                 dist.all_reduce(flat)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            updates = [u.view_as(p) for u, p in zip(flat.split([p.numel() for p in params]), params)]
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
 
@@ -1254,9 +1264,8 @@ class WeightEMA:
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (3 + self.updates)) if self.ramp else self.decay
         self.updates += 1
-        # one fused kernel per dtype and device instead of one lerp per parameter
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach().float() for p in model.parameters()],
-                             1 - decay)
+        # one fused kernel per dtype and device instead of one lerp per parameter (weights are kept in fp32)
+        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -1298,13 +1307,12 @@ def compile_count() -> int:
     return counters["frames"]["total"]
 
 
-def micro_step(train_model: nn.Module, batch: Batch, oracle: NgramModel | None, penalty_scale: torch.Tensor | None,
+def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scale: torch.Tensor | None,
                rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its loss, detached. Under DDP the gradients are
-    all-reduced only on the step's last micro-batch (`sync`)."""
-    experts = (None, None)
-    if oracle is not None:
-        experts = oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
+    """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the
+    oracle's expert inputs (None: no mixer). Under DDP the gradients are all-reduced only on the step's
+    last micro-batch (`sync`)."""
+    experts = (None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
             loss = train_model(batch.inputs, batch.targets, *experts, penalty_scale)
@@ -1314,14 +1322,15 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle: NgramModel | None, 
 
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
-               oracle: NgramModel | None = None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+               oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's) as a
     tensor: reading it would make the host wait for the device, so only logged steps do."""
     micro_tokens = cfg.train_batch_tokens // accum_steps
     total = torch.zeros((), device=rt.device)
     for micro in range(accum_steps):
         batch = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
-        total += micro_step(train_model, batch, oracle, penalty_scale, rt, accum_steps, micro == accum_steps - 1)
+        total += micro_step(train_model, batch, oracle_lookup, penalty_scale, rt, accum_steps,
+                            micro == accum_steps - 1)
     total /= accum_steps
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1378,10 +1387,15 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
             f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
     train_ms = 1000 * (time.perf_counter() - t0)
+    oracle_lookup = None
+    if oracle is not None:
+        # Compiled, the lookup's ~230 ops (keys, searchsorted, leave-one-out) are one graph.
+        lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
+        oracle_lookup = lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     if cfg.compile and cfg.compile_warmup_steps:
-        warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle, penalty_scale, log)
+        warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
     loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
@@ -1405,7 +1419,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         if penalty_scale is not None:
             penalty_scale.fill_(float(warming_down))
         loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
-                          oracle, penalty_scale if cfg.compile or warming_down else None)
+                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)
         if ema is not None:
             ema.update(model)
         step += 1
@@ -1442,7 +1456,7 @@ def synthetic_tokens(shape: tuple[int, ...], cfg: Hyperparameters, device: torch
 
 
 def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], cfg: Hyperparameters,
-                     rt: Runtime, accum_steps: int, oracle: NgramModel | None, penalty_scale: torch.Tensor | None,
+                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None,
                      log) -> None:
     """Compiles the training step before the clock starts (../shared/CONVENTIONS.md, "What the clocks
     count"): COMPILE_WARMUP_STEPS steps' forward and backward passes, every micro-batch of them (under DDP
@@ -1457,11 +1471,11 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
     steps = max(cfg.compile_warmup_steps, 2 if rt.distributed else 1)
     for _ in range(steps):
         for micro in range(accum_steps):
+            # laid out as DistributedBatchLoader's batches: views of one stream, offset by one
             stream = synthetic_tokens((rows * cfg.train_seq_len + 1,), cfg, rt.device, generator)
-            inputs, targets = stream[:-1].view(rows, -1), stream[1:].view(rows, -1)  # as DistributedBatchLoader's
-            run = torch.zeros_like(targets) if oracle is not None else None
-            micro_step(train_model, Batch(inputs, targets, run), oracle, penalty_scale, rt, accum_steps,
-                       micro == accum_steps - 1)
+            run = torch.zeros_like(stream)[1:].view(rows, -1)  # no leave-one-out
+            micro_step(train_model, Batch(stream[:-1].view(rows, -1), stream[1:].view(rows, -1), run), oracle_lookup,
+                       penalty_scale, rt, accum_steps, micro == accum_steps - 1)
     train_model.zero_grad(set_to_none=True)
     for opt in optimizers:
         if isinstance(opt, Muon):

@@ -12,7 +12,9 @@ without what happens once (the oracle's counting, compiling).
 
 - eager ops: aten ops called from Python, outside any compiled region (an op an op calls is not counted).
 - host syncs: aten::_local_scalar_dense (item, float(), int(), bool() of a tensor), ops whose output shape
-  depends on values (nonzero, unique, masked_select), and Tensor.tolist calls.
+  depends on values (nonzero, unique, masked_select), and Tensor.tolist calls; called from Python. Those
+  an aten op makes inside its CPU kernel (the CPU's fused AdamW reads each step count with item(); the
+  CUDA kernel reads it on the device) are counted apart, as syncs_in_cpu_kernels.
 
 The model has the 11-layer model's number of tensors (what the EMA, CROWN-Q and optimizer op counts
 depend on) at a width and length that compile in a minute on a CPU. Op counts do not depend on the
@@ -75,10 +77,13 @@ def profiled_counts(tg, model, train_model, cfg, rt) -> collections.Counter:
         if not event.name.startswith("aten::") or compiled_region(event):
             continue
         parent = event.cpu_parent
-        if parent is None or not parent.name.startswith("aten::"):
-            counts["eager_ops"] += 1
+        from_python = parent is None or not parent.name.startswith("aten::")
+        counts["eager_ops"] += from_python
         if event.name in SYNC_OPS:
-            counts["syncs"] += 1
+            caller = parent.cpu_parent if parent is not None and parent.name == "aten::item" else parent
+            # boolean indexing (nonzero under aten::index) is Python's own sync
+            nested = caller is not None and caller.name.startswith("aten::") and caller.name != "aten::index"
+            counts["syncs_in_cpu_kernels" if nested else "syncs"] += 1
     return counts
 
 
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
                 train_model = torch.compile(model, dynamic=False)
             runs[steps] = profiled_counts(tg, model, train_model, cfg, rt)
     per_step = {key: (runs[args.many][key] - runs[args.few][key]) / (args.many - args.few)
-                for key in ("eager_ops", "syncs", "tolist")}
+                for key in ("eager_ops", "syncs", "tolist", "syncs_in_cpu_kernels")}
     print(f"bench_step_ops script:{args.script} steps:{args.few},{args.many} "
           + " ".join(f"{key}_per_step:{value:.1f}" for key, value in per_step.items()))
     return 0
