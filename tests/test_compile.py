@@ -71,7 +71,9 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
     eager = logged_run(dict(env, COMPILE="0"), folder, "e3")
     assert "setting BF16=1" in compiled and "train_done" not in compiled
     assert_nothing_compiled_on_the_clocks(compiled, training=False)
-    assert_same_finals(finals(compiled), finals(eager), 1e-5)
+    # bf16 rounds each op's output to 8 bits of mantissa; the compiled graph fuses ops and rounds fewer
+    # intermediates (measured up to 2.4e-5 in val_bpb apart from the eager run)
+    assert_same_finals(finals(compiled), finals(eager), 1e-4)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")

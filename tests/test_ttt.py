@@ -182,6 +182,7 @@ def _ttt_with_own_clock(rank, world, init_file, cfg, tokens, out):
     tg.time.perf_counter = lambda: tick * next(clock)
     *_, lines, _ = ttt_scores(cfg, tokens, rt=tg.Runtime(rank, world, rank, CPU), budget_start=0.0)
     Path(out.format(rank=rank)).write_text("\n".join(l for l in lines if l.startswith("ttt_stopped")))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
