@@ -82,6 +82,7 @@ def _eval_in_process(rank, world_size, init_file, tokens, cfg, result_file):
     sliding = tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 4, 64, rt)
     if rank == 0:
         np.save(result_file, np.array([plain.val_bpb, sliding.val_bpb, sliding.scored_tokens, sliding.scored_bytes]))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 

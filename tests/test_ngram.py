@@ -177,6 +177,7 @@ def _mixed_in_process(rank, world, init_file, cfg, tokens, out):
     neural, mixed, _, _ = mixed_eval(cfg, tokens, [3, 100, 250], tg.Runtime(rank, world, rank, CPU))
     if rank == 0:
         np.save(out, np.array([neural.val_bpb, mixed.val_bpb, mixed.scored_bytes]))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 

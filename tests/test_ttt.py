@@ -141,6 +141,7 @@ def _ttt_in_process(rank, world, init_file, cfg, tokens, out):
     neural, mixed, _, _, _ = ttt_scores(cfg, tokens, rt=tg.Runtime(rank, world, rank, CPU))
     if rank == 0:
         np.save(out, np.array([neural.val_bpb, mixed.val_bpb, mixed.scored_bytes]))
+    dist.barrier()  # neither rank tears the group down while the other still uses it
     dist.destroy_process_group()
 
 
