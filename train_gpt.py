@@ -2277,14 +2277,15 @@ def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[f
     return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
 
 
-def materialized_mixture(neural_logprobs: torch.Tensor, cache: NgramModel, keys: Sequence[int],
-                         valid: Sequence[bool], weights: torch.Tensor, hedge: bool) -> torch.Tensor:
-    """The whole distribution q_t (V,) float64 that the fast path scores one entry of."""
+def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
+                         weights: torch.Tensor, hedge: bool) -> torch.Tensor:
+    """The whole distribution q_t (V,) float64 that the fast path scores one entry of, from each order's
+    whole row of counts (V,) for q_t's context."""
     q = weights[0].double() * neural_logprobs.exp()
-    for i, table in enumerate(cache.tables):
-        row = table.row_counts(keys[i]).double()
+    for i, row in enumerate(rows):
+        row = row.double()
         if hedge:
-            q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), cache.vocab_size)
+            q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), row.numel())
         elif valid[i]:
             q = q + weights[i + 1].double() * row / row.sum()
     return q
@@ -2313,67 +2314,97 @@ class AuditStats:
             self.distributions[t], self.fast_nll[t] = q, nll
 
 
+def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """For items sorted into runs of one key (new_run marks each run's first item), with chunks
+    non-decreasing inside a run: how many items of the item's run lie in earlier chunks."""
+    index = torch.arange(new_run.numel(), device=new_run.device)
+    new_chunk = new_run | F.pad(chunks[1:] != chunks[:-1], (1, 0), value=True)
+    run_start = torch.cummax(torch.where(new_run, index, 0), 0).values
+    return torch.cummax(torch.where(new_chunk, index, 0), 0).values - run_start
+
+
+def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
+                       targets: torch.Tensor, audit_targets: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+    """For each target position t (sorted, >= 1) and each order: c(ctx_t, x_t) and T(ctx_t) counted over
+    the targets of the chunks before t's (chunk k holds targets [1 + kC, 1 + (k+1)C)), and whether t has
+    its whole context. Returns (counts, totals, available), each (n, K), and {t: [row (V,) per order]}
+    for the audit targets.
+
+    Two stable sorts per order over the split up to the last target, not a table rebuilt per chunk. Items
+    (positions with a whole context) are in position order, so after a stable sort by context key each
+    context's items stand together in chunk order; an item's count over the earlier chunks is then the
+    distance from the start of its context's run to the start of its (context, chunk) run. Likewise for
+    (context, token) after a second stable sort. The cost does not grow with the number of chunks, and
+    it is the same for any split of the targets over ranks."""
+    hi = int(targets.max()) + 1
+    positions = torch.arange(1, hi, device=val_tokens.device)
+    chunks = (positions - 1) // chunk_tokens
+    keys, available = target_context_keys(NgramModel(orders, vocab_size, val_tokens.device), val_tokens, 1, hi)
+    tokens, at = val_tokens[1:hi], targets - 1
+    stats = ([], [])
+    audit_rows = {t: [] for t in audit_targets}
+    for i in range(len(orders)):
+        seen = available[:, i]
+        items = seen.nonzero().squeeze(1)
+        sorted_keys, by_key = torch.sort(keys[i][items], stable=True)
+        new_context = F.pad(sorted_keys[1:] != sorted_keys[:-1], (1, 0), value=True)
+        context = torch.full_like(positions, -1)
+        context[items[by_key]] = torch.cumsum(new_context, 0) - 1  # of each position; -1: none
+        pairs, by_pair = torch.sort(context[items] * vocab_size + tokens[items], stable=True)
+        new_pair = F.pad(pairs[1:] != pairs[:-1], (1, 0), value=True)
+        for new_run, order, out in ((new_context, items[by_key], stats[1]), (new_pair, items[by_pair], stats[0])):
+            earlier = torch.zeros_like(positions)
+            earlier[order] = counts_in_earlier_chunks(new_run, chunks[order])
+            out.append(torch.where(seen[at], earlier[at], 0))
+        for t in audit_targets:
+            earlier = seen & (positions < 1 + (t - 1) // chunk_tokens * chunk_tokens) & (context == context[t - 1])
+            audit_rows[t].append(torch.bincount(tokens[earlier], minlength=vocab_size))
+    return torch.stack(stats[0], -1), torch.stack(stats[1], -1), available[at], audit_rows
+
+
 @torch.no_grad()
 def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
                chunk_neural_loss: torch.Tensor | None, audit: AuditStats) -> float:
     """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
-    scored with the cache as it stood before the chunk (counts of every target < 1 + kC), then the whole
-    chunk is counted. Any rank builds that state from the validation tokens before its first chunk, so no
-    number depends on the number of ranks. Returns the sum of -ln q over this rank's targets.
+    scored with the cache as it stood before the chunk (counts of every target < 1 + kC). The counts come
+    from the validation tokens alone (score_first_counts), so no number depends on the number of ranks.
+    Returns the sum of -ln q over this rank's targets.
 
     Hedge also needs, before each chunk, every expert's loss on all earlier chunks: the n-gram experts'
-    losses are recomputed here from counts, and the neural model's come in chunk_neural_loss (summed over
-    ranks)."""
+    losses are computed from counts over every target, and the neural model's come in chunk_neural_loss
+    (summed over ranks)."""
     if scores.targets.numel() == 0:
         return 0.0
-    C, N, hedge = cfg.ngram_chunk_tokens, val_tokens.numel(), cfg.use_mixer == "hedge"
-    cache = NgramModel(cfg.ngram_orders, cfg.vocab_size, val_tokens.device)
-    first_chunk = (int(scores.targets[0]) - 1) // C
-    last_chunk = (int(scores.targets[-1]) - 1) // C
-    start_chunk = 0 if hedge else first_chunk
-    cache.add_stream(val_tokens, 1, 1 + start_chunk * C)
-    log_w = hedge_prior_log_weights(1 + len(cache.orders), val_tokens.device) if hedge else None
-    total = 0.0
-    for k in range(start_chunk, last_chunk + 1):
-        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
-        own = slice(int(torch.searchsorted(scores.targets, lo)), int(torch.searchsorted(scores.targets, hi)))
-        t_lo, t_hi = (lo, hi) if hedge else (int(scores.targets[own][0]), int(scores.targets[own][-1]) + 1) \
-            if own.stop > own.start else (lo, lo)
-        if t_hi > t_lo:
-            keys, available = target_context_keys(cache, val_tokens, t_lo, t_hi)
-            counts, totals = cache.target_stats(keys, val_tokens[t_lo:t_hi])
-            # This rank's targets inside [t_lo, t_hi): all of them, unless test-time training interleaves
-            # the ranks' shares within a chunk.
-            mine = scores.targets[own] - t_lo
-            if hedge:
-                probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
-                weights = log_w.softmax(0).expand(own.stop - own.start, -1)
-                expert_loss = -probs.log().sum(0)
-                probs, valid_own = probs[mine], torch.ones_like(available[mine])
-            else:
-                counts, totals = counts[mine], totals[mine]
-                valid_own = available[mine] & (totals > 0)
-                probs = torch.where(valid_own, counts.double() / totals.clamp(min=1).double(), 0.0)
-                weights = mixer_weights(scores.mixer_logits[own], valid_own)
-            nll = mixture_nll(scores.logprob[own], weights.double(), probs)
-            total += float(nll.sum())
-            _audit_chunk(scores, own, nll, keys, valid_own, weights, cache, val_tokens, hedge, audit, mine)
-            if hedge:
-                log_w = log_w - cfg.mixer_eta * torch.cat((chunk_neural_loss[k:k + 1], expert_loss))
-        cache.add_stream(val_tokens, lo, hi)
-    return total
-
-
-def _audit_chunk(scores, own, nll, keys, valid, weights, cache, val_tokens, hedge, audit, mine) -> None:
-    """Materializes q_t over the whole vocabulary at the audit positions of this chunk."""
-    targets = scores.targets[own]
-    for i, t in enumerate(targets.tolist()):
-        if t not in scores.audit_rows:
-            continue
-        at = int(mine[i])
-        q = materialized_mixture(scores.audit_rows[t], cache, [int(k[at]) for k in keys],
-                                 valid[i].tolist(), weights[i], hedge)
+    C, hedge = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge"
+    audited = [t for t in scores.targets.tolist() if t in scores.audit_rows]
+    if hedge:
+        everything = torch.arange(1, int(scores.targets[-1]) + 1, device=val_tokens.device)
+        counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
+                                                             everything, audited)
+        probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
+        chunk = (everything - 1) // C
+        expert_loss = torch.zeros(int(chunk[-1]) + 1, probs.size(1), dtype=torch.float64, device=probs.device)
+        expert_loss.index_add_(0, chunk, -probs.log())
+        losses = torch.cat((chunk_neural_loss[:expert_loss.size(0), None], expert_loss), 1)
+        # the weights before chunk k have seen the losses of chunks 0..k-1 only (an exclusive sum: a
+        # cumulative sum less chunk k's own loss would carry chunk k's rounding into its own weights)
+        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))
+        log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
+        mine = scores.targets - 1
+        probs, weights = probs[mine], log_w[chunk[mine]].softmax(-1)
+        valid = torch.ones_like(available[mine])
+    else:
+        counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
+                                                             scores.targets, audited)
+        valid = available & (totals > 0)
+        probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
+        weights = mixer_weights(scores.mixer_logits, valid)
+    nll = mixture_nll(scores.logprob, weights.double(), probs)
+    index = {t: i for i, t in enumerate(scores.targets.tolist()) if t in rows}
+    for t, i in index.items():
+        q = materialized_mixture(scores.audit_rows[t], rows[t], valid[i].tolist(), weights[i], hedge)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
+    return float(nll.sum())
 
 
 def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.device) -> torch.Tensor:

@@ -79,13 +79,12 @@ def test_the_neural_expert_keeps_weight_whatever_the_logits():
     q_t would then be 0 wherever that n-gram row is. The floor keeps every entry positive and the fast
     path equal to the materialized entry."""
     vocab = 8
-    cache = tg.NgramModel((2,), vocab, CPU)
-    cache.add_stream(torch.tensor([3, 5, 3, 5, 3]), 1, 5)  # context 3 -> 5, context 5 -> 3
-    key = int(tg.context_keys(torch.tensor([3]), 2, vocab)[0][0])
+    row = torch.zeros(vocab, dtype=torch.int64)
+    row[5] = 2  # the order-2 counts after context 3: token 5, twice
     weights = tg.mixer_weights(torch.tensor([[0.0, 200.0]]), torch.tensor([[True]]))[0]
     assert weights[0] > 0 and float(weights.double().sum()) == pytest.approx(1, abs=1e-7)
     neural = torch.log_softmax(torch.randn(vocab, generator=torch.Generator().manual_seed(0)), -1).double()
-    q = tg.materialized_mixture(neural, cache, [key], [True], weights, hedge=False)
+    q = tg.materialized_mixture(neural, [row], [True], weights, hedge=False)
     for target in (5, 2):  # the n-gram's token, and one the n-gram never saw
         nll = tg.mixture_nll(neural[target], weights.double(), torch.tensor([1.0 if target == 5 else 0.0],
                                                                             dtype=torch.float64))
