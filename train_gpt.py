@@ -848,8 +848,9 @@ class GPT(nn.Module):
 # Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
 # 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
 # per (context bucket, next token): a collision merges two contexts into one distribution, it
-# never breaks normalization. The same class serves as the frozen oracle (counted from training
-# shards, read-only) and as the evaluation cache (grows from already-scored validation tokens).
+# never breaks normalization. NgramModel holds the frozen oracle (counted from training shards,
+# read-only); the evaluation cache's counts, over the already-scored chunks of the validation split,
+# come from score_first_counts (EVALUATION) with the same context keys.
 
 KEY_MASK = (1 << 62) - 1
 NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
@@ -916,17 +917,6 @@ class NgramCounts:
         at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
         counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at], 0)
         return counts, totals
-
-    def row_counts(self, key: int) -> torch.Tensor:
-        """The whole row of counts (V,) for one context key: what the audit materializes."""
-        row = torch.zeros(self.vocab_size, dtype=torch.int64, device=self.ctx_keys.device)
-        rows, seen = self._rows(torch.tensor([key], device=self.ctx_keys.device))
-        if bool(seen[0]):
-            lo = torch.searchsorted(self.pair_keys, rows * self.vocab_size)
-            hi = torch.searchsorted(self.pair_keys, (rows + 1) * self.vocab_size)
-            span = slice(int(lo[0]), int(hi[0]))
-            row[self.pair_keys[span] % self.vocab_size] = self.pair_counts[span]
-        return row
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
