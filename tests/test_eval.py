@@ -1,4 +1,5 @@
 """Evaluation: each token scored once, sliding vs plain, causality, and one vs two processes."""
+import gc
 import os
 
 import numpy as np
@@ -83,6 +84,7 @@ def _eval_in_process(rank, world_size, init_file, tokens, cfg, result_file):
     if rank == 0:
         np.save(result_file, np.array([plain.val_bpb, sliding.val_bpb, sliding.scored_tokens, sliding.scored_bytes]))
     dist.barrier()  # neither rank tears the group down while the other still uses it
+    gc.collect()  # and nothing left holds it for the collection at exit (see train_gpt.main)
     dist.destroy_process_group()
 
 

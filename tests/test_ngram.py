@@ -1,4 +1,5 @@
 """The n-gram experts and mixer keep ../shared/LEGALITY.md: normalized, causal, score-first, world-size free."""
+import gc
 import dataclasses
 import math
 from collections import Counter
@@ -177,6 +178,7 @@ def _mixed_in_process(rank, world, init_file, cfg, tokens, out):
     if rank == 0:
         np.save(out, np.array([neural.val_bpb, mixed.val_bpb, mixed.scored_bytes]))
     dist.barrier()  # neither rank tears the group down while the other still uses it
+    gc.collect()  # and nothing left holds it for the collection at exit (see train_gpt.main)
     dist.destroy_process_group()
 
 

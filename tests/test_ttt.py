@@ -1,5 +1,6 @@
 """Score-first test-time training: chunks are scored before they are trained on, the rules of
 ../shared/LEGALITY.md still hold, the budget guard stops adaptation, and ranks agree."""
+import gc
 import time
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def _ttt_in_process(rank, world, init_file, cfg, tokens, out):
     if rank == 0:
         np.save(out, np.array([neural.val_bpb, mixed.val_bpb, mixed.scored_bytes]))
     dist.barrier()  # neither rank tears the group down while the other still uses it
+    gc.collect()  # and nothing left holds it for the collection at exit (see train_gpt.main)
     dist.destroy_process_group()
 
 
@@ -184,6 +186,7 @@ def _ttt_with_own_clock(rank, world, init_file, cfg, tokens, out):
     *_, lines, _ = ttt_scores(cfg, tokens, rt=tg.Runtime(rank, world, rank, CPU), budget_start=0.0)
     Path(out.format(rank=rank)).write_text("\n".join(l for l in lines if l.startswith("ttt_stopped")))
     dist.barrier()  # neither rank tears the group down while the other still uses it
+    gc.collect()  # and nothing left holds it for the collection at exit (see train_gpt.main)
     dist.destroy_process_group()
 
 
