@@ -1102,10 +1102,12 @@ class Muon(torch.optim.Optimizer):
                 group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
                 group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
                                                                   params)]
-            flat, updates = group["flat"], group["updates"]
+                # a tensor, so that the compiled update is not rebuilt as the momentum warms up; kept and
+                # filled, since a new one would be a blocking copy from the host every step
+                group["momentum_tensor"] = torch.zeros((), device=params[0].device)
+            flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
             flat.zero_()
-            # a tensor, so that the compiled update is not rebuilt as the momentum warms up
-            momentum = torch.tensor(group["momentum"], device=flat.device)
+            momentum.fill_(group["momentum"])
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank and p.grad is not None:
                     if "momentum" not in self.state[p]:
