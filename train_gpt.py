@@ -2332,14 +2332,15 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
     hi = int(targets.max()) + 1
     positions = torch.arange(1, hi, device=val_tokens.device)
     chunks = (positions - 1) // chunk_tokens
-    keys, available = target_context_keys(NgramModel(orders, vocab_size, val_tokens.device), val_tokens, 1, hi)
     tokens, at = val_tokens[1:hi], targets - 1
-    stats = ([], [])
+    stats, available = ([], []), []
     audit_rows = {t: [] for t in audit_targets}
-    for i in range(len(orders)):
-        seen = available[:, i]
+    for order in orders:  # one order's keys at a time: at 62M tokens each order's are 0.5 GB
+        # the context of target t ends at position t - 1
+        keys, seen = context_keys(val_tokens[:hi - 1], order, vocab_size)
+        available.append(seen[at])
         items = seen.nonzero().squeeze(1)
-        sorted_keys, by_key = torch.sort(keys[i][items], stable=True)
+        sorted_keys, by_key = torch.sort(keys[items], stable=True)
         new_context = F.pad(sorted_keys[1:] != sorted_keys[:-1], (1, 0), value=True)
         context = torch.full_like(positions, -1)
         context[items[by_key]] = torch.cumsum(new_context, 0) - 1  # of each position; -1: none
@@ -2352,7 +2353,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
         for t in audit_targets:
             earlier = seen & (positions < 1 + (t - 1) // chunk_tokens * chunk_tokens) & (context == context[t - 1])
             audit_rows[t].append(torch.bincount(tokens[earlier], minlength=vocab_size))
-    return torch.stack(stats[0], -1), torch.stack(stats[1], -1), available[at], audit_rows
+    return torch.stack(stats[0], -1), torch.stack(stats[1], -1), torch.stack(available, -1), audit_rows
 
 
 @torch.no_grad()
@@ -2369,7 +2370,10 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
     if scores.targets.numel() == 0:
         return 0.0
     C, hedge = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge"
-    audited = [t for t in scores.targets.tolist() if t in scores.audit_rows]
+    # the audited targets this rank scored, found without a Python pass over its ~8M targets
+    audit_targets = torch.tensor(sorted(scores.audit_rows), dtype=torch.int64, device=scores.targets.device)
+    audit_index = torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist()
+    audited = scores.targets[audit_index].tolist()
     if hedge:
         everything = torch.arange(1, int(scores.targets[-1]) + 1, device=val_tokens.device)
         counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
@@ -2393,8 +2397,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
         probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
         weights = mixer_weights(scores.mixer_logits, valid)
     nll = mixture_nll(scores.logprob, weights.double(), probs)
-    index = {t: i for i, t in enumerate(scores.targets.tolist()) if t in rows}
-    for t, i in index.items():
+    for t, i in zip(audited, audit_index):
         q = materialized_mixture(scores.audit_rows[t], rows[t], valid[i].tolist(), weights[i], hedge)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
     return float(nll.sum())
