@@ -1230,6 +1230,14 @@ def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperpara
     return max(scale, 0.0)
 
 
+def training_eta_ms(step: int, steps_ms: float, elapsed_ms: float, stop_ms: float | None,
+                    cfg: Hyperparameters) -> float:
+    """Time left until training ends: the steps left to ITERATIONS at the pace of the steps so far
+    (`steps_ms` over `step` steps, the oracle's prefill not included), or the wall-clock stop if sooner."""
+    eta = (cfg.iterations - step) * steps_ms / max(step, 1)
+    return eta if stop_ms is None else max(0.0, min(eta, stop_ms - elapsed_ms))
+
+
 def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
     if cfg.muon_momentum_warmup_steps == 0:
         return cfg.muon_momentum
@@ -1420,7 +1428,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             rt.synchronize()
             now = train_ms + 1000 * (time.perf_counter() - t0)
             log(f"step:{step}/{cfg.iterations} train_loss:{float(loss):.4f} train_time:{now:.0f}ms "
-                f"step_avg:{now / step:.2f}ms")
+                f"step_avg:{now / step:.2f}ms eta:{training_eta_ms(step, now - start_ms, now, stop_ms, cfg):.0f}ms")
         if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
             rt.synchronize()
             train_ms += 1000 * (time.perf_counter() - t0)
@@ -2218,12 +2226,12 @@ def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[t
 
 def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
                     cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
-                    eval_start: float) -> NeuralScores:
+                    eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
     """The neural sliding-window scores with score-first TTT. Before training on a chunk, the measured
     pace decides: if that training and the scoring of every chunk left would end after
     EVAL_BUDGET_SECONDS from `eval_start` (a perf_counter time), adaptation stops and the rest is scored
     with the weights as they are (the budget leaves a margin for the n-gram pass that follows). The model
-    is left holding its adapted weights."""
+    is left holding its adapted weights; phases["ttt_train"] gains the milliseconds spent training."""
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
     optimizer = ttt_optimizer(ttt_param_groups(model, cfg), cfg)
@@ -2258,6 +2266,8 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         rt.synchronize()
         train_s = time.perf_counter() - t0
         trained += 1
+        if phases is not None:
+            phases["ttt_train"] += 1000 * train_s
     model.eval()
     log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
@@ -2413,17 +2423,25 @@ def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.
 
 @torch.no_grad()
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
-                           rt: Runtime, log, audit: AuditStats | None = None,
-                           neural_scores=None) -> tuple[EvalResult, EvalResult | None]:
+                           rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
+                           phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
     """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
     score-first n-gram cache (USE_MIXER; None with USE_MIXER=none). Returns (neural, mixed).
-    `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training)."""
+    `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training).
+    `phases` gains the milliseconds of the neural pass ("neural", TTT's training left out) and the
+    cache pass ("cache")."""
+    phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
+    rt.synchronize()
+    t0, trained = time.perf_counter(), phases["ttt_train"]
     if audit is None:
         audit = AuditStats(audit_target_positions(cfg, val_tokens.numel(), val_tokens.device))
     if neural_scores is None:
         scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
     else:
         scores = neural_scores(audit.targets)
+    rt.synchronize()
+    phases["neural"] += 1000 * (time.perf_counter() - t0) - (phases["ttt_train"] - trained)
+    t0 = time.perf_counter()
     byte_sum, count = int(scores.nbytes.sum()), scores.targets.numel()
     neural = _reduce_eval_sums(float(-scores.logprob.sum()), byte_sum, count, rt)
     if cfg.use_mixer == "none":
@@ -2436,6 +2454,7 @@ def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: Token
         if rt.distributed:
             dist.all_reduce(chunk_loss)
     mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit), byte_sum, count, rt)
+    phases["cache"] += 1000 * (time.perf_counter() - t0)
     if audit.targets.numel():
         stats = torch.tensor([audit.positions, audit.worst_sum_error, -audit.min_prob, audit.worst_target_diff],
                              dtype=torch.float64, device=val_tokens.device)
@@ -2610,34 +2629,43 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
 
 
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
-                   cfg: Hyperparameters, rt: Runtime, log, train_forward=None) -> EvalResult:
+                   cfg: Hyperparameters, rt: Runtime, log, train_forward=None,
+                   phases: dict[str, float] | None = None) -> EvalResult:
     """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0), and (with a
-    mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log.
-    `train_forward(inputs, targets) -> loss` is what TTT trains through (default: the model itself)."""
+    mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log;
+    then `eval_phases`, where the time went (each phase the slowest rank's). `train_forward(inputs,
+    targets) -> loss` is what TTT trains through (default: the model itself). `phases`, when given, is
+    filled with those milliseconds."""
     train_forward = model if train_forward is None else train_forward
+    phases = {} if phases is None else phases
+    phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
     if cfg.compile:
+        t0 = time.perf_counter()
         warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
+        phases["compile_warmup"] = 1000 * (time.perf_counter() - t0)
     model.eval()
     rt.synchronize()
     compiles = compile_count()
     start = t0 = time.perf_counter()
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
     rt.synchronize()
-    log_final(log, "final_plain", plain, 1000 * (time.perf_counter() - t0))
+    phases["plain"] = 1000 * (time.perf_counter() - t0)
+    log_final(log, "final_plain", plain, phases["plain"])
     t0 = time.perf_counter()
     if cfg.use_mixer == "none" and not cfg.ttt_epochs:
         score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
                                  cfg.val_batch_size, rt)
         rt.synchronize()
-        log_final(log, "final_sliding_window", score, 1000 * (time.perf_counter() - t0))
+        phases["neural"] = 1000 * (time.perf_counter() - t0)
+        log_final(log, "final_sliding_window", score, phases["neural"])
     else:
         neural_scores, name = None, "final_sliding_window"
         if cfg.ttt_epochs:
             name += "_ttt"
             neural_scores = lambda audit_targets: ttt_neural_pass(
-                model, eval_outputs, train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start)
+                model, eval_outputs, train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start, phases)
         neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
-                                               neural_scores=neural_scores)
+                                               neural_scores=neural_scores, phases=phases)
         rt.synchronize()
         elapsed = 1000 * (time.perf_counter() - t0)
         log_final(log, name, neural, elapsed)
@@ -2648,6 +2676,8 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     eval_s = time.perf_counter() - start
     if eval_s > cfg.eval_budget_seconds:
         log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
+    phases.update(zip(phases, agreed_max(list(phases.values()), rt)))
+    log(f"eval_phases {' '.join(f'{name}:{ms:.0f}ms' for name, ms in phases.items())}")
     log(f"eval_done eval_time:{1000 * eval_s:.0f}ms recompiles:{compile_count() - compiles}")
     return score
 

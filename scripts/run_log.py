@@ -9,7 +9,7 @@ parser reads, in log order:
     script:train_gpt.py script_sha256:<hex> code_bytes:N          (required: the header)
     torch_version:V python:V device:D world_size:N hardware:NxNAME
     setting NAME=value                                            (one per hyperparameter)
-    step:N/ITER train_loss:X train_time:Tms step_avg:Sms
+    step:N/ITER train_loss:X train_time:Tms step_avg:Sms eta:Tms
     step:N/ITER val_loss:X val_bpb:Y train_time:Tms step_avg:Sms
     stopping_early: wallclock_cap ...
     train_done steps:N train_time:Tms step_avg:Sms

@@ -68,7 +68,12 @@ def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
     sha, size = tg.script_identity()
     assert f"script_sha256:{sha} code_bytes:{size}" in log
     assert "setting NUM_LAYERS=2" in log and "setting VE_LAYERS=1" in log
-    assert re.search(r"^step:6/6 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", log, re.M)
+    assert re.search(r"^step:6/6 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms eta:0ms$", log, re.M)
+    etas = [int(e) for e in re.findall(r"^step:\d+/6 train_loss:.* eta:(\d+)ms$", log, re.M)]
+    assert len(etas) >= 2 and etas[0] > 0 and etas == sorted(etas, reverse=True)
+    phases = re.search(r"^eval_phases compile_warmup:(\d+)ms plain:(\d+)ms neural:(\d+)ms ttt_train:(\d+)ms "
+                       r"cache:(\d+)ms$", log, re.M)
+    assert phases and int(phases.group(3)) > 0 and int(phases.group(4)) == 0
     assert re.search(r"^step:3/6 val_loss:[\d.]+ val_bpb:[\d.]+ ", log, re.M)
     last_bpb = re.findall(r"val_bpb:(\S+)", log)[-1]
     assert log.rstrip().splitlines()[-1].startswith("eval_done eval_time:")
@@ -117,6 +122,12 @@ def test_test_time_training_from_the_artifact(single_run, dataset, tmp_path):
     assert proc.returncode == 0, failure(proc)
     again = (tmp_path / "logs" / "ttt.txt").read_text()
     assert re.search(r"^ttt_done chunks:3 trained:2 epochs:1 optimizer:adamw ", again, re.M)
+    # TTT's training is its own phase, not counted in the neural pass; the phases fit in the evaluation
+    phases = dict(re.findall(r"(\w+):(\d+)ms", re.search(r"^eval_phases .*$", again, re.M).group(0)))
+    ttt_ms = int(re.search(r"^ttt_done .* time:(\d+)ms$", again, re.M).group(1))
+    eval_ms = int(re.search(r"^eval_done eval_time:(\d+)ms", again, re.M).group(1))
+    assert 0 < int(phases["ttt_train"]) <= ttt_ms and int(phases["neural"]) > 0
+    assert int(phases["plain"]) + int(phases["neural"]) + int(phases["ttt_train"]) + int(phases["cache"]) <= eval_ms + 4
     finals = [line.split()[0] for line in FINAL_LINE.findall(again)]
     assert finals == ["final_plain_exact", "final_sliding_window_ttt_exact",
                       "final_sliding_window_ttt_ngram_learned_exact"]
