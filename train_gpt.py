@@ -43,6 +43,7 @@ import math
 import os
 import platform
 import re
+import resource
 import struct
 import sys
 import time
@@ -189,6 +190,7 @@ class Hyperparameters:
     compile: bool = True
     bf16: bool = True  # bf16 autocast; BF16=1 on a CPU runs what CUDA runs, to test that path there
     compile_warmup_steps: int = 3
+    preflight: bool = False  # measure and project this run against its budgets, keep nothing (see preflight)
 
     @property
     def ngram_orders(self) -> tuple[int, ...]:
@@ -1168,6 +1170,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     bf16: bool = False  # BF16
+    local_world_size: int = 1  # processes on this machine (they share its memory)
 
     @property
     def is_main(self) -> bool:
@@ -1367,9 +1370,10 @@ def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> Ngr
 
 
 def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
-          evaluate_val=None) -> TrainResult:
+          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
     """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the work after training). The oracle's counting is training time; validation is not.
+    kept for the work after training). The oracle's counting is training time; validation is not. An
+    `oracle` given is used as it is (the preflight counts its own).
 
     The clock is read every CLOCK_READ_EVERY steps, as the maximum over ranks; between readings the
     elapsed time is extrapolated from the last reading at the average step time. The warm-down and the
@@ -1377,17 +1381,16 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     per step."""
     accum_steps = grad_accum_steps_for(cfg, rt.world_size)
     files = shard_files(cfg.data_path, "train")
-    oracle, oracle_tokens = None, 0
     rt.synchronize()
     t0 = time.perf_counter()
-    if model.mixer_head is not None:
+    if model.mixer_head is not None and oracle is None:
         oracle = build_oracle(cfg, rt, files)
-        oracle_tokens = cfg.ngram_oracle_tokens
         rt.synchronize()
         log(f"ngram_oracle tokens:{oracle.counted_tokens} "
             f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
             f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
     train_ms = 1000 * (time.perf_counter() - t0)
+    oracle_tokens = 0 if oracle is None else oracle.counted_tokens
     oracle_lookup = None
     if oracle is not None:
         # Compiled, the lookup's ~230 ops (keys, searchsorted, leave-one-out) are one graph.
@@ -2503,18 +2506,17 @@ def init_runtime(env: Mapping[str, str]) -> Runtime:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
     NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
     rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_rank, local_world = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
-    return Runtime(rank, world_size, local_rank, device)
+    return Runtime(rank, world_size, local_rank, device, local_world_size=local_world)
 
 
 def script_identity() -> tuple[str, int]:
@@ -2538,11 +2540,9 @@ def artifact_path(cfg: Hyperparameters) -> Path:
     return Path("artifacts") / f"{cfg.run_id}.pgqw"
 
 
-def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
-    """Quantizes, packs and writes the artifact (see QUANTIZATION AND PACKING); returns its path and the
-    seconds it took. Every rank does the same deterministic work, so that a failure stops all of them
-    alike; rank 0 writes."""
-    t0 = time.perf_counter()
+def artifact_blob(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[bytes, ArtifactSummary]:
+    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing.
+    Every rank does the same deterministic work, so that a failure stops all of them alike."""
     calib = None
     if cfg.gptq:
         train_tokens = None
@@ -2551,8 +2551,13 @@ def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[P
             train_tokens = torch.from_numpy(stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
         with rt.autocast():
             calib = calibration_tokens(model, cfg, train_tokens)
-    _, code_bytes = script_identity()
-    blob, summary = fit_artifact(model, cfg, code_bytes, log, calib)
+    return fit_artifact(model, cfg, script_identity()[1], log, calib)
+
+
+def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
+    """Builds and writes the artifact (rank 0 writes); returns its path and the seconds it took."""
+    t0 = time.perf_counter()
+    blob, summary = artifact_blob(model, cfg, rt, log)
     path = artifact_path(cfg)
     if rt.is_main:
         write_artifact(path, blob)
@@ -2573,15 +2578,9 @@ def load_artifact(model: GPT, path: str | Path, log) -> GPT:
     return model
 
 
-def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
-    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
-    log(f"val_tokens:{val_tokens.numel()}")
-
-    model = GPT(cfg).to(rt.device)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
+    """(training module, TTT's forward, token_nll, eval_outputs): compiled with COMPILE=1, the training
+    module wrapped in DDP when there are several ranks."""
     compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
     train_model = model
     if rt.distributed:
@@ -2593,9 +2592,20 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
             gradient_as_bucket_view=True)
-    train_model = compiled(train_model)
     # TTT trains through the model itself: it sums its gradients over ranks in its own way.
-    ttt_forward, token_nll, eval_outputs = compiled(model), compiled(model.token_nll), compiled(model.eval_outputs)
+    return compiled(train_model), compiled(model), compiled(model.token_nll), compiled(model.eval_outputs)
+
+
+def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()}")
+
+    model = GPT(cfg).to(rt.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
 
     def plain_val() -> EvalResult:
         model.eval()
@@ -2710,6 +2720,165 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
+# --- preflight -----------------------------------------------------------------------------------------
+# PREFLIGHT=1 in the command a user is about to pay for measures this machine with these settings for
+# about a minute and projects the run against its budgets: the oracle's prefill on a slice of its text,
+# PREFLIGHT_STEPS real training steps (real batches, oracle lookups, CROWN-Q, EMA, compiled as the run
+# compiles), one artifact build from those weights, and the evaluation of a slice of the validation split
+# from that artifact. Nothing is kept: no artifact is written, the run's own log is not touched (lines go
+# to logs/<RUN_ID>_preflight.txt), and no score line is printed (the slice's scores mean nothing).
+
+PREFLIGHT_STEPS, PREFLIGHT_SKIP = 20, 5  # steps run; the first ones (allocator, DDP buckets) are not timed
+PREFLIGHT_ORACLE_TOKENS = 2_000_000
+PREFLIGHT_EVAL_TOKENS = 262_144
+PREFLIGHT_OVER_STATUS = 3  # exit status of a preflight that finds a budget over
+PREFLIGHT_QUIET = ("val_bpb", "Total submission size")  # lines of the inner run not repeated
+
+
+@dataclass
+class PreflightRow:
+    """One line of the table: what was measured, the projection for the run, its budget (None: none)."""
+    name: str
+    measured: str
+    projected: float
+    budget: float | None
+    unit: str = "s"  # "s", "GB" (a figure in bytes) or "" (a count)
+
+    @property
+    def over(self) -> bool:
+        return self.budget is not None and self.projected > self.budget
+
+    def line(self) -> str:
+        fmt = {"s": lambda v: f"{v:.1f}s", "GB": lambda v: f"{v / 1e9:.2f}GB"}.get(self.unit, lambda v: f"{v:.0f}")
+        budget = "none" if self.budget is None else fmt(self.budget)
+        return (f"preflight_{self.name} {self.measured} projected:{fmt(self.projected)} budget:{budget} "
+                f"status:{'over' if self.over else 'ok'}")
+
+
+def peak_memory_bytes(rt: Runtime) -> tuple[int, int]:
+    """(device peak allocated, host peak resident) bytes of this process so far; the CPU's device is the host."""
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return (torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else host), host
+
+
+def current_memory_bytes(rt: Runtime) -> int:
+    if rt.device.type == "cuda":
+        return torch.cuda.memory_allocated(rt.device)
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sort_scaled(seconds: float, measured: int, full: int) -> float:
+    """A sort-bound time measured on `measured` items, at `full` items (n log n)."""
+    if full <= measured or measured < 2:
+        return seconds * full / max(measured, 1)
+    return seconds * full / measured * math.log(full) / math.log(measured)
+
+
+def preflight_step_ms(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, oracle, log,
+                      lines: list[str]) -> tuple[float, int]:
+    """(milliseconds per training step, graphs compiled while timing) from PREFLIGHT_STEPS real steps,
+    the first PREFLIGHT_SKIP not counted. No warm-up in the schedule, so that the CROWN-Q penalty (on in
+    the warm-down) is in every step, as it is in the run's last steps."""
+    short = dataclasses.replace(cfg, iterations=PREFLIGHT_STEPS, warmup_steps=0, max_wallclock_seconds=0.0,
+                                val_loss_every=0, train_log_every=1)
+    result = train(model, train_model, short, rt, log, oracle=oracle)
+    times = [float(t) for t in re.findall(r"^step:\d+/\d+ train_loss:\S+ train_time:(\S+)ms", "\n".join(lines),
+                                          re.M)]
+    return (times[-1] - times[PREFLIGHT_SKIP - 1]) / (len(times) - PREFLIGHT_SKIP), result.recompiles
+
+
+def preflight(cfg: Hyperparameters, rt: Runtime, log) -> bool:
+    """Runs the checks and measurements described above, logs the table and the verdict; True if every
+    projection is within its budget."""
+    t_start, lines, rows = time.perf_counter(), [], []
+
+    def inner(line: str) -> None:  # the measured work's own lines, less those that look like a run's result
+        lines.append(line)
+        if not any(quiet in line for quiet in PREFLIGHT_QUIET):
+            log(line)
+
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
+    files = shard_files(cfg.data_path, "train")
+    train_tokens = sum(shard_token_count(f) for f in files)
+    log(f"preflight_data train_shards:{len(files)} train_tokens:{train_tokens} val_tokens:{val_tokens.numel()} "
+        f"tokenizer:{Path(cfg.tokenizer_path).name}")
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg).to(rt.device)
+    train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
+
+    oracle, oracle_s, oracle_tokens = None, 0.0, min(cfg.ngram_oracle_tokens, train_tokens)
+    base, prefill_peak, stored = current_memory_bytes(rt), 0, 0
+    if model.mixer_head is not None:
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
+        rt.synchronize()
+        t0 = time.perf_counter()
+        oracle = build_oracle(dataclasses.replace(cfg, ngram_oracle_tokens=min(oracle_tokens, PREFLIGHT_ORACLE_TOKENS)),
+                              rt, files)
+        rt.synchronize()
+        oracle_s = sort_scaled(time.perf_counter() - t0, oracle.counted_tokens, oracle_tokens)
+        scale = oracle_tokens / max(oracle.counted_tokens, 1)
+        prefill_peak = base + scale * max(peak_memory_bytes(rt)[0] - base, 0)
+        stored = (scale - 1) * oracle.nbytes()  # what the full oracle holds beyond the slice's
+        rows.append(PreflightRow("oracle", f"tokens:{oracle.counted_tokens} bytes:{oracle.nbytes()}", oracle_s, None))
+
+    step_ms, recompiles = preflight_step_ms(model, train_model, cfg, rt, oracle, inner, lines)
+    step_ms, oracle_s = agreed_max([step_ms, oracle_s], rt)
+    stop_s = cfg.max_wallclock_seconds - cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
+    steps = cfg.iterations if stop_s is None else min(cfg.iterations, max(0, int((stop_s - oracle_s) * 1000 / step_ms)))
+    rows.append(PreflightRow("steps", f"step_avg:{step_ms:.2f}ms recompiles:{recompiles}", steps, None, unit=""))
+    train_peak = peak_memory_bytes(rt)
+
+    t0 = time.perf_counter()
+    try:
+        blob, summary = artifact_blob(model, cfg, rt, inner)
+        size = f"total_bytes:{summary.total_bytes}"
+        dequantize_into(model, unpack_artifact(blob))  # the evaluation below scores the artifact, as the run does
+    except ArtifactError as err:
+        blob, size = None, "fits:0"
+        log(f"preflight_artifact error: {err}")
+    artifact_s = agreed_max([time.perf_counter() - t0], rt)[0]
+    reserve = cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
+    tries = sum(line.startswith("artifact_try") for line in lines)
+    rows.append(PreflightRow("artifact", f"tries:{tries} {size} target_bytes:{cfg.target_bytes}", artifact_s, reserve))
+    train_s = oracle_s + steps * step_ms / 1000 + artifact_s
+    rows.append(PreflightRow("training_phase", f"oracle:{oracle_s:.1f}s steps:{steps} artifact:{artifact_s:.1f}s",
+                             train_s, cfg.max_wallclock_seconds or None))
+
+    chunk = max(cfg.ngram_chunk_tokens if cfg.ngram_orders else 1, cfg.ttt_chunk_tokens if cfg.ttt_epochs else 1)
+    part = val_tokens[:max(PREFLIGHT_EVAL_TOKENS, 2 * chunk + 1)]  # TTT trains on a chunk at least
+    phases: dict[str, float] = {}
+    evaluate_final(model, token_nll, eval_outputs, part, tables, cfg, rt, inner, ttt_forward, phases)
+    full, n = val_tokens.numel() - 1, part.numel() - 1
+    # chunks TTT trains on (all but the last), in the slice and in the split
+    trained, to_train = ((t.numel() - 2) // cfg.ttt_chunk_tokens if cfg.ttt_epochs else 0 for t in (part, val_tokens))
+    ttt_s = phases["ttt_train"] / 1000 / max(trained, 1) * to_train
+    scoring_s = (phases["plain"] + phases["neural"]) / 1000 * full / n + sort_scaled(phases["cache"] / 1000, n, full)
+    measured = " ".join(f"{k}:{v / 1000:.1f}s" for k, v in phases.items())
+    rows.append(PreflightRow("evaluation", f"tokens:{n} {measured} ttt_projected:{ttt_s:.1f}s", scoring_s + ttt_s,
+                             cfg.eval_budget_seconds))
+    if rows[-1].over and scoring_s <= cfg.eval_budget_seconds:
+        rows[-1] = dataclasses.replace(rows[-1], projected=cfg.eval_budget_seconds)
+        log(f"preflight_note TTT would adapt on about {(cfg.eval_budget_seconds - scoring_s) / ttt_s:.0%} of the "
+            f"chunks before its guard stops it within EVAL_BUDGET_SECONDS")
+
+    device_peak, host_peak = agreed_max([max(train_peak[0] + stored, prefill_peak), peak_memory_bytes(rt)[1]], rt)
+    if rt.device.type == "cuda":
+        rows.append(PreflightRow("device_memory", "peak_allocated", device_peak,
+                                 torch.cuda.get_device_properties(rt.device).total_memory, unit="GB"))
+    else:
+        host_peak = max(host_peak, device_peak)
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // rt.local_world_size
+    rows.append(PreflightRow("host_memory", f"peak_resident processes_here:{rt.local_world_size}", host_peak, physical,
+                             unit="GB"))
+    for row in rows:
+        log(row.line())
+    over = [row.name for row in rows if row.over] + ([] if blob is not None else ["artifact_size"])
+    log(f"preflight verdict:{'over over:' + ','.join(over) if over else 'ok'} time:{time.perf_counter() - t_start:.0f}s")
+    return not over
+
+
 def main() -> int:
     rt = None
     try:
@@ -2717,10 +2886,13 @@ def main() -> int:
         cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
         rt = dataclasses.replace(rt, bf16=cfg.bf16)
         grad_accum_steps_for(cfg, rt.world_size)
-        log = RunLog(Path("logs") / f"{cfg.run_id}.txt" if rt.is_main else None)
+        name = f"{cfg.run_id}_preflight" if cfg.preflight else cfg.run_id
+        log = RunLog(Path("logs") / f"{name}.txt" if rt.is_main else None)
         log_run_header(log, cfg, rt)
         for line in unknown_setting_warnings(os.environ):
             log(line)
+        if cfg.preflight:
+            return 0 if preflight(cfg, rt, log) else PREFLIGHT_OVER_STATUS
         run(cfg, rt, log)
         return 0
     except (ConfigError, ShardError, ArtifactError) as err:

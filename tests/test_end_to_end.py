@@ -207,3 +207,66 @@ def test_bad_shard_stops_with_its_name(dataset, tmp_path):
     (bad / "fineweb_val_000000.bin").write_bytes(b"\0" * 2000)
     proc = run_script(dict(TINY_ENV, DATA_PATH=str(bad), TOKENIZER_PATH=tok), tmp_path, timeout=120)
     assert proc.returncode == 2 and "fineweb_val_000000.bin: magic number 0" in proc.stderr
+
+
+PREFLIGHT_ROW = re.compile(r"^preflight_(\w+) (.*) projected:(\S+) budget:(\S+) status:(ok|over)$", re.M)
+
+
+def preflight_rows(log):
+    return {m.group(1): m for m in PREFLIGHT_ROW.finditer(log)}
+
+
+def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
+    data, tok = dataset
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "pre.txt").write_text("the log of an earlier run\n")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre", PREFLIGHT="1",
+                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048"), tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    log = (tmp_path / "logs" / "pre_preflight.txt").read_text()
+    assert log == proc.stdout
+    rows = preflight_rows(log)
+    assert list(rows) == ["oracle", "steps", "artifact", "training_phase", "evaluation", "host_memory"]
+    assert all(row.group(5) == "ok" for row in rows.values())
+    assert re.search(r"\npreflight verdict:ok time:\d+s\n$", log)
+    # MAX_WALLCLOCK_SECONDS=0: no cap, so every one of the ITERATIONS steps fits and training has no budget
+    assert rows["steps"].group(3) == "6" and rows["training_phase"].group(4) == "none"
+    assert float(rows["oracle"].group(3).rstrip("s")) > 0
+    evaluation = rows["evaluation"].group(2)
+    assert "tokens:5999 " in evaluation and float(re.search(r"ttt_projected:(\S+)s", evaluation).group(1)) > 0
+    assert rows["evaluation"].group(4) == "540.0s"
+    # nothing kept: no artifact, no score line, the run's own log untouched
+    assert not (tmp_path / "artifacts").exists()
+    assert "val_bpb" not in log and "Total submission size" not in log
+    assert (tmp_path / "logs" / "pre.txt").read_text() == "the log of an earlier run\n"
+
+
+def test_preflight_names_what_is_over_and_exits_3(dataset, tmp_path):
+    data, tok = dataset
+    # no reserve left for the artifact after the wall-clock stop, and an evaluation budget of 1 ms
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="over", PREFLIGHT="1",
+                           MAX_WALLCLOCK_SECONDS="600", TRAIN_RESERVE_SECONDS="0", EVAL_BUDGET_SECONDS="0.001"),
+                      tmp_path)
+    assert proc.returncode == 3, failure(proc)
+    rows = preflight_rows(proc.stdout)
+    assert {name for name, row in rows.items() if row.group(5) == "over"} == {"artifact", "evaluation"}
+    assert rows["artifact"].group(4) == "0.0s" and rows["training_phase"].group(4) == "600.0s"
+    assert proc.stdout.splitlines()[-1].startswith("preflight verdict:over over:artifact,evaluation ")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_compiled_preflight_under_torchrun_two_processes(dataset, tmp_path):
+    """The path of a paid run: torchrun, compiled, every rank measuring and agreeing on the figures."""
+    data, tok = dataset
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre2", PREFLIGHT="1",
+                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048", COMPILE="1", COMPILE_WARMUP_STEPS="1"),
+                      tmp_path, launcher, timeout=900)
+    assert proc.returncode == 0, failure(proc)
+    log = (tmp_path / "logs" / "pre2_preflight.txt").read_text()
+    assert "world_size:2" in log and "processes_here:2" in log
+    assert re.search(r"^compile_warmup phase:train steps:2 graphs:[1-9]\d* ", log, re.M)
+    assert preflight_rows(log)["steps"].group(2).endswith(" recompiles:0")
+    assert re.search(r"^eval_done eval_time:\d+ms recompiles:0$", log, re.M)
+    assert log.splitlines()[-1].startswith("preflight verdict:ok ")
+    assert not (tmp_path / "artifacts").exists()
