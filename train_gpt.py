@@ -2379,19 +2379,20 @@ def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     a row's count is then the weight from the start of its context's run to the start of its (context,
     chunk) run. Likewise for (context, token) after a second stable sort. The cost does not grow with the
     number of chunks."""
-    keys, tokens, chunks, weights = items.unbind(1)
-    perm = torch.arange(items.size(0), device=items.device)
-    if not bool((chunks[1:] >= chunks[:-1]).all()):  # the senders' blocks interleave (TTT shares each chunk)
-        perm = torch.sort(chunks, stable=True).indices
-    sorted_keys, by_key = torch.sort(keys[perm], stable=True)
-    perm = perm[by_key]
-    new_context = run_starts(sorted_keys)
-    pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + tokens[perm], stable=True)
+    in_order = None
+    if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
+        in_order = torch.sort(items[:, 2], stable=True).indices
+        items = items[in_order]
+    # whole rows are gathered (one cache miss per row, not per column): at 8M rows a gather is a cost
+    by_key = torch.sort(items[:, 0], stable=True).indices
+    rows = items[by_key]
+    new_context = run_starts(rows[:, 0])
+    pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
     out = torch.empty_like(items[:, :2])
-    out[perm, 1] = counts_in_earlier_chunks(new_context, chunks[perm], weights[perm])
-    perm = perm[by_pair]
-    out[perm, 0] = counts_in_earlier_chunks(run_starts(pairs), chunks[perm], weights[perm])
-    return out
+    out[by_key, 1] = counts_in_earlier_chunks(new_context, rows[:, 2], rows[:, 3])
+    rows = rows[by_pair]
+    out[by_key[by_pair], 0] = counts_in_earlier_chunks(run_starts(pairs), rows[:, 2], rows[:, 3])
+    return out if in_order is None else torch.empty_like(out).index_copy_(0, in_order, out)
 
 
 def audit_count_rows(items: torch.Tensor, audit_keys: torch.Tensor, audit_chunks: torch.Tensor,

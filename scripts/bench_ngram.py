@@ -1,7 +1,7 @@
 """Speed and memory of the n-gram experts: oracle prefill, the score-first eval cache per rank, and the cache's
 cost next to the neural sliding-window evaluation.
 
-    python3 scripts/bench_ngram.py --threads 1                         # the figures below (~15 min on a CPU)
+    python3 scripts/bench_ngram.py --threads 1 --clock cpu             # the figures below (~15 min on a CPU)
     python3 scripts/bench_ngram.py --threads 1 --script OLD/train_gpt.py   # the same for another version
     python3 scripts/bench_ngram.py --quick                              # seconds: small sizes, a smoke test
     python3 scripts/bench_ngram.py --prefill-tokens 2000000 --cache-tokens 0   # one prefill, no cache scaling
@@ -10,8 +10,9 @@ Prints four kinds of line:
 - prefill: --script's build_oracle counting every order NGRAM_MIN_ORDER..NGRAM_MAX_ORDER (2..7) over the
   first N training tokens, for each N of --prefill-tokens (shard read included, as in the run's
   `ngram_oracle` line), each in a fresh process so that its peak is its own: seconds, tokens/s, the tables'
-  bytes per counted token (NgramModel.nbytes), and the peak memory growth per counted token (the process's
-  peak RSS, resource.getrusage ru_maxrss, on the CPU; torch.cuda.max_memory_allocated on CUDA). The data is
+  bytes per counted token (NgramModel.nbytes), and the peak memory growth per counted token (on the CPU the
+  peak RSS, VmHWM, reset to the RSS just before; on CUDA torch.cuda.max_memory_allocated over the memory
+  allocated before). The data is
   the sample corpus when it has N training tokens (data:sample), else synthetic text-like tokens
   (data:zipf_phrases, see text_like_tokens) in 4M-token shards.
 - cache_rank: the score-first cache's counting for one rank of --ranks, over the first N synthetic
@@ -99,20 +100,48 @@ def runtime_from_args(parser: argparse.ArgumentParser, args) -> tg.Runtime:
     return tg.Runtime(0, 1, 0, torch.device(args.device))
 
 
+def proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's /proc/self/status (VmRSS: now, VmHWM: peak), else None."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((1024 * int(line.split()[1]) for line in lines if line.startswith(field + ":")), None)
+
+
 def peak_memory_bytes(rt: tg.Runtime) -> int:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device)
+    peak = proc_status_bytes("VmHWM")  # not ru_maxrss: Linux carries that over fork and exec from the parent
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else 1024 * peak  # Linux reports KiB, macOS bytes
+
+
+def memory_with_peak_reset(rt: tg.Runtime) -> int:
+    """The memory in use now, with the peak set back to it where the platform allows (else the peak so far,
+    so that a growth over it is a lower bound)."""
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+        return torch.cuda.memory_allocated(rt.device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM back to VmRSS
+        return proc_status_bytes("VmRSS")
+    except OSError:
+        return peak_memory_bytes(rt)
+
+
+CLOCK = time.perf_counter  # main() sets time.process_time for --clock cpu
 
 
 def timed(rt: tg.Runtime, fn):
     """(fn(), seconds), the device synchronized on both sides."""
     rt.synchronize()
-    start = time.perf_counter()
+    start = CLOCK()
     result = fn()
     rt.synchronize()
-    return result, time.perf_counter() - start
+    return result, CLOCK() - start
 
 
 # --- synthetic text -----------------------------------------------------------------------------------------
@@ -150,9 +179,7 @@ def write_synthetic_shards(folder: Path, n: int, vocab: int, seed: int) -> None:
 def measure_prefill(cfg: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> dict:
     cfg = dataclasses.replace(cfg, use_mixer="learned", ngram_oracle_tokens=tokens)
     files = tg.shard_files(cfg.data_path, "train")
-    if rt.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(rt.device)
-    before = peak_memory_bytes(rt)
+    before = memory_with_peak_reset(rt)
     oracle, seconds = timed(rt, lambda: tg.build_oracle(cfg, rt, files))
     growth = peak_memory_bytes(rt) - before
     counted = oracle.counted_tokens
@@ -160,13 +187,14 @@ def measure_prefill(cfg: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> dic
                 tokens_per_s=counted / seconds, table_bytes=oracle.nbytes(),
                 table_bytes_per_token=oracle.nbytes() / counted, peak_growth_bytes=growth,
                 peak_growth_bytes_per_token=growth / counted,
-                peak_measure="cuda_max_memory_allocated" if rt.device.type == "cuda" else "ru_maxrss")
+                peak_measure="cuda_max_memory_allocated" if rt.device.type == "cuda" else "VmHWM_over_VmRSS")
 
 
 def prefill_in_child(args, tokens: int, data_path: Path) -> dict:
-    """measure_prefill in a fresh process: a process's peak RSS only grows, so each size needs its own."""
+    """measure_prefill in a fresh process, so that what an earlier size left allocated or cached is not there."""
     command = [sys.executable, __file__, "--prefill-child", str(tokens), "--data", str(data_path),
-               "--script", str(args.script), "--device", args.device, "--threads", str(args.threads)]
+               "--script", str(args.script), "--device", args.device, "--threads", str(args.threads),
+               "--clock", args.clock]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise RuntimeError(f"prefill of {tokens} tokens failed:\n{done.stderr[-2000:]}")
@@ -195,13 +223,13 @@ def owner_design_ranks(cfg: tg.Hyperparameters, val_tokens: torch.Tensor, blocks
     for order in cfg.ngram_orders:
         sent = []
         for r, targets in enumerate(blocks):
-            start = time.perf_counter()
+            start = CLOCK()
             items, where = tg.cache_items(val_tokens, targets[targets >= order - 1], order, V, C)
             dest = tg.context_owners(items[:, 0], R)
             by_dest = torch.sort(dest, stable=True).indices
             items[by_dest]  # the gather owners_counts sends
             if r in seconds:
-                seconds[r] += time.perf_counter() - start
+                seconds[r] += CLOCK() - start
             sent.append((items, dest))
         owned_rows = [sum(int((dest == r).sum()) for _, dest in sent) for r in range(R)]
         order_targets = sum(int(items[:, 3].sum()) for items, _ in sent)
@@ -303,7 +331,7 @@ def sizes(parser: argparse.ArgumentParser, name: str, text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    global tg
+    global tg, CLOCK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--script", type=Path, default=REPO / "train_gpt.py", help="the train_gpt.py to measure")
@@ -319,6 +347,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: --prefill-tokens 200000 --cache-tokens 65536 --val-tokens 16384")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed seconds; cpu: this process's CPU seconds (with --threads 1 on a CPU "
+                             "that other work shares, what the work itself took)")
     parser.add_argument("--prefill-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -328,9 +359,12 @@ def main(argv=None) -> int:
     cache_sizes = sizes(parser, "--cache-tokens", args.cache_tokens)
     if args.ranks < 1 or args.chunk_tokens < 1 or args.val_tokens < 0 or args.val_tokens == 1:
         parser.error("--ranks and --chunk-tokens must be at least 1, --val-tokens 0 (all) or at least 2")
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu measures the host's work: use --clock wall with --device cuda")
     if not args.script.is_file():
         parser.error(f"--script {args.script}: no such file")
     tg = load_script(args.script.resolve())
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     rt = runtime_from_args(parser, args)
     try:
         cfg = dataclasses.replace(demo_config(rt.device), ngram_chunk_tokens=args.chunk_tokens,
@@ -345,7 +379,7 @@ def main(argv=None) -> int:
         return 0
     device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
               else f"cpu({torch.get_num_threads()}_threads)")
-    print(f"bench_ngram script:{args.script} device:{device.replace(' ', '_')} compile:{int(cfg.compile)} "
+    print(f"bench_ngram script:{args.script} device:{device.replace(' ', '_')} clock:{args.clock} compile:{int(cfg.compile)} "
           f"layers:{cfg.num_layers} dim:{cfg.model_dim} eval_seq_len:{cfg.eval_seq_len} "
           f"eval_stride:{cfg.eval_stride} val_batch_size:{cfg.val_batch_size} chunk_tokens:{cfg.ngram_chunk_tokens}")
     sample_train = sum(tg.shard_token_count(f) for f in tg.shard_files(cfg.data_path, "train"))
