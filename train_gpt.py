@@ -859,49 +859,87 @@ KEY_MASK = (1 << 62) - 1
 NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
 
 
+def context_keys_from(preceding, like: torch.Tensor, order: int, vocab_size: int) -> torch.Tensor:
+    """The context key (int64, `like`'s shape) of each target from `preceding(k)`, the tokens k + 1 places
+    before the targets, k < order - 1. In place on one tensor: at 50M tokens every copy is 400 MB."""
+    keys = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+    exact = (order - 1) * max(1, (vocab_size - 1).bit_length()) <= 62
+    for k in range(order - 1):
+        older = preceding(k).to(torch.int64)
+        if exact:
+            keys.mul_(vocab_size).add_(older)
+        else:
+            # multiply-xor mixing; int64 products wrap, which is all a hash needs
+            keys.mul_(0x100000001B3).bitwise_xor_(older + 0x9E3779B97F4A7C15 % (1 << 62))
+    return keys.bitwise_and_(KEY_MASK)
+
+
 def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Key of the order-1 tokens ending at each position (the context for predicting the next token),
     and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
     width, T = order - 1, tokens.size(-1)
-    keys = torch.zeros(tokens.shape, dtype=torch.int64, device=tokens.device)
-    exact = width * max(1, (vocab_size - 1).bit_length()) <= 62
-    for k in range(width):
-        # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
-        shifted = F.pad(tokens[..., :max(T - k, 0)].to(torch.int64), (min(k, T), 0))
-        if exact:
-            keys = keys * vocab_size + shifted
-        else:
-            # multiply-xor mixing; int64 products wrap, which is all a hash needs
-            keys = torch.bitwise_xor(keys * 0x100000001B3, shifted + 0x9E3779B97F4A7C15 % (1 << 62))
+    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
+    keys = context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, order, vocab_size)
     positions = torch.arange(tokens.size(-1), device=tokens.device)
-    return keys & KEY_MASK, (positions >= width - 1).expand(tokens.shape)
+    return keys, (positions >= width - 1).expand(tokens.shape)
+
+
+def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
+    """Where each run of equal values begins in a sorted tensor (bool)."""
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts
 
 
 class NgramCounts:
     """Counts of one order: sorted unique context keys with their row totals, and sorted unique
     (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
-    device; 8 + 8 bytes per distinct context and per distinct (context, token) pair."""
+    device; 8 + 4 bytes per distinct context and per distinct (context, token) pair (int32 counts
+    while the stream has fewer than 2^31 tokens)."""
 
     def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
 
-    def add(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> None:
-        """Counts each (context key, next token) pair once more."""
-        if keys.numel() == 0:
+    def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Counts once more each n-gram whose predicted token is tokens[t], start <= t < end, that has its
+        whole context in tokens (t >= order - 1).
+
+        One sort by context and one by (row, token) over the whole range, each temporary dropped as soon
+        as it is used: the peak is ~3 int64 copies of the range, not the ~25 of incremental adds."""
+        start, V = max(start, self.order - 1, 1), self.vocab_size
+        if end <= start:
             return
+        sorted_keys, by_key = torch.sort(context_keys_from(lambda k: tokens[start - 1 - k:end - 1 - k],
+                                                           tokens[start:end], self.order, V))
+        new_context = run_starts(sorted_keys)
+        ctx_keys = sorted_keys[new_context]
+        del sorted_keys
+        pairs = torch.cumsum(new_context, 0).sub_(1).mul_(V).add_(tokens[start:end][by_key])
+        del new_context, by_key
+        pairs = torch.sort(pairs).values
+        first = run_starts(pairs).nonzero().squeeze(1)
+        pair_keys = pairs[first]
+        del pairs
+        count_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
+        pair_counts = torch.diff(first, append=first.new_tensor([end - start])).to(count_dtype)
+        self._merge(ctx_keys, pair_keys, pair_counts)
+
+    def _merge(self, ctx_keys: torch.Tensor, pair_keys: torch.Tensor, pair_counts: torch.Tensor) -> None:
+        """Adds counts given in this class's layout: rows renumbered over the union of contexts, the counts
+        of equal pairs summed."""
         V = self.vocab_size
-        old_rows_next = self.pair_keys // V, self.pair_keys % V
-        ctx_keys = torch.unique(torch.cat((self.ctx_keys, keys)))
-        old_rows = torch.searchsorted(ctx_keys, self.ctx_keys)
-        new_rows = torch.searchsorted(ctx_keys, keys)
-        pairs = torch.cat((old_rows[old_rows_next[0]] * V + old_rows_next[1], new_rows * V + next_tokens.to(torch.int64)))
-        counts = torch.cat((self.pair_counts, torch.ones_like(keys)))
-        self.pair_keys, inverse = torch.unique(pairs, return_inverse=True)
-        self.pair_counts = torch.zeros_like(self.pair_keys).index_add_(0, inverse, counts)
-        self.totals = torch.zeros_like(ctx_keys).index_add_(0, self.pair_keys // V, self.pair_counts)
-        self.ctx_keys = ctx_keys
+        if self.ctx_keys.numel():
+            union = torch.unique(torch.cat((self.ctx_keys, ctx_keys)))
+            pairs = torch.cat([torch.searchsorted(union, c)[p // V] * V + p % V
+                               for c, p in ((self.ctx_keys, self.pair_keys), (ctx_keys, pair_keys))])
+            pair_keys, inverse = torch.unique(pairs, return_inverse=True)
+            counts = torch.cat((self.pair_counts, pair_counts))
+            pair_counts = torch.zeros_like(pair_keys, dtype=counts.dtype).index_add_(0, inverse, counts)
+            ctx_keys = union
+        self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
+        self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
 
     def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index, context seen) for each key."""
@@ -913,12 +951,12 @@ class NgramCounts:
     def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
         rows, seen = self._rows(keys)
-        totals = torch.where(seen, self.totals[rows] if self.totals.numel() else torch.zeros_like(keys), 0)
+        totals = torch.where(seen, self.totals[rows].long() if self.totals.numel() else torch.zeros_like(keys), 0)
         if self.pair_keys.numel() == 0:
             return torch.zeros_like(keys), totals
         pair = rows * self.vocab_size + next_tokens.to(torch.int64)
         at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
-        counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at], 0)
+        counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at].long(), 0)
         return counts, totals
 
     def nbytes(self) -> int:
@@ -936,14 +974,10 @@ class NgramModel:
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
         """Counts the n-grams whose predicted token is tokens[t], start <= t < end, reading their
-        contexts from tokens[:t] (so contexts may reach back before `start`)."""
-        start = max(start, 1)
-        if end <= start:
-            return
-        keys, available = target_context_keys(self, tokens, start, end)
-        for i, table in enumerate(self.tables):
-            keep = available[:, i]
-            table.add(keys[i][keep], tokens[start:end][keep])
+        contexts from tokens[:t] (so contexts may reach back before `start`); one order at a time, so
+        that only one order's temporaries exist at once."""
+        for table in self.tables:
+            table.add_stream(tokens, start, end)
 
     def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(counts, totals), each (..., K), of every order for each target given its context keys."""
@@ -1361,8 +1395,9 @@ class TrainResult:
 def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
     """The frozen n-gram oracle: every order counted over the first NGRAM_ORACLE_TOKENS training tokens
     (in shard name order), on the run's device. Each rank counts the same text."""
+    # int32, not int64: the text stays in memory while every order is counted
     tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
-                              .astype(np.int64)).to(rt.device)
+                              .astype(np.int32)).to(rt.device)
     oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
     oracle.add_stream(tokens, 1, tokens.numel())
     oracle.counted_tokens = tokens.numel()
@@ -2320,53 +2355,128 @@ class AuditStats:
             self.distributions[t], self.fast_nll[t] = q, nll
 
 
-def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """For items sorted into runs of one key (new_run marks each run's first item), with chunks
-    non-decreasing inside a run: how many items of the item's run lie in earlier chunks."""
-    index = torch.arange(new_run.numel(), device=new_run.device)
-    new_chunk = new_run | F.pad(chunks[1:] != chunks[:-1], (1, 0), value=True)
-    run_start = torch.cummax(torch.where(new_run, index, 0), 0).values
-    return torch.cummax(torch.where(new_chunk, index, 0), 0).values - run_start
+    non-decreasing inside a run: the total weight of the items of the item's run in earlier chunks."""
+    before = torch.cumsum(weights, 0) - weights  # non-decreasing, as cummax needs
+    new_chunk = new_run.clone()
+    new_chunk[1:] |= chunks[1:] != chunks[:-1]
+    run_start = torch.cummax(torch.where(new_run, before, 0), 0).values
+    return torch.cummax(torch.where(new_chunk, before, 0), 0).values - run_start
+
+
+def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, vocab_size: int,
+                chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scoring rank's side of the cache for one order: rows (context key, next token, chunk, weight),
+    (m, 4) int64 in chunk order, for targets (sorted, >= order - 1) with a whole context, and which row
+    holds each target (None: row i holds target i).
+
+    Contexts of at most one token are few and some are very frequent (the commonest token is a few
+    percent of text, all of it for order 1's one empty context): their targets of one (context, token,
+    chunk) become one row weighing that many, so that no owner receives a frequent context's every target."""
+    V = vocab_size
+    keys = context_keys_from(lambda k: val_tokens[targets - 1 - k], targets, order, V)
+    tokens, chunks = val_tokens[targets], (targets - 1) // chunk_tokens
+    if order > 2:
+        return torch.stack((keys, tokens, chunks, torch.ones_like(keys)), 1), None
+    rows, where, weights = torch.unique((chunks * V + keys) * V + tokens, return_inverse=True, return_counts=True)
+    return torch.stack((rows // V % V, rows % V, rows // (V * V), weights), 1), where
+
+
+def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The owner's side: for each row of items (n, 4) (context key, next token, chunk, weight), every row
+    of its contexts in hand, the total weight of the rows of its (context, token) and of its context in
+    earlier chunks: (n, 2) int64, c(ctx, x) and T(ctx) as the cache stood before the row's chunk.
+
+    A stable sort by context key of rows in chunk order puts each context's rows together in chunk order;
+    a row's count is then the weight from the start of its context's run to the start of its (context,
+    chunk) run. Likewise for (context, token) after a second stable sort. The cost does not grow with the
+    number of chunks."""
+    in_order = None
+    if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
+        in_order = torch.sort(items[:, 2], stable=True).indices
+        items = items[in_order]
+    # whole rows are gathered (one cache miss per row, not per column): at 8M rows a gather is a cost
+    by_key = torch.sort(items[:, 0], stable=True).indices
+    rows = items[by_key]
+    new_context = run_starts(rows[:, 0])
+    pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
+    out = torch.empty_like(items[:, :2])
+    out[by_key, 1] = counts_in_earlier_chunks(new_context, rows[:, 2], rows[:, 3])
+    rows = rows[by_pair]
+    out[by_key[by_pair], 0] = counts_in_earlier_chunks(run_starts(pairs), rows[:, 2], rows[:, 3])
+    return out if in_order is None else torch.empty_like(out).index_copy_(0, in_order, out)
+
+
+def audit_count_rows(items: torch.Tensor, audit_keys: torch.Tensor, audit_chunks: torch.Tensor,
+                     vocab_size: int) -> torch.Tensor:
+    """The whole row of counts (A, V) float64 of each audited context over the chunks before its target's,
+    from the rows of items (an owner holds every row of its contexts; the other contexts' rows are 0)."""
+    keys, tokens, chunks, weights = items.unbind(1)
+    rows = torch.zeros(audit_keys.numel(), vocab_size, dtype=torch.float64, device=items.device)
+    near = torch.isin(keys, audit_keys).nonzero().squeeze(1)
+    for a, (key, chunk) in enumerate(zip(audit_keys.tolist(), audit_chunks.tolist())):
+        mine = near[(keys[near] == key) & (chunks[near] < chunk)]
+        rows[a].index_add_(0, tokens[mine], weights[mine].double())
+    return rows
+
+
+def context_owners(keys: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The rank that counts each context: the high bits of a multiplicative hash of its key, since a packed
+    key's low bits are one token, far from uniform."""
+    return torch.remainder((keys * 0x5851F42D4C957F2D) >> 32, world_size)
+
+
+def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys: torch.Tensor,
+                  audit_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """earlier_chunk_counts of this rank's rows, computed by each context's owner rank, and this rank's share
+    of the audit rows (summed over ranks by the caller). Each rank sends its rows to their owners and answers
+    what it receives; every rank takes part, whether it scored anything or not."""
+    if not rt.distributed:
+        return earlier_chunk_counts(items, vocab_size), audit_count_rows(items, audit_keys, audit_chunks, vocab_size)
+    dest = context_owners(items[:, 0], rt.world_size)
+    by_dest = torch.sort(dest, stable=True).indices  # stable: each owner gets a sender's rows in chunk order
+    sent = torch.bincount(dest, minlength=rt.world_size)
+    received = torch.empty_like(sent)
+    dist.all_to_all_single(received, sent)
+    sent, received = sent.tolist(), received.tolist()
+    owned = items.new_empty((sum(received), items.size(1)))
+    dist.all_to_all_single(owned, items[by_dest], received, sent)
+    answers = items.new_empty((items.size(0), 2))
+    dist.all_to_all_single(answers, earlier_chunk_counts(owned, vocab_size), sent, received)
+    return (torch.empty_like(answers).index_copy_(0, by_dest, answers),
+            audit_count_rows(owned, audit_keys, audit_chunks, vocab_size))
 
 
 def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
-                       targets: torch.Tensor, audit_targets: Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
-    """For each target position t (sorted, >= 1) and each order: c(ctx_t, x_t) and T(ctx_t) counted over
+                       targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """For each of this rank's targets t (sorted) and each order: c(ctx_t, x_t) and T(ctx_t) counted over
     the targets of the chunks before t's (chunk k holds targets [1 + kC, 1 + (k+1)C)), and whether t has
-    its whole context. Returns (counts, totals, available), each (n, K), and {t: [row (V,) per order]}
-    for the audit targets.
+    its whole context. Returns (counts, totals, available), each (n, K), and the audit rows (A, K, V)
+    float64: for each of audit_targets (the same on every rank), each order's whole row of counts.
 
-    Two stable sorts per order over the split up to the last target, not a table rebuilt per chunk. Items
-    (positions with a whole context) are in position order, so after a stable sort by context key each
-    context's items stand together in chunk order; an item's count over the earlier chunks is then the
-    distance from the start of its context's run to the start of its (context, chunk) run. Likewise for
-    (context, token) after a second stable sort. The cost does not grow with the number of chunks, and
-    it is the same for any split of the targets over ranks."""
-    hi = int(targets.max()) + 1
-    positions = torch.arange(1, hi, device=val_tokens.device)
-    chunks = (positions - 1) // chunk_tokens
-    tokens, at = val_tokens[1:hi], targets - 1
-    stats, available = ([], []), []
-    audit_rows = {t: [] for t in audit_targets}
-    for order in orders:  # one order's keys at a time: at 62M tokens each order's are 0.5 GB
-        # the context of target t ends at position t - 1
-        keys, seen = context_keys(val_tokens[:hi - 1], order, vocab_size)
-        available.append(seen[at])
-        items = seen.nonzero().squeeze(1)
-        sorted_keys, by_key = torch.sort(keys[items], stable=True)
-        new_context = F.pad(sorted_keys[1:] != sorted_keys[:-1], (1, 0), value=True)
-        context = torch.full_like(positions, -1)
-        context[items[by_key]] = torch.cumsum(new_context, 0) - 1  # of each position; -1: none
-        pairs, by_pair = torch.sort(context[items] * vocab_size + tokens[items], stable=True)
-        new_pair = F.pad(pairs[1:] != pairs[:-1], (1, 0), value=True)
-        for new_run, order, out in ((new_context, items[by_key], stats[1]), (new_pair, items[by_pair], stats[0])):
-            earlier = torch.zeros_like(positions)
-            earlier[order] = counts_in_earlier_chunks(new_run, chunks[order])
-            out.append(torch.where(seen[at], earlier[at], 0))
-        for t in audit_targets:
-            earlier = seen & (positions < 1 + (t - 1) // chunk_tokens * chunk_tokens) & (context == context[t - 1])
-            audit_rows[t].append(torch.bincount(tokens[earlier], minlength=vocab_size))
-    return torch.stack(stats[0], -1), torch.stack(stats[1], -1), torch.stack(available, -1), audit_rows
+    Each rank works in proportion to what it scores, not to where its targets lie in the split: it sends
+    a row per target to the rank that owns the target's context (context_owners), which holds every row of
+    that context from every rank and counts them (earlier_chunk_counts), then sends the counts back. Counts
+    are exact, so no number depends on the number of ranks; one process is the same without the exchange."""
+    V, K = vocab_size, len(orders)
+    stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
+    available = torch.stack([targets >= order - 1 for order in orders], 1)
+    audit_chunks = (audit_targets - 1) // chunk_tokens
+    audit_rows = []
+    for i, order in enumerate(orders):
+        mine = targets[available[:, i]]
+        items, where = cache_items(val_tokens, mine, order, V, chunk_tokens)
+        # an audit target without a whole context has no key (-1 matches none) and an empty row
+        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(
+            lambda k: val_tokens[(audit_targets - 1 - k).clamp(min=0)], audit_targets, order, V), -1)
+        counts, rows = owners_counts(items, V, rt, audit_keys, audit_chunks)
+        stats[available[:, i], i] = counts if where is None else counts[where]
+        audit_rows.append(rows)
+    audit_rows = torch.stack(audit_rows, 1)
+    if rt.distributed and audit_targets.numel():
+        dist.all_reduce(audit_rows)
+    return stats[..., 0], stats[..., 1], available, audit_rows
 
 
 @torch.no_grad()
@@ -2375,43 +2485,39 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
     """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
     scored with the cache as it stood before the chunk (counts of every target < 1 + kC). The counts come
     from the validation tokens alone (score_first_counts), so no number depends on the number of ranks.
-    Returns the sum of -ln q over this rank's targets.
+    Returns the sum of -ln q over this rank's targets. Every rank takes part, even one that scored nothing.
 
-    Hedge also needs, before each chunk, every expert's loss on all earlier chunks: the n-gram experts'
-    losses are computed from counts over every target, and the neural model's come in chunk_neural_loss
-    (summed over ranks)."""
-    if scores.targets.numel() == 0:
-        return 0.0
+    Hedge also needs, before each chunk, every expert's loss on all earlier chunks: each rank adds its own
+    targets' losses into their chunks and the ranks sum them, as chunk_neural_loss is summed."""
     C, hedge = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge"
-    # the audited targets this rank scored, found without a Python pass over its ~8M targets
-    audit_targets = torch.tensor(sorted(scores.audit_rows), dtype=torch.int64, device=scores.targets.device)
-    audit_index = torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist()
-    audited = scores.targets[audit_index].tolist()
+    audit_targets = torch.unique(audit.targets)
+    counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
+                                                         scores.targets, rt, audit_targets)
     if hedge:
-        everything = torch.arange(1, int(scores.targets[-1]) + 1, device=val_tokens.device)
-        counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
-                                                             everything, audited)
         probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
-        chunk = (everything - 1) // C
-        expert_loss = torch.zeros(int(chunk[-1]) + 1, probs.size(1), dtype=torch.float64, device=probs.device)
+        chunk = (scores.targets - 1) // C
+        expert_loss = torch.zeros(chunk_neural_loss.numel(), probs.size(1), dtype=torch.float64, device=probs.device)
         expert_loss.index_add_(0, chunk, -probs.log())
-        losses = torch.cat((chunk_neural_loss[:expert_loss.size(0), None], expert_loss), 1)
+        if rt.distributed:
+            dist.all_reduce(expert_loss)
+        losses = torch.cat((chunk_neural_loss[:, None], expert_loss), 1)
         # the weights before chunk k have seen the losses of chunks 0..k-1 only (an exclusive sum: a
         # cumulative sum less chunk k's own loss would carry chunk k's rounding into its own weights)
         seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))
         log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
-        mine = scores.targets - 1
-        probs, weights = probs[mine], log_w[chunk[mine]].softmax(-1)
-        valid = torch.ones_like(available[mine])
-    else:
-        counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
-                                                             scores.targets, audited)
+        weights = log_w[chunk].softmax(-1)
+        valid = torch.ones_like(available)
+    elif scores.targets.numel():
         valid = available & (totals > 0)
         probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
         weights = mixer_weights(scores.mixer_logits, valid)
+    else:  # nothing scored here: no mixer logits to weigh
+        return 0.0
     nll = mixture_nll(scores.logprob, weights.double(), probs)
-    for t, i in zip(audited, audit_index):
-        q = materialized_mixture(scores.audit_rows[t], rows[t], valid[i].tolist(), weights[i], hedge)
+    for i in torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist():
+        t = int(scores.targets[i])
+        q = materialized_mixture(scores.audit_rows[t], rows[torch.searchsorted(audit_targets, t)],
+                                 valid[i].tolist(), weights[i], hedge)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
     return float(nll.sum())
 

@@ -275,3 +275,108 @@ def test_mixer_loss_trains_the_head_and_the_transformer():
     assert head_mixed.abs().sum() > 0 and not torch.allclose(cq_plain, cq_mixed)
     weights = tg.mixer_weights(torch.randn(2, 16, 4), valid)
     assert torch.allclose(weights.sum(-1), torch.ones(2, 16)) and (weights[..., 1:][~valid] == 0).all()
+
+
+# --- the cache's counts shared by owner ranks ---------------------------------------------------------------
+
+def brute_earlier_counts(tokens, order, chunk, targets):
+    """c(ctx_t, x_t) and T(ctx_t) over every target before t's chunk, by brute force; zeros without a context."""
+    seq, out = tokens.tolist(), []
+    for t in targets:
+        if t < order - 1:
+            out.append((0, 0))
+            continue
+        ctx, end = tuple(seq[t - order + 1:t]), 1 + (t - 1) // chunk * chunk
+        earlier = [s for s in range(max(1, order - 1), end) if tuple(seq[s - order + 1:s]) == ctx]
+        out.append((sum(seq[s] == seq[t] for s in earlier), len(earlier)))
+    return out
+
+
+def test_owner_counts_match_brute_force_whatever_the_senders_order():
+    """Rows from two senders whose chunks interleave (as under TTT), some weighing several targets."""
+    vocab, chunk, order = 16, 9, 3
+    tokens = repetitive_stream(200, vocab)
+    targets = torch.arange(order - 1, 200)
+    mine = [targets[(targets // 13) % 2 == r] for r in (0, 1)]
+    parts = [tg.cache_items(tokens, t, order, vocab, chunk) for t in mine]
+    rows = torch.cat([items for items, _ in parts])
+    counts = tg.earlier_chunk_counts(rows, vocab)
+    brute = dict(zip(targets.tolist(), brute_earlier_counts(tokens, order, chunk, targets.tolist())))
+    at = 0
+    for t, (items, _) in zip(mine, parts):
+        assert items.size(0) == t.numel() and bool((items[:, 3] == 1).all())
+        for i, target in enumerate(t.tolist()):
+            assert tuple(counts[at + i].tolist()) == brute[target]
+        at += items.size(0)
+    assert not bool((rows[1:, 2] >= rows[:-1, 2]).all())  # the chunks did interleave
+    targets = torch.arange(1, 200)
+    for order in (1, 2):  # one row per (context, token, chunk), weighing its targets
+        items, where = tg.cache_items(tokens, targets, order, vocab, chunk)
+        assert items.size(0) < targets.numel() and int(items[:, 3].sum()) == targets.numel()
+        counts = tg.earlier_chunk_counts(items, vocab)[where]
+        assert [tuple(c) for c in counts.tolist()] == brute_earlier_counts(tokens, order, chunk, targets.tolist())
+
+
+def test_frequent_contexts_do_not_load_one_owner():
+    """Zipf-distributed tokens (the commonest ~13% of them), 8 ranks: no owner gets more than 1.5x an even
+    share of any order's targets in rows, order 1's single context included; without summing a frequent
+    context's targets per (context, token, chunk), order 2's owner of the commonest token would."""
+    vocab, chunk, ranks = 1024, 4096, 8
+    rng = np.random.default_rng(0)
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1))
+    tokens = torch.from_numpy(np.searchsorted(cdf, rng.random(200_000) * cdf[-1]).astype(np.int64))
+    blocks = torch.arange(1, tokens.numel()).tensor_split(ranks)
+    for order in range(1, 8):
+        owned, targets = torch.zeros(ranks), 0
+        for block in blocks:
+            items, _ = tg.cache_items(tokens, block[block >= order - 1], order, vocab, chunk)
+            owned += torch.bincount(tg.context_owners(items[:, 0], ranks), minlength=ranks)
+            targets += int(items[:, 3].sum())
+        assert owned.max() <= 1.5 * targets / ranks, (order, owned)
+    one_row_per_target = torch.bincount(tg.context_owners(tokens[:-1], ranks), minlength=ranks).double()
+    assert one_row_per_target.max() > 1.5 * one_row_per_target.mean()
+
+
+def _counts_in_process(rank, world, init_file, tokens, orders, chunk, audit, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    targets = torch.arange(1, tokens.numel())
+    mine = targets[(targets // 23) % world == rank] if world == 2 else targets[:0]  # interleaved; or nothing
+    if world == 3 and rank == 1:
+        mine = targets  # ranks 0 and 2 score nothing, but still count what they own
+    result = tg.score_first_counts(tokens, orders, 64, chunk, mine, tg.Runtime(rank, world, rank, CPU), audit)
+    torch.save((mine, result), f"{out}.{rank}")
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_counts_equal_one_process_counts(tmp_path, world):
+    tokens = repetitive_stream(500, 64)
+    orders, chunk, audit = (1, 2, 3, 5, 7), 31, torch.tensor([1, 2, 40, 200, 333, 499])
+    targets = torch.arange(1, 500)
+    one = tg.score_first_counts(tokens, orders, 64, chunk, targets, tg.Runtime(0, 1, 0, CPU), audit)
+    mp.spawn(_counts_in_process, args=(world, str(tmp_path / "init"), tokens, orders, chunk, audit,
+                                       str(tmp_path / "out")), nprocs=world)
+    scored = 0
+    for rank in range(world):
+        mine, (counts, totals, available, rows) = torch.load(tmp_path / f"out.{rank}")
+        scored += mine.numel()
+        for got, full in zip((counts, totals, available), one[:3]):
+            assert torch.equal(got, full[mine - 1])
+        assert torch.equal(rows, one[3])
+    assert scored == targets.numel() and int(one[0][:, 2].sum()) > 100  # the cache had something to count
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+def test_a_rank_that_scores_nothing_changes_nothing(tmp_path, mode):
+    """One batch of windows for two ranks: rank 1 scores nothing, and must still count what it owns."""
+    cfg = tiny_config(ngram_chunk_tokens=41, val_batch_size=4096, **mode)
+    tokens = repetitive_stream(300, cfg.vocab_size)  # 73 windows: one batch
+    results = []
+    for world in (1, 2):
+        out = tmp_path / f"r{world}.npy"
+        mp.spawn(_mixed_in_process, args=(world, str(tmp_path / f"init{world}"), cfg, tokens, str(out)), nprocs=world)
+        results.append(np.load(out))
+    np.testing.assert_allclose(results[1], results[0], rtol=0, atol=1e-6)
