@@ -1,9 +1,11 @@
-"""Quantization side by side on the demo model: round-to-nearest, GPTQ, and GPTQ on a CROWN-Q-trained model.
+"""Quantization side by side on the demo model: round-to-nearest, GPTQ, and GPTQ on a CROWN-Q-trained model;
+and (--full) the time the default 11-layer model's artifact takes to build, stage by stage.
 
     python3 scripts/bench_quant.py                  # 120 training steps per run: a few minutes on a CPU
     python3 scripts/bench_quant.py --steps 200      # the demo's length
     python3 scripts/bench_quant.py --threads 1      # a CPU shared with other work: see scripts/bench_ngram.py
     python3 scripts/bench_quant.py --quick          # seconds: 10 steps, 4 calibration sequences, 16k val tokens
+    python3 scripts/bench_quant.py --full --threads 1 [--before OLD_TRAIN_GPT.py]
 
 Two models are trained with train_gpt.train on the sample corpus, the same seed, data and schedule:
 one with CROWN_Q_LAMBDA=0 (quantized by round-to-nearest, GPTQ=0, and by GPTQ) and one with
@@ -20,13 +22,31 @@ Settings are the demo's (read from scripts/run_demo.sh, overridden by the enviro
 (no oracle: quicker, and the mixer head is not what is measured), COMPILE=0, QUANT_MIN_NUMEL=4096 (the demo's
 matrices are all below the default threshold) and no wall-clock cap (both runs take the same schedule
 whatever else the machine is doing).
+
+--full builds the artifact of GPT(Hyperparameters()) (the 11-layer default, 33.3M parameters) as
+save_artifact does: self-generated calibration (GPTQ_CALIB_SEQS x GPTQ_CALIB_SEQ_LEN, 64 x 512 unless
+--calib-seqs/--calib-seq-len say otherwise), then fit_artifact (Hessians, GPTQ, size fitting at
+TARGET_BYTES with the script's own code bytes, zstd at ZSTD_LEVEL), printing the run's own log lines
+with the seconds since the start. The weights are random, shaped like trained ones (no training
+happens): every matrix is Student-t (--tail-df degrees of freedom; 0: Gaussian) scaled to std
+1/sqrt(fan_in), times a log-normal factor per row (sigma 0.3); embedding tables std 0.05; gains and
+scales 1 + N(0, 0.1^2). zstd uses --threads threads too (train_gpt uses every CPU it may).
+--before PATH does the same with another train_gpt.py (e.g. `git show 81cc7ab:train_gpt.py`, the
+format-1 script): its calibration, which reran the prefix for every token, is timed at
+--before-calib SEQSxLEN and extrapolated to the full size by the number of positions it runs
+(seqs x L(L-1)/2), and its size fitting is stopped after --before-tries tries (each one is printed).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import dataclasses
+import importlib.util
+import math
+import re
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,6 +112,104 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(column[r].rjust(w) for column, w in zip(cells, widths)))
 
 
+def trained_like_gpt(cfg: tg.Hyperparameters, tail_df: float, seed: int = 0) -> tg.GPT:
+    """GPT(cfg) with random weights shaped like trained ones (see the module docstring)."""
+    torch.manual_seed(seed)
+    model = tg.GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and name in tg.EMBED_TENSOR_NAMES:
+                p.copy_(0.05 * torch.randn_like(p))
+            elif p.ndim == 2:
+                if tail_df:
+                    w = torch.distributions.StudentT(tail_df).sample(p.shape) / math.sqrt(tail_df / (tail_df - 2))
+                else:
+                    w = torch.randn_like(p)
+                p.copy_(w / math.sqrt(p.size(1)) * torch.exp(0.3 * torch.randn(p.size(0), 1)))
+            else:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+class StopBench(Exception):
+    pass
+
+
+def stage_log(start: float, prefix: str, stop_after_tries: int = 0):
+    """A `log` for fit_artifact that prints each line with the seconds since `start`; with stop_after_tries,
+    it stops fit_artifact (StopBench) after that many artifact_try lines."""
+    tries = []
+
+    def log(line: str) -> None:
+        print(f"{prefix} t:{time.perf_counter() - start:7.1f}s {line}", flush=True)
+        if line.startswith("artifact_try"):
+            tries.append(line)
+            if stop_after_tries and len(tries) >= stop_after_tries:
+                raise StopBench
+    return log
+
+
+def after_artifact(cfg: tg.Hyperparameters, model: tg.GPT, calib_seqs: int, calib_seq_len: int) -> bytes:
+    """save_artifact's work: self-generated calibration, then fit_artifact; each line with its time."""
+    code_bytes = tg.script_identity()[1]
+    start = time.perf_counter()
+    calib = tg.selfgen_calibration_tokens(model, calib_seqs, calib_seq_len, cfg.seed)
+    calib_s = time.perf_counter() - start
+    print(f"after t:{calib_s:7.1f}s gptq_calibration seqs:{calib_seqs} seq_len:{calib_seq_len} "
+          f"time:{1000 * calib_s:.0f}ms per_token:{1000 * calib_s / calib.numel():.2f}ms", flush=True)
+    blob, summary = tg.fit_artifact(model, cfg, code_bytes, stage_log(start, "after"), calib)
+    total_s = time.perf_counter() - start
+    restored = tg.unpack_artifact(blob)
+    print(f"after total:{total_s:.1f}s calibration:{calib_s:.1f}s fit_artifact:{total_s - calib_s:.1f}s "
+          f"artifact_bytes:{len(blob)} total_bytes:{summary.total_bytes} tensors_read_back:{len(restored)}", flush=True)
+    return blob
+
+
+def old_calibration_seconds(module, model, seqs: int, seq_len: int, full_seqs: int, full_len: int, seed: int) -> float:
+    """Seconds `module`'s calibration takes at seqs x seq_len, and (printed) extrapolated to the full size
+    by the positions a prefix-rerunning sampler runs: seqs x L(L-1)/2."""
+    start = time.perf_counter()
+    module.selfgen_calibration_tokens(model, seqs, seq_len, seed)
+    seconds = time.perf_counter() - start
+    positions = seqs * seq_len * (seq_len - 1) / 2
+    full = seconds / positions * full_seqs * full_len * (full_len - 1) / 2
+    print(f"before gptq_calibration measured seqs:{seqs} seq_len:{seq_len} time:{seconds:.1f}s "
+          f"per_position:{1e6 * seconds / positions:.0f}us -> {full_seqs}x{full_len} extrapolated:{full:.0f}s", flush=True)
+    return full
+
+
+def full_model_bench(args) -> int:
+    cfg = dataclasses.replace(tg.Hyperparameters(), compile=False, bf16=False)
+    seqs, seq_len = args.calib_seqs or cfg.gptq_calib_seqs, args.calib_seq_len or cfg.gptq_calib_seq_len
+    if args.threads:
+        tg.compression_workers = lambda: args.threads  # zstd on as many threads as torch
+    model = trained_like_gpt(cfg, args.tail_df)
+    print(f"bench_quant_full device:cpu({torch.get_num_threads()}_threads) zstd_workers:{tg.compression_workers()} "
+          f"params:{sum(p.numel() for p in model.parameters())} weights:student_t(df={args.tail_df:g}) "
+          f"bits(mlp/attn/embed):{cfg.quant_mlp_bits}/{cfg.quant_attn_bits}/{cfg.quant_embed_bits} "
+          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} target_bytes:{cfg.target_bytes} "
+          f"calib:{seqs}x{seq_len}", flush=True)
+    if args.before:
+        spec = importlib.util.spec_from_file_location("train_gpt_before", args.before)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        old_cfg = old.Hyperparameters(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(old.Hyperparameters)})
+        old_model = old.GPT(old_cfg).eval()
+        old_model.load_state_dict(model.state_dict())
+        before_seqs, before_len = (int(v) for v in args.before_calib.split("x"))
+        old_calibration_seconds(old, old_model, before_seqs, before_len, seqs, seq_len, cfg.seed)
+        # Its size fitting on the tokens the new sampler makes: a 64 x 512 run of the old one is hours.
+        calib = tg.selfgen_calibration_tokens(model, seqs, seq_len, cfg.seed)
+        start = time.perf_counter()
+        try:
+            old.fit_artifact(old_model, old_cfg, Path(old.__file__).stat().st_size,
+                             stage_log(start, "before", args.before_tries), calib)
+        except StopBench:
+            print(f"before stopped after {args.before_tries} tries (--before-tries)", flush=True)
+    after_artifact(cfg, model, seqs, seq_len)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -101,8 +219,30 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 10 steps (warm-up 2, warm-down 5), "
                                                              "4 calibration sequences, 16,384 val tokens")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--full", action="store_true", help="the default 11-layer model's artifact, stage by stage")
+    parser.add_argument("--calib-seqs", type=int, default=0, help="--full: calibration sequences (default 64)")
+    parser.add_argument("--calib-seq-len", type=int, default=0, help="--full: calibration length (default 512)")
+    parser.add_argument("--tail-df", type=float, default=4.0, help="--full: Student-t degrees of freedom of the "
+                                                                     "weights (default 4; 0: Gaussian)")
+    parser.add_argument("--before", default="", help="--full: another train_gpt.py to time the same way")
+    parser.add_argument("--before-calib", default="8x64", help="--full: SEQSxLEN the --before calibration is "
+                                                               "timed at (default 8x64)")
+    parser.add_argument("--before-tries", type=int, default=1, help="--full: size-fitting tries of --before "
+                                                                    "(default 1; 0: all)")
     args = parser.parse_args(argv)
     rt = runtime_from_args(parser, args)
+    if args.full:
+        if args.device != "cpu":
+            parser.error("--full runs on the CPU")
+        if args.tail_df and args.tail_df <= 2:
+            parser.error(f"--tail-df {args.tail_df:g}: needs more than 2 (a finite variance), or 0")
+        if min(args.calib_seqs, args.calib_seq_len, args.before_tries) < 0:
+            parser.error("--calib-seqs, --calib-seq-len and --before-tries: 0 or more")
+        if args.before and not Path(args.before).is_file():
+            parser.error(f"--before {args.before}: no such file")
+        if not re.fullmatch(r"[1-9]\d*x[1-9]\d*", args.before_calib):
+            parser.error(f"--before-calib {args.before_calib}: expected SEQSxLEN, e.g. 8x64")
+        return full_model_bench(args)
     try:
         cfg = dataclasses.replace(demo_config(rt.device), use_mixer="none", compile=False, iterations=args.steps,
                                   quant_min_numel=4096, max_wallclock_seconds=0.0, train_log_every=0, zstd_level=22)
