@@ -191,7 +191,7 @@ def full_model_bench(args) -> int:
           f"calib:{seqs}x{seq_len}", flush=True)
     if args.before:
         spec = importlib.util.spec_from_file_location("train_gpt_before", args.before)
-        old = importlib.util.module_from_spec(spec)
+        old = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
         spec.loader.exec_module(old)
         old_cfg = old.Hyperparameters(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(old.Hyperparameters)})
         old_model = old.GPT(old_cfg).eval()
