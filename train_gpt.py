@@ -151,7 +151,7 @@ class Hyperparameters:
     gptq: bool = True
     gptq_calib: str = "selfgen"
     gptq_calib_seqs: int = 64
-    gptq_calib_seq_len: int = 512  # self-generation reruns the prefix per token: cost grows as its square
+    gptq_calib_seq_len: int = 512  # sampled with a KV cache (DecodeCache): cost linear in the length
     gptq_damp: float = 0.01
     crown_q_lambda: float = 0.01
     prune_fraction: float = 0.03
@@ -1633,20 +1633,22 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
                        block_size: int) -> torch.Tensor:
     """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
     divided by its pivot, is subtracted from the later columns of its block at once and from the rest
-    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w)."""
+    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w).
+    Per column only what depends on the previous one runs (a dozen ops: on a GPU, a dozen launches):
+    the rounding of the whole block and its errors are recomputed from the block once it is done."""
     w = w.clone()
     q = torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
         block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
-        errors = torch.zeros_like(block)
-        for j in range(end - start):
-            column = block[:, j]
-            q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
-            q[:, start + j] = q_column
-            error = (column - q_column * scale) / h_block[j, j]
-            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
-            errors[:, j] = error
+        pivots, later = h_block.diagonal().tolist(), h_block.triu(1)  # later[j]: row j right of the diagonal
+        for j, pivot in enumerate(pivots):
+            column = block[:, j]  # its value when rounded: later columns' updates never touch it
+            error = (column - torch.clamp(torch.round(column / scale), -qmax, qmax) * scale) / pivot
+            block -= error[:, None] * later[j]
+        q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
+        q[:, start:end] = q_block
+        errors = (block - q_block * scale[:, None]) / h_block.diagonal()
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
     return q
 
@@ -1743,25 +1745,30 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
     """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
-    GPTQ is on and the matrix has a Hessian, else round-to-nearest. `cache` maps (name, bits) to an
-    earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
-    state = {}
-    for name, tensor in model.state_dict().items():
+    GPTQ is on and the matrix has a Hessian, else round-to-nearest. Matrices sharing one Hessian (c_q,
+    c_k, c_v) and a width go through GPTQ as one matrix of their stacked rows: rows are rounded
+    independently, so the result is theirs, with a third of the column steps. `cache` maps (name, bits)
+    to an earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    state, tensors, gptq_groups = {}, model.state_dict(), {}
+    for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
         if cache is not None and (name, bits) in cache:
             state[name] = cache[(name, bits)]
-            continue
-        if bits == 0:
-            quantized = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        elif bits == 0:
+            state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        elif cfg.gptq and name in hessians:
+            state[name] = None  # its place in the order; filled below
+            gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
-            if cfg.gptq and name in hessians:
-                q, scale = gptq_quantize(tensor, hessians[name], bits, cfg.gptq_damp)
-            else:
-                q, scale = rtn_quantize(tensor, bits)
-            quantized = QuantizedTensor(bits, q.cpu(), scale.cpu())
-        state[name] = quantized
-        if cache is not None:
-            cache[(name, bits)] = quantized
+            q, scale = rtn_quantize(tensor, bits)
+            state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
+    for (_, bits), names in gptq_groups.items():
+        q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp)
+        rows = [tensors[name].size(0) for name in names]
+        for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
+            state[name] = QuantizedTensor(bits, q_part, scale_part)
+    if cache is not None:
+        cache.update({(name, quant_bits(name, tensors[name], cfg)): quantized for name, quantized in state.items()})
     return state
 
 
