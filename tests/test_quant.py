@@ -162,6 +162,45 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         assert gptq_err < 0.7 * rtn_err, (bits, float(gptq_err), float(rtn_err))
 
 
+def gptq_columns_one_launch_at_a_time(w, hinv_upper, scale, qmax, block_size):
+    """gptq_round_columns as first written: every column rounded, stored and its error stored in the loop."""
+    w, q = w.clone(), torch.zeros_like(w)
+    for start in range(0, w.size(1), block_size):
+        end = min(start + block_size, w.size(1))
+        block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            column = block[:, j]
+            q[:, start + j] = q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
+            errors[:, j] = error = (column - q_column * scale) / h_block[j, j]
+            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
+        w[:, end:] -= errors @ hinv_upper[start:end, end:]
+    return q
+
+
+def test_gptq_rounding_is_bitwise_the_column_by_column_loop():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 300) * torch.exp(torch.randn(300))
+    hinv_upper = tg.inverse_hessian_cholesky(x.T @ x / x.size(0), 0.01)
+    w = torch.randn(40, 300)
+    for bits in (2, 5, 8):
+        scale = tg.row_scales(w, bits)
+        for block_size in (128, 7):
+            expected = gptq_columns_one_launch_at_a_time(w, hinv_upper, scale, tg.qmax_for(bits), block_size)
+            assert torch.equal(tg.gptq_round_columns(w, hinv_upper, scale, tg.qmax_for(bits), block_size), expected)
+
+
+def test_matrices_sharing_a_hessian_are_quantized_as_if_alone(trained_model):
+    cfg, model = trained_model
+    hessians = tg.collect_hessians(model, structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3))
+    names = [f"blocks.1.attn.{part}.weight" for part in ("c_q", "c_k", "c_v")]
+    assert hessians[names[1]] is hessians[names[0]] and hessians[names[2]] is hessians[names[0]]
+    state = tg.quantize_state(model, cfg, hessians)
+    for name in names:
+        q, scale = tg.gptq_quantize(model.state_dict()[name], hessians[name], cfg.quant_attn_bits, cfg.gptq_damp)
+        assert torch.equal(state[name].values, q) and torch.equal(state[name].scale, scale), name
+
+
 def test_gptq_beats_rtn_on_a_trained_model(trained_model):
     """At 2 bits the loss itself is lower; at 3 bits, where both stay close to the float loss on this easy
     task, the divergence from the float model's predictions is."""
