@@ -5,7 +5,7 @@ and (--full) the time the default 11-layer model's artifact takes to build, stag
     python3 scripts/bench_quant.py --steps 200      # the demo's length
     python3 scripts/bench_quant.py --threads 1      # a CPU shared with other work: see scripts/bench_ngram.py
     python3 scripts/bench_quant.py --quick          # seconds: 10 steps, 4 calibration sequences, 16k val tokens
-    python3 scripts/bench_quant.py --full --threads 1 [--before OLD_TRAIN_GPT.py]
+    python3 scripts/bench_quant.py --full --threads 1 [--project] [--before OLD_TRAIN_GPT.py]
 
 Two models are trained with train_gpt.train on the sample corpus, the same seed, data and schedule:
 one with CROWN_Q_LAMBDA=0 (quantized by round-to-nearest, GPTQ=0, and by GPTQ) and one with
@@ -35,6 +35,11 @@ scales 1 + N(0, 0.1^2). zstd uses --threads threads too (train_gpt uses every CP
 format-1 script): its calibration, which reran the prefix for every token, is timed at
 --before-calib SEQSxLEN and extrapolated to the full size by the number of positions it runs
 (seqs x L(L-1)/2), and its size fitting is stopped after --before-tries tries (each one is printed).
+--project adds what one GPU rank would spend on the first schedule entry: calibration, Hessians and GPTQ
+from the aten ops they dispatch (counted here) at assumed microseconds per op and their FLOPs at an
+assumed fp32 rate (see US_PER_KERNEL_OP), plus the CPU side measured here on one thread (pruning, fast
+packing, zstd at ZSTD_LEVEL spread over NODE_THREADS_PER_RANK threads, but never shorter than its
+largest frame). A projection from stated assumptions, not a GPU measurement.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench_ngram import demo_config, runtime_from_args, timed  # scripts/ is on sys.path when this script runs
 import train_gpt as tg  # noqa: E402  (bench_ngram put the repository root on sys.path)
@@ -178,6 +184,81 @@ def old_calibration_seconds(module, model, seqs: int, seq_len: int, full_seqs: i
     return full
 
 
+# A projection for one GPU, not a measurement: eager PyTorch launches a kernel per dispatched op from one
+# Python thread, and at these shapes (64 tokens per decode step, one column per GPTQ step) the launches set
+# the pace, not the GPU. Assumed costs (typical of eager CUDA; change them here): per kernel op and per
+# view op (no kernel), and dense fp32 throughput (H100 SXM peak: 67 TFLOPS).
+US_PER_KERNEL_OP, US_PER_VIEW_OP, GPU_FP32_FLOPS = 6.0, 1.5, 50e12
+NODE_THREADS_PER_RANK = 26  # e.g. 208 hardware threads shared by 8 ranks, each packing the same artifact
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: kernel ops and views."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels = self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view or func is torch.ops.aten._unsafe_view.default:
+            self.views += 1
+        else:
+            self.kernels += 1
+        return func(*args, **(kwargs or {}))
+
+    def seconds(self, times: float = 1.0) -> float:
+        return times * (self.kernels * US_PER_KERNEL_OP + self.views * US_PER_VIEW_OP) / 1e6
+
+
+def counted(fn) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def gpu_projection(cfg: tg.Hyperparameters, model: tg.GPT, seqs: int, seq_len: int) -> None:
+    """Prints what one GPU rank would spend on calibration, Hessians and GPTQ (from counted ops and FLOPs),
+    and the CPU side (pruning, fast packing, zstd at ZSTD_LEVEL) measured here, for the first entry."""
+    batch = min(seqs, 64)  # selfgen_calibration_tokens' batch
+    short, longer = (counted(lambda n=n: tg.selfgen_calibration_tokens(model, batch, n, 0)) for n in (3, 5))
+    step = OpCounter()
+    step.kernels, step.views = (longer.kernels - short.kernels) / 2, (longer.views - short.views) / 2
+    calib_s = step.seconds((seq_len - 1) * math.ceil(seqs / batch))
+    tokens = seqs * seq_len
+    small_calib = torch.randint(0, cfg.vocab_size, (8, 16))
+    forward = counted(lambda: tg.collect_hessians(model, small_calib))
+    hessians = tg.collect_hessians(model, small_calib)
+    distinct = {id(h): h.size(0) for h in hessians.values()}
+    matrix_params = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and "emb" not in name)
+    flops = tokens * (2 * sum(d * d for d in distinct.values()) + 2 * matrix_params)
+    hessian_s = forward.seconds(math.ceil(seqs / 8)) + flops / GPU_FP32_FLOPS
+    state = {}
+    gptq = counted(lambda: state.update(tg.quantize_state(model, cfg, hessians)))
+    print(f"gpu_projection calibration decode_steps:{(seq_len - 1) * math.ceil(seqs / batch)} "
+          f"kernel_ops_per_step:{step.kernels:.0f} view_ops_per_step:{step.views:.0f} -> {calib_s:.1f}s", flush=True)
+    print(f"gpu_projection hessians fp32_flops:{flops:.3g} -> {hessian_s:.2f}s", flush=True)
+    print(f"gpu_projection gptq kernel_ops:{gptq.kernels} view_ops:{gptq.views} -> {gptq.seconds():.1f}s", flush=True)
+    start = time.perf_counter()
+    pruned = tg.prune_smallest(state, cfg.prune_fraction)
+    prune_s = time.perf_counter() - start
+    start = time.perf_counter()
+    packing = tg.fast_packing(pruned)
+    pack_s = time.perf_counter() - start
+    largest = max(packing.records, key=len)
+    start = time.perf_counter()
+    tg.zstd_frames([largest], cfg.zstd_level, workers=1)
+    largest_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tg.zstd_frames(packing.records, cfg.zstd_level, workers=1)
+    zstd_s = time.perf_counter() - start
+    node_zstd_s = max(largest_s, zstd_s / NODE_THREADS_PER_RANK)
+    print(f"gpu_projection cpu_side prune:{prune_s:.1f}s fast_pack:{pack_s:.1f}s zstd_{cfg.zstd_level}_one_thread:{zstd_s:.1f}s "
+          f"largest_frame:{largest_s:.1f}s -> at {NODE_THREADS_PER_RANK} threads per rank:{node_zstd_s:.1f}s", flush=True)
+    total = calib_s + hessian_s + gptq.seconds() + prune_s + pack_s + node_zstd_s
+    print(f"gpu_projection total_first_entry_fits:{total:.1f}s (assumed {US_PER_KERNEL_OP:g}us per kernel op, "
+          f"{US_PER_VIEW_OP:g}us per view op, {GPU_FP32_FLOPS / 1e12:g} fp32 TFLOPS; CPU side as measured here)", flush=True)
+
+
 def full_model_bench(args) -> int:
     cfg = dataclasses.replace(tg.Hyperparameters(), compile=False, bf16=False)
     seqs, seq_len = args.calib_seqs or cfg.gptq_calib_seqs, args.calib_seq_len or cfg.gptq_calib_seq_len
@@ -207,6 +288,8 @@ def full_model_bench(args) -> int:
         except StopBench:
             print(f"before stopped after {args.before_tries} tries (--before-tries)", flush=True)
     after_artifact(cfg, model, seqs, seq_len)
+    if args.project:
+        gpu_projection(cfg, model, seqs, seq_len)
     return 0
 
 
@@ -224,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-seq-len", type=int, default=0, help="--full: calibration length (default 512)")
     parser.add_argument("--tail-df", type=float, default=4.0, help="--full: Student-t degrees of freedom of the "
                                                                      "weights (default 4; 0: Gaussian)")
+    parser.add_argument("--project", action="store_true", help="--full: also project one GPU's time from "
+                                                                "counted ops (see gpu_projection)")
     parser.add_argument("--before", default="", help="--full: another train_gpt.py to time the same way")
     parser.add_argument("--before-calib", default="8x64", help="--full: SEQSxLEN the --before calibration is "
                                                                "timed at (default 8x64)")
