@@ -2063,6 +2063,11 @@ class ScheduleEntries:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def runs(self, lo: int, hi: int) -> list[range]:
+        """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
+        starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]
+
     def describe(self, i: int) -> str:
         widths, prune = self.entries[i]
         return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
@@ -2103,14 +2108,31 @@ class ScheduleEntries:
         return blob
 
 
+def first_fit(runs: Sequence[range], fits) -> int | None:
+    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run (more pruning),
+    so a run whose first entry fits is done, one whose last entry does not is skipped, and the others
+    are bisected. In a run that fits at once, one question; in a run that never fits, two."""
+    for run in runs:
+        if fits(run[0]):
+            return run[0]
+        no, yes = run[0], run[-1]
+        if no == yes or not fits(yes):
+            continue
+        while yes - no > 1:
+            mid = (no + yes) // 2
+            no, yes = (no, mid) if fits(mid) else (mid, yes)
+        return yes
+    return None
+
+
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
                  calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
     """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES with the first entry of
     `shrink_schedule` that fits; ArtifactError when even the last does not. Sizes at FAST_ZSTD_LEVEL pick
-    the entry to compress at ZSTD_LEVEL: no frame is larger than its fast one, so the first entry whose
-    fast size fits does fit; the final size's ratio to the fast size then predicts the earlier entries,
-    and one predicted to fit as well is tried. `calib_tokens` (from `calibration_tokens`) are needed
-    when GPTQ is on."""
+    the entry to compress at ZSTD_LEVEL (found by `first_fit`): no frame is larger than its fast one, so the
+    first entry whose fast size fits does fit; the final size's ratio to the fast size then predicts the
+    earlier entries, and one predicted to fit as well is tried. `calib_tokens` (from `calibration_tokens`)
+    are needed when GPTQ is on."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -2122,9 +2144,9 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
     entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
     ratio, lo, hi, best = 1.0, 0, len(entries), None
     while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
-        # The first predicted to fit; with none fitting yet and none predicted to, the last one.
-        i = next((j for j in range(lo, hi) if ratio * entries.fast_bytes(j) <= budget),
-                 hi - 1 if best is None else None)
+        i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
+        if i is None and best is None:
+            i = hi - 1  # none predicted to fit: the smallest, which decides between fitting and refusing
         if i is None:
             break
         blob = entries.final_blob(i)
