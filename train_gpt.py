@@ -48,6 +48,7 @@ import struct
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -151,7 +152,7 @@ class Hyperparameters:
     gptq: bool = True
     gptq_calib: str = "selfgen"
     gptq_calib_seqs: int = 64
-    gptq_calib_seq_len: int = 512  # self-generation reruns the prefix per token: cost grows as its square
+    gptq_calib_seq_len: int = 512  # sampled with a KV cache (DecodeCache): cost linear in the length
     gptq_damp: float = 0.01
     crown_q_lambda: float = 0.01
     prune_fraction: float = 0.03
@@ -633,10 +634,10 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
         return freqs.cos(), freqs.sin()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, H, T, hd)
-        cos, sin = self.cos_sin(x.size(2), x.device)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # x: (B, H, T, hd) at positions offset .. offset + T - 1
+        cos, sin = self.cos_sin(offset + x.size(2), x.device)
+        cos, sin = cos[offset:].to(x.dtype), sin[offset:].to(x.dtype)
         rot, rest = x[..., :self.dims], x[..., self.dims:]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -656,15 +657,17 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.layer = layer
         self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
         self.mixes_first_value = cfg.value_residual and layer > 0
         if self.mixes_first_value:
             # ResFormer: v = a * v + b * v_first, starting as the plain v.
             self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
 
-    def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None,
-                first_value: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, this layer's value before mixing) for x: (B, T, D)."""
+    def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
+                cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues the
+        positions it holds, whose keys and values are attended to as well."""
         B, T, D = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
@@ -675,9 +678,14 @@ class CausalSelfAttention(nn.Module):
         raw_v = v
         if self.mixes_first_value and first_value is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * first_value
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        offset = 0 if cache is None else cache.length
+        q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        k_all, v_all, mask = k, v, None
+        if cache is not None:
+            k_all, v_all = cache.store(self.layer, k, v)
+            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)  # causal, offset
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
         if self.xsa:
             y = self._exclude_own_value(y, v)
@@ -719,8 +727,8 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
 
-    def forward(self, x, value_embed, first_value):
-        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value)
+    def forward(self, x, value_embed, first_value, cache=None):
+        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value, cache)
         x = x + self.attn_scale.to(x.dtype) * attn_out
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
         return x, raw_v
@@ -747,8 +755,37 @@ class BigramHashEmbedding(nn.Module):
         nn.init.zeros_(self.embed.weight)
         self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
+    def forward(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T); `previous` (B, 1): the token before tokens[:, 0], when there is one."""
+        if previous is None:
+            return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
+        return self.proj(self.embed(bigram_hash_ids(torch.cat((previous, tokens), dim=1), self.buckets)[:, 1:]))
+
+
+class DecodeCache:
+    """The keys and values (after rotary and value mixing) of the positions already run, per layer, and
+    their last token: GPT.forward_hidden(new_tokens, cache) then runs only the new positions and gives
+    what the full forward gives there, so sampling costs one position per token, not the whole prefix."""
+
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity, self.length, self.last_tokens = capacity, 0, None
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key and value of `layer` so far, (B, Hkv, length + T, hd), the new ones (B, Hkv, T, hd) included."""
+        if self.keys[layer] is None:  # buffers of the whole capacity: no copy of the past per token
+            self.keys[layer] = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
+            self.values[layer] = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
+        end = self.length + k.size(2)
+        if end > self.capacity:
+            raise ValueError(f"DecodeCache holds {self.capacity} positions, asked for {end}")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.length += tokens.size(1)
+        self.last_tokens = tokens[:, -1:]
 
 
 class GPT(nn.Module):
@@ -785,11 +822,12 @@ class GPT(nn.Module):
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
 
-    def forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only."""
+    def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only.
+        With `cache`, tokens continue the positions it holds (and are added to it)."""
         x = self.tok_emb(tokens)
         if self.bigram is not None:
-            x = x + self.bigram(tokens)
+            x = x + self.bigram(tokens, None if cache is None else cache.last_tokens)
         x = rms_norm(x)
         value_embeds = {}
         if self.ve_layers:
@@ -801,11 +839,13 @@ class GPT(nn.Module):
             # U-Net: the second half adds back the outputs of the first half, mirrored.
             if self.num_skips and i >= len(self.blocks) - self.num_skips:
                 x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
-            x, raw_v = block(x, value_embeds.get(i), first_value)
+            x, raw_v = block(x, value_embeds.get(i), first_value, cache)
             if first_value is None:
                 first_value = raw_v
             if i < self.num_skips:
                 skips.append(x)
+        if cache is not None:
+            cache.advance(tokens)
         return rms_norm(x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -1540,10 +1580,15 @@ CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max 
 GPTQ_BLOCK = 128
 PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
 
+# Format 2: one zstd frame per tensor. Frames compress in parallel threads, a tensor that did not change
+# between size-fitting tries keeps its frame, and each keeps the smaller of its FAST_ZSTD_LEVEL and
+# ZSTD_LEVEL compressions. (Format 1 compressed one body at ZSTD_LEVEL: 22 took about a minute per
+# layout per try for the 11-layer model, on one thread, and was not smaller than level 1 per tensor.)
 ARTIFACT_MAGIC = b"PGQW"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
-TENSOR_HEAD = struct.Struct("<HBBBB")     # name length, ndim, bits (0: raw), layout, dtype code
+TENSOR_HEAD = struct.Struct("<HBBBBI")    # name length, ndim, bits (0: raw), layout, dtype code, frame bytes
+FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: ~100x faster than 22, and as small on these values
 LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
 LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
 DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
@@ -1634,20 +1679,22 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
                        block_size: int) -> torch.Tensor:
     """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
     divided by its pivot, is subtracted from the later columns of its block at once and from the rest
-    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w)."""
+    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w).
+    Per column only what depends on the previous one runs (a dozen ops: on a GPU, a dozen launches):
+    the rounding of the whole block and its errors are recomputed from the block once it is done."""
     w = w.clone()
     q = torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
         block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
-        errors = torch.zeros_like(block)
-        for j in range(end - start):
-            column = block[:, j]
-            q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
-            q[:, start + j] = q_column
-            error = (column - q_column * scale) / h_block[j, j]
-            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
-            errors[:, j] = error
+        pivots, later = h_block.diagonal().tolist(), h_block.triu(1)  # later[j]: row j right of the diagonal
+        for j, pivot in enumerate(pivots):
+            column = block[:, j]  # its value when rounded: later columns' updates never touch it
+            error = (column - torch.clamp(torch.round(column / scale), -qmax, qmax) * scale) / pivot
+            block -= error[:, None] * later[j]
+        q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
+        q[:, start:end] = q_block
+        errors = (block - q_block * scale[:, None]) / h_block.diagonal()
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
     return q
 
@@ -1674,18 +1721,19 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
                                bos_id: int = 1) -> torch.Tensor:
     """(num_seqs, seq_len) int64 token sequences the model samples itself, from BOS at temperature 1.
     Calibration from the model alone needs no data after training ends, and the inputs GPTQ sees are
-    those the model produces. No KV cache: each step reruns the prefix, so cost grows as seq_len^2."""
+    those the model produces. A DecodeCache runs each position once: cost linear in seq_len."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
     batches = []
     for start in range(0, num_seqs, batch_seqs):
-        seqs = torch.full((min(batch_seqs, num_seqs - start), 1), bos_id, dtype=torch.int64, device=device)
-        while seqs.size(1) < seq_len:
-            logits = model.logits_from_hidden(model.forward_hidden(seqs)[:, -1])  # (B, V)
+        seqs = torch.full((min(batch_seqs, num_seqs - start), seq_len), bos_id, dtype=torch.int64, device=device)
+        cache = DecodeCache(len(model.blocks), seq_len)
+        for t in range(1, seq_len):
+            logits = model.logits_from_hidden(model.forward_hidden(seqs[:, t - 1:t], cache)[:, -1])  # (B, V)
             probs = torch.softmax(logits.float(), dim=-1)
-            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=generator)), dim=1)
+            seqs[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         batches.append(seqs)
     model.train(was_training)
     return torch.cat(batches)
@@ -1707,11 +1755,16 @@ def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Ten
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
     """H = mean of x x^T over the calibration tokens, for the input x of every nn.Linear the forward pass
-    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN."""
-    sums, counts, handles = {}, {}, []
+    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN.
+    Layers called in a row on the same tensor (c_q, c_k, c_v) share one H, computed once."""
+    sums, counts, handles, shared, last = {}, {}, [], {}, [None, None]  # last: (input, name) of the last call
 
     def accumulate(name):
         def hook(module, inputs, output):
+            if inputs[0] is last[0]:
+                shared[name] = last[1]
+                return
+            last[:] = inputs[0], name
             x = inputs[0].detach().flatten(0, -2).float()  # (tokens, in_features)
             if name not in sums:
                 sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
@@ -1730,32 +1783,38 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
     finally:
         for handle in handles:
             handle.remove()
-    return {name: total / counts[name] for name, total in sums.items()}
+    hessians = {name: total / counts[name] for name, total in sums.items()}
+    return hessians | {name: hessians[source] for name, source in shared.items()}
 
 
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
     """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
-    GPTQ is on and the matrix has a Hessian, else round-to-nearest. `cache` maps (name, bits) to an
-    earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
-    state = {}
-    for name, tensor in model.state_dict().items():
+    GPTQ is on and the matrix has a Hessian, else round-to-nearest. Matrices sharing one Hessian (c_q,
+    c_k, c_v) and a width go through GPTQ as one matrix of their stacked rows: rows are rounded
+    independently, so the result is theirs, with a third of the column steps. `cache` maps (name, bits)
+    to an earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    state, tensors, gptq_groups = {}, model.state_dict(), {}
+    for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
         if cache is not None and (name, bits) in cache:
             state[name] = cache[(name, bits)]
-            continue
-        if bits == 0:
-            quantized = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        elif bits == 0:
+            state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        elif cfg.gptq and name in hessians:
+            state[name] = None  # its place in the order; filled below
+            gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
-            if cfg.gptq and name in hessians:
-                q, scale = gptq_quantize(tensor, hessians[name], bits, cfg.gptq_damp)
-            else:
-                q, scale = rtn_quantize(tensor, bits)
-            quantized = QuantizedTensor(bits, q.cpu(), scale.cpu())
-        state[name] = quantized
-        if cache is not None:
-            cache[(name, bits)] = quantized
+            q, scale = rtn_quantize(tensor, bits)
+            state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
+    for (_, bits), names in gptq_groups.items():
+        q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp)
+        rows = [tensors[name].size(0) for name in names]
+        for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
+            state[name] = QuantizedTensor(bits, q_part, scale_part)
+    if cache is not None:
+        cache.update({(name, quant_bits(name, tensors[name], cfg)): quantized for name, quantized in state.items()})
     return state
 
 
@@ -1833,7 +1892,7 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 
 
 def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(value bytes, scale bytes) a tensor of this description takes in the body."""
+    """(value bytes, scale bytes) of a tensor's record."""
     count = math.prod(shape)
     if layout == LAYOUT_RAW:
         return count * torch.finfo(dtype).bits // 8, 0
@@ -1841,47 +1900,98 @@ def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: tor
     return value_bytes, shape[0] * torch.finfo(dtype).bits // 8
 
 
-def artifact_body(quantized_state: dict[str, QuantizedTensor], layout: int) -> bytes:
-    """Uncompressed body: tensor count, every tensor's header (name, shape, bits, layout, dtype of the raw
-    values or of the steps), then every tensor's values and steps in the same order."""
-    heads, data = [struct.pack("<I", len(quantized_state))], []
-    for name, q in quantized_state.items():
-        name_bytes, shape = name.encode(), tuple(q.values.shape)
-        if q.bits == 0:
-            tensor_layout, dtype = LAYOUT_RAW, q.values.dtype
-            data.append(q.values.reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
-                raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
-            tensor_layout, dtype = layout, q.scale.dtype
-            values = q.values.numpy()
-            data.append(values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits))
-            data.append(q.scale.reshape(-1).view(torch.uint8).numpy().tobytes())
-        heads.append(TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, tensor_layout, DTYPE_CODES[dtype]))
-        heads.append(name_bytes + struct.pack(f"<{len(shape)}I", *shape))
-    return b"".join(heads + data)
+def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
+    """What one tensor's frame holds, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0),
+    then its per-row steps."""
+    if q.bits == 0:
+        return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
+    if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
+        raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
+    values = q.values.numpy()
+    packed = values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits)
+    return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def pack_artifact_as(quantized_state: dict[str, QuantizedTensor], layout: int, zstd_level: int = 22) -> bytes:
-    """The artifact with every integer tensor in `layout` (LAYOUT_BYTES or LAYOUT_BITS): frame (magic,
-    version, crc32 and length of the payload), then the zstd-compressed body."""
-    payload = zstandard.ZstdCompressor(level=zstd_level).compress(artifact_body(quantized_state, layout))
+def tensor_head(name: str, q: QuantizedTensor, layout: int, frame_bytes: int) -> bytes:
+    name_bytes, shape = name.encode(), tuple(q.values.shape)
+    dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
+    return (TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, frame_bytes) + name_bytes
+            + struct.pack(f"<{len(shape)}I", *shape))
+
+
+def compression_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
+    """Each record as its own zstd frame at `level`, compressed by `workers` threads (0: one per CPU this
+    process may use; zstandard releases the GIL). No frame depends on another, so the bytes are the
+    same for any number of threads. `cache` maps (level, sha256 of a record) to a frame made before:
+    size fitting recompresses only the records that changed."""
+    cache = {} if cache is None else cache
+    keys = [(level, hashlib.sha256(record).digest()) for record in records]
+    todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
+                       key=lambda item: -len(item[1])))  # the longest first: no straggler at the end
+    if todo:
+        with ThreadPoolExecutor(min(len(todo), workers or compression_workers())) as pool:
+            frames = pool.map(lambda record: zstandard.ZstdCompressor(level=level).compress(record), todo.values())
+            cache.update(zip(todo, frames))
+    return [cache[key] for key in keys]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Per tensor, in state order: the layout kept (LAYOUT_BYTES or LAYOUT_BITS, LAYOUT_RAW for raw
+    tensors), its record, and that record's frame at FAST_ZSTD_LEVEL."""
+    layouts: list[int]
+    records: list[bytes]
+    fast_frames: list[bytes]
+
+    @property
+    def layout(self) -> str:
+        """'int8', 'bitpacked' or 'bitpacked+int8': the layouts of the integer tensors."""
+        return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
+
+
+def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None = None,
+                 layout: int | None = None) -> Packing:
+    """Each integer tensor in `layout`, or (None) in whichever layout zstd shrinks more at FAST_ZSTD_LEVEL:
+    which one wins depends on the weights, and a fast level ranks them as the final one does."""
+    candidates = [(name, option) for name, q in quantized_state.items()
+                  for option in ((LAYOUT_RAW,) if q.bits == 0 else (LAYOUT_BYTES, LAYOUT_BITS) if layout is None
+                                 else (layout,))]
+    records = [tensor_record(name, quantized_state[name], option) for name, option in candidates]
+    best = {}
+    for (name, option), record, frame in zip(candidates, records, zstd_frames(records, FAST_ZSTD_LEVEL, cache)):
+        if name not in best or len(frame) < len(best[name][2]):
+            best[name] = (option, record, frame)
+    return Packing(*map(list, zip(*best.values())))
+
+
+def artifact_blob(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int], frames: Sequence[bytes]) -> bytes:
+    """Frame (magic, version, crc32 and length of the payload), then the payload: the length of the
+    compressed head table (u32), that table (tensor count, then per tensor its name, shape, bits, layout,
+    dtype and frame length), then every tensor's frame in the same order."""
+    heads = [struct.pack("<I", len(quantized_state))]
+    heads += [tensor_head(name, q, layout, len(frame))
+              for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames)]
+    head_frame = zstandard.ZstdCompressor(level=FAST_ZSTD_LEVEL).compress(b"".join(heads))
+    payload = b"".join([struct.pack("<I", len(head_frame)), head_frame, *frames])
     return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
 
 
-def artifacts_by_layout(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> dict[str, bytes]:
-    """The artifact packed both ways, by layout name ("int8", "bitpacked"): which one zstd shrinks more
-    depends on the weights, so both are tried; the header records which was kept."""
-    return {name: pack_artifact_as(quantized_state, layout, zstd_level) for layout, name in LAYOUT_NAMES.items()}
-
-
-def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22) -> bytes:
-    """The smaller of the byte-per-value and bit-packed artifacts."""
-    return min(artifacts_by_layout(quantized_state, zstd_level).values(), key=len)
+def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
+                  layout: int | None = None, packing: Packing | None = None) -> bytes:
+    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the
+    smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
+    packing = packing or fast_packing(quantized_state, cache, layout)
+    final = zstd_frames(packing.records, zstd_level, cache)
+    frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
+    return artifact_blob(quantized_state, packing.layouts, frames)
 
 
 def artifact_payload(blob: bytes) -> bytes:
-    """The compressed payload, once magic, version, length and checksum are all right."""
+    """The payload, once magic, version, length and checksum are all right."""
     if len(blob) < ARTIFACT_FRAME.size:
         raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
     magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
@@ -1897,51 +2007,59 @@ def artifact_payload(blob: bytes) -> bytes:
     return payload
 
 
-def read_tensor_heads(body: bytes) -> tuple[list[tuple], int]:
-    """([(name, shape, bits, layout, dtype)], offset of the first data byte) from the body."""
-    (count,), offset, heads = struct.unpack_from("<I", body), 4, []
+def read_tensor_heads(table: bytes) -> list[tuple]:
+    """[(name, shape, bits, layout, dtype, frame length)] from the decompressed head table."""
+    (count,), offset, heads = struct.unpack_from("<I", table), 4, []
     for _ in range(count):
-        name_len, ndim, bits, layout, dtype_code = TENSOR_HEAD.unpack_from(body, offset)
+        name_len, ndim, bits, layout, dtype_code, frame_len = TENSOR_HEAD.unpack_from(table, offset)
         offset += TENSOR_HEAD.size
-        name = body[offset:offset + name_len].decode()
-        shape = struct.unpack_from(f"<{ndim}I", body, offset + name_len)
+        name = table[offset:offset + name_len].decode()
+        shape = struct.unpack_from(f"<{ndim}I", table, offset + name_len)
         offset += name_len + 4 * ndim
         if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE:
             raise ArtifactError(f"artifact header of {name} has unknown layout {layout} or dtype {dtype_code}")
         if (layout == LAYOUT_RAW) != (bits == 0) or (bits and (ndim != 2 or not 2 <= bits <= 8)):
             raise ArtifactError(f"artifact header of {name} is inconsistent: bits {bits}, layout {layout}, "
                                 f"shape {shape}")
-        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code]))
-    return heads, offset
+        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code], frame_len))
+    if offset != len(table):
+        raise ArtifactError(f"artifact head table has {len(table) - offset} bytes after its last tensor")
+    return heads
+
+
+def tensor_from_record(name: str, shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype,
+                       record: bytes) -> QuantizedTensor:
+    value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
+    if len(record) != value_bytes + scale_bytes:
+        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says "
+                            f"{value_bytes + scale_bytes}")
+    raw = record[:value_bytes]
+    if layout == LAYOUT_RAW:
+        return QuantizedTensor(0, torch.frombuffer(bytearray(raw), dtype=dtype).view(shape))
+    if layout == LAYOUT_BYTES:
+        values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
+    else:
+        values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
+    return QuantizedTensor(bits, values, torch.frombuffer(bytearray(record[value_bytes:]), dtype=dtype))
 
 
 def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
+    payload = artifact_payload(blob)
+    decompress = zstandard.ZstdDecompressor().decompress
     try:
-        body = zstandard.ZstdDecompressor().decompress(artifact_payload(blob))
-        heads, offset = read_tensor_heads(body)
+        (table_len,) = struct.unpack_from("<I", payload)
+        offset, state = 4 + table_len, {}
+        for name, shape, bits, layout, dtype, frame_len in read_tensor_heads(decompress(payload[4:offset])):
+            if offset + frame_len > len(payload):
+                raise ArtifactError(f"artifact payload ends inside tensor {name}")
+            record = decompress(payload[offset:offset + frame_len])
+            state[name] = tensor_from_record(name, shape, bits, layout, dtype, record)
+            offset += frame_len
     except (zstandard.ZstdError, struct.error, UnicodeDecodeError) as err:
         raise ArtifactError(f"artifact unreadable: {err}") from None
-    state = {}
-    for name, shape, bits, layout, dtype in heads:
-        value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
-        if offset + value_bytes + scale_bytes > len(body):
-            raise ArtifactError(f"artifact body ends inside tensor {name}")
-        raw = body[offset:offset + value_bytes]
-        if layout == LAYOUT_RAW:
-            values = torch.frombuffer(bytearray(raw), dtype=dtype).view(shape)
-        elif layout == LAYOUT_BYTES:
-            values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
-        else:
-            values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
-        scale = None
-        if bits:
-            scale = torch.frombuffer(bytearray(body[offset + value_bytes:offset + value_bytes + scale_bytes]),
-                                     dtype=dtype)
-        state[name] = QuantizedTensor(bits, values, scale)
-        offset += value_bytes + scale_bytes
-    if offset != len(body):
-        raise ArtifactError(f"artifact body has {len(body) - offset} bytes after its last tensor")
+    if offset != len(payload):
+        raise ArtifactError(f"artifact payload has {len(payload) - offset} bytes after its last tensor")
     return state
 
 
@@ -1953,7 +2071,7 @@ class ArtifactSummary:
     attn_bits: int
     embed_bits: int
     prune_fraction: float
-    layout: str  # "int8" (one byte per value) or "bitpacked"
+    layout: str  # the integer tensors' layouts: "int8" (one byte per value), "bitpacked", or both
 
     @property
     def total_bytes(self) -> int:
@@ -1971,11 +2089,96 @@ def shrink_schedule(cfg: Hyperparameters) -> Iterator[tuple[Hyperparameters, flo
             yield widths, min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
 
 
+def distinct_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
+    """`shrink_schedule` without repeats: a width already at its floor would give the same try again."""
+    entries = {}
+    for widths, prune in shrink_schedule(cfg):
+        entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
+    return list(entries.values())
+
+
+class ScheduleEntries:
+    """The entries of `distinct_schedule`, each quantized, pruned and packed at FAST_ZSTD_LEVEL when first
+    asked for; quantized tensors and frames that recur between entries are reused."""
+
+    def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
+        self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
+        self.entries = distinct_schedule(cfg)
+        self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def runs(self, lo: int, hi: int) -> list[range]:
+        """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
+        starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]
+
+    def describe(self, i: int) -> str:
+        widths, prune = self.entries[i]
+        return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
+                f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
+
+    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing]:
+        """Entry i's quantized state and fast packing. Only the last one is kept: it is the one usually
+        compressed next, and every one holds a copy of the model."""
+        if self.last is None or self.last[0] != i:
+            widths, prune = self.entries[i]
+            t0 = time.perf_counter()
+            quantized = prune_smallest(quantize_state(self.model, widths, self.hessians, self.quant_cache), prune)
+            t1 = time.perf_counter()
+            packing = fast_packing(quantized, self.frame_cache)
+            self.last = i, quantized, packing, f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
+        return self.last[1], self.last[2]
+
+    def fast_bytes(self, i: int) -> int:
+        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged (artifact_estimate) once."""
+        if i not in self.fast_sizes:
+            quantized, packing = self.packed(i)
+            self.fast_sizes[i] = len(artifact_blob(quantized, packing.layouts, packing.fast_frames))
+            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{self.fast_sizes[i]} "
+                     f"total_bytes:{self.code_bytes + self.fast_sizes[i]} target_bytes:{self.cfg.target_bytes} "
+                     f"{self.last[3]}")
+        return self.fast_sizes[i]
+
+    def final_blob(self, i: int) -> bytes:
+        """Entry i's artifact at ZSTD_LEVEL, logged (artifact_try)."""
+        t0, frames_before = time.perf_counter(), len(self.frame_cache)
+        quantized, packing = self.packed(i)
+        blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
+        total = self.code_bytes + len(blob)
+        self.log(f"artifact_try {self.describe(i)} level:{self.cfg.zstd_level} layout:{packing.layout} "
+                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} artifact_bytes:{len(blob)} "
+                 f"total_bytes:{total} target_bytes:{self.cfg.target_bytes} fits:{int(total <= self.cfg.target_bytes)} "
+                 f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        return blob
+
+
+def first_fit(runs: Sequence[range], fits) -> int | None:
+    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run (more pruning),
+    so a run whose first entry fits is done, one whose last entry does not is skipped, and the others
+    are bisected. In a run that fits at once, one question; in a run that never fits, two."""
+    for run in runs:
+        if fits(run[0]):
+            return run[0]
+        no, yes = run[0], run[-1]
+        if no == yes or not fits(yes):
+            continue
+        while yes - no > 1:
+            mid = (no + yes) // 2
+            no, yes = (no, mid) if fits(mid) else (mid, yes)
+        return yes
+    return None
+
+
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
                  calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
-    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES, shrinking in the
-    order of `shrink_schedule` and logging every try; ArtifactError when even the last try is too big.
-    `calib_tokens` (from `calibration_tokens`) are needed when GPTQ is on."""
+    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES with the first entry of
+    `shrink_schedule` that fits; ArtifactError when even the last does not. Sizes at FAST_ZSTD_LEVEL pick
+    the entry to compress at ZSTD_LEVEL (found by `first_fit`): no frame is larger than its fast one, so the
+    first entry whose fast size fits does fit; the final size's ratio to the fast size then predicts the
+    earlier entries, and one predicted to fit as well is tried. `calib_tokens` (from `calibration_tokens`)
+    are needed when GPTQ is on."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -1984,29 +2187,30 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         hessians = collect_hessians(model, calib_tokens)
         log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
             f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    cache, tried = {}, set()
-    for widths, prune in shrink_schedule(cfg):
-        if (widths.quant_mlp_bits, widths.quant_attn_bits, prune) in tried:
-            continue  # a width already at its floor: the same try again would not shrink anything
-        tried.add((widths.quant_mlp_bits, widths.quant_attn_bits, prune))
-        t0 = time.perf_counter()
-        quantized = prune_smallest(quantize_state(model, widths, hessians, cache), prune)
-        packings = artifacts_by_layout(quantized, cfg.zstd_level)
-        layout = min(packings, key=lambda name: len(packings[name]))
-        summary = ArtifactSummary(len(packings[layout]), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
-                                  widths.quant_embed_bits, prune, layout)
-        fits = summary.total_bytes <= cfg.target_bytes
-        log(f"artifact_try mlp_bits:{summary.mlp_bits} attn_bits:{summary.attn_bits} embed_bits:{summary.embed_bits} "
-            f"prune:{prune:.2f} int8_bytes:{len(packings['int8'])} bitpacked_bytes:{len(packings['bitpacked'])} "
-            f"layout:{layout} total_bytes:{summary.total_bytes} target_bytes:{cfg.target_bytes} fits:{int(fits)} "
-            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
-        if fits:
-            log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
-                f"(code {code_bytes}, artifact {summary.artifact_bytes})")
-            return packings[layout], summary
-    raise ArtifactError(f"artifact cannot fit: code + artifact is {summary.total_bytes} bytes at the smallest setting "
-                        f"tried (mlp {summary.mlp_bits} bits, attn {summary.attn_bits} bits, prune "
-                        f"{summary.prune_fraction:.2f}), over TARGET_BYTES={cfg.target_bytes}")
+    entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
+    ratio, lo, hi, best = 1.0, 0, len(entries), None
+    while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
+        i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
+        if i is None and best is None:
+            i = hi - 1  # none predicted to fit: the smallest, which decides between fitting and refusing
+        if i is None:
+            break
+        blob = entries.final_blob(i)
+        ratio = len(blob) / entries.fast_bytes(i)
+        if len(blob) <= budget:
+            best, hi = (i, blob, entries.packed(i)[1].layout), i
+        else:
+            lo = i + 1
+    if best is None:
+        raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
+                            f"setting tried ({entries.describe(len(entries) - 1)}), over TARGET_BYTES={cfg.target_bytes}")
+    i, blob, layout = best
+    widths, prune = entries.entries[i]
+    summary = ArtifactSummary(len(blob), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
+                              widths.quant_embed_bits, prune, layout)
+    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
+        f"(code {code_bytes}, artifact {summary.artifact_bytes})")
+    return blob, summary
 
 
 def write_artifact(path: str | Path, blob: bytes) -> None:
@@ -2649,7 +2853,7 @@ def artifact_path(cfg: Hyperparameters) -> Path:
 def artifact_blob(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[bytes, ArtifactSummary]:
     """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing.
     Every rank does the same deterministic work, so that a failure stops all of them alike."""
-    calib = None
+    calib, t0 = None, time.perf_counter()
     if cfg.gptq:
         train_tokens = None
         if cfg.gptq_calib == "train":
@@ -2657,6 +2861,9 @@ def artifact_blob(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[b
             train_tokens = torch.from_numpy(stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
         with rt.autocast():
             calib = calibration_tokens(model, cfg, train_tokens)
+        rt.synchronize()
+        log(f"gptq_calibration source:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
+            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
     return fit_artifact(model, cfg, script_identity()[1], log, calib)
 
 

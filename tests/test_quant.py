@@ -4,6 +4,7 @@ import struct
 
 import pytest
 import torch
+import zstandard
 
 import train_gpt as tg
 from conftest import perturbed_gpt
@@ -83,18 +84,54 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[name].scale.dtype == b[name].scale.dtype and torch.equal(a[name].scale, b[name].scale), name
 
 
-@pytest.mark.parametrize("layout", [tg.LAYOUT_BYTES, tg.LAYOUT_BITS])
+@pytest.mark.parametrize("layout", [tg.LAYOUT_BYTES, tg.LAYOUT_BITS, None])
 def test_pack_unpack_round_trip_is_exact(layout):
     state = random_quantized_state(range(2, 9))
-    assert_same_state(tg.unpack_artifact(tg.pack_artifact_as(state, layout, zstd_level=3)), state)
-
-
-def test_pack_artifact_keeps_the_smaller_layout():
-    state = random_quantized_state([5, 6, 5, 6])
-    sizes = [len(tg.pack_artifact_as(state, layout, 3)) for layout in (tg.LAYOUT_BYTES, tg.LAYOUT_BITS)]
-    blob = tg.pack_artifact(state, zstd_level=3)
-    assert len(blob) == min(sizes)
+    blob = tg.pack_artifact(state, zstd_level=3, layout=layout)
     assert_same_state(tg.unpack_artifact(blob), state)
+    assert tg.pack_artifact(state, zstd_level=3, layout=layout) == blob  # the same input, the same bytes
+
+
+def layouts_test_state() -> dict:
+    """A 6-bit tensor of Gaussian values (one byte per value compresses better: zstd's Huffman codes
+    bytes) and a 2-bit tensor that is 90% zeros (bit-packed is better: 4 values per coded byte)."""
+    gen = torch.Generator().manual_seed(0)
+    gauss = torch.clamp(torch.round(3 * torch.randn(64, 256, generator=gen)), -31, 31).to(torch.int8)
+    signs = torch.where(torch.rand(64, 256, generator=gen) < 0.5, 1, -1).to(torch.int8)
+    sparse = (torch.rand(64, 256, generator=gen) < 0.1).to(torch.int8) * signs
+    return {"gauss.weight": tg.QuantizedTensor(6, gauss, torch.rand(64, generator=gen).half()),
+            "sparse.weight": tg.QuantizedTensor(2, sparse, torch.rand(64, generator=gen).half())}
+
+
+def test_each_tensor_keeps_the_layout_that_compresses_better():
+    state = layouts_test_state()
+    packing = tg.fast_packing(state)
+    assert packing.layouts == [tg.LAYOUT_BYTES, tg.LAYOUT_BITS] and packing.layout == "bitpacked+int8"
+    blob = tg.pack_artifact(state, zstd_level=3)
+    assert len(blob) < min(len(tg.pack_artifact(state, 3, layout=layout)) for layout in (tg.LAYOUT_BYTES, tg.LAYOUT_BITS))
+    assert_same_state(tg.unpack_artifact(blob), state)
+
+
+def test_frames_are_the_same_for_any_thread_count_and_never_recompressed():
+    records = [bytes(range(256)) * 50, b"\1" * 9000, bytes(5), b"\2" * 70000]
+    one = tg.zstd_frames(records, 19, workers=1)
+    assert tg.zstd_frames(records, 19, workers=3) == one
+    assert [zstandard.ZstdDecompressor().decompress(frame) for frame in one] == records
+    cache = {}
+    tg.zstd_frames(records, 19, cache)
+    assert len(cache) == 4
+    frames = tg.zstd_frames(records[:3] + [b"\3" * 70000], 19, cache)
+    assert len(cache) == 5 and frames[:3] == one[:3]  # only the changed record was compressed
+
+
+def test_no_frame_is_larger_than_at_the_fast_level():
+    """zstd's level 22 is not always smaller than level 1 on quantized weights: the artifact keeps, per tensor,
+    the smaller frame, so its size never exceeds the fast estimate that fit_artifact predicts from."""
+    state = random_quantized_state([5, 6, 8]) | layouts_test_state()
+    packing = tg.fast_packing(state)
+    fast_blob = tg.artifact_blob(state, packing.layouts, packing.fast_frames)
+    for level in (1, 2, 3, 19):
+        assert len(tg.pack_artifact(state, level)) <= len(fast_blob)
 
 
 def test_bit_widths_follow_the_tensor_names():
@@ -123,6 +160,45 @@ def test_gptq_beats_rtn_on_correlated_inputs():
         rtn_err = (x @ (w - q_rtn.float() * scale_rtn.float()[:, None]).T).norm()
         assert q.dtype == torch.int8 and int(q.abs().max()) <= tg.qmax_for(bits)
         assert gptq_err < 0.7 * rtn_err, (bits, float(gptq_err), float(rtn_err))
+
+
+def gptq_columns_one_launch_at_a_time(w, hinv_upper, scale, qmax, block_size):
+    """gptq_round_columns as first written: every column rounded, stored and its error stored in the loop."""
+    w, q = w.clone(), torch.zeros_like(w)
+    for start in range(0, w.size(1), block_size):
+        end = min(start + block_size, w.size(1))
+        block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            column = block[:, j]
+            q[:, start + j] = q_column = torch.clamp(torch.round(column / scale), -qmax, qmax)
+            errors[:, j] = error = (column - q_column * scale) / h_block[j, j]
+            block[:, j:] -= error[:, None] * h_block[j, j:][None, :]
+        w[:, end:] -= errors @ hinv_upper[start:end, end:]
+    return q
+
+
+def test_gptq_rounding_is_bitwise_the_column_by_column_loop():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 300) * torch.exp(torch.randn(300))
+    hinv_upper = tg.inverse_hessian_cholesky(x.T @ x / x.size(0), 0.01)
+    w = torch.randn(40, 300)
+    for bits in (2, 5, 8):
+        scale = tg.row_scales(w, bits)
+        for block_size in (128, 7):
+            expected = gptq_columns_one_launch_at_a_time(w, hinv_upper, scale, tg.qmax_for(bits), block_size)
+            assert torch.equal(tg.gptq_round_columns(w, hinv_upper, scale, tg.qmax_for(bits), block_size), expected)
+
+
+def test_matrices_sharing_a_hessian_are_quantized_as_if_alone(trained_model):
+    cfg, model = trained_model
+    hessians = tg.collect_hessians(model, structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3))
+    names = [f"blocks.1.attn.{part}.weight" for part in ("c_q", "c_k", "c_v")]
+    assert hessians[names[1]] is hessians[names[0]] and hessians[names[2]] is hessians[names[0]]
+    state = tg.quantize_state(model, cfg, hessians)
+    for name in names:
+        q, scale = tg.gptq_quantize(model.state_dict()[name], hessians[name], cfg.quant_attn_bits, cfg.gptq_damp)
+        assert torch.equal(state[name].values, q) and torch.equal(state[name].scale, scale), name
 
 
 def test_gptq_beats_rtn_on_a_trained_model(trained_model):
@@ -161,6 +237,37 @@ def test_selfgen_calibration_is_seeded_model_samples(trained_model):
     assert torch.equal(first, tg.selfgen_calibration_tokens(model, 5, 12, seed=7, batch_seqs=2))
     assert not torch.equal(first, tg.selfgen_calibration_tokens(model, 5, 12, seed=8))
     model.eval()
+
+
+def samples_rerunning_the_prefix(model: tg.GPT, num_seqs: int, seq_len: int, seed: int) -> torch.Tensor:
+    """What selfgen_calibration_tokens sampled before it had a cache: the whole prefix run for every token."""
+    generator = torch.Generator().manual_seed(seed)
+    seqs = torch.ones(num_seqs, 1, dtype=torch.int64)  # BOS
+    with torch.no_grad():
+        while seqs.size(1) < seq_len:
+            probs = torch.softmax(model.logits_from_hidden(model.forward_hidden(seqs)[:, -1]).float(), dim=-1)
+            seqs = torch.cat((seqs, torch.multinomial(probs, 1, generator=generator)), dim=1)
+    return seqs
+
+
+@pytest.mark.parametrize("options", [{}, dict(num_kv_heads=1, tie_embeddings=False, xsa_last_n=2),
+                                     dict(value_residual=False, bigram_vocab_size=0, ve_enabled=False, rope_dims=0)])
+def test_cached_sampling_gives_the_tokens_and_logits_of_the_full_forward(options):
+    """XSA, value embeddings, value residual, the bigram hash and rotary all see positions through the
+    DecodeCache as the full forward sees them."""
+    cfg = quant_config(**options)
+    model = perturbed_gpt(cfg, 0.3)
+    tokens = tg.selfgen_calibration_tokens(model, num_seqs=6, seq_len=40, seed=5)
+    assert torch.equal(tokens, samples_rerunning_the_prefix(model, 6, 40, seed=5))
+    assert len(tokens.unique()) > cfg.vocab_size // 2  # varied samples: the comparison means something
+    with torch.no_grad():
+        full = model.logits_from_hidden(model.forward_hidden(tokens))
+        for first in (1, 17):  # one position at a time from the start, or from a prefix run at once
+            cache = tg.DecodeCache(cfg.num_layers, 40)
+            parts = [tokens[:, :first]] + list(tokens[:, first:].split(1, dim=1))
+            cached = torch.cat([model.logits_from_hidden(model.forward_hidden(part, cache)) for part in parts], dim=1)
+            assert (cached - full).abs().max() < 2e-5 * full.abs().max(), first  # fp32 rounding: ~1e-6
+            assert not torch.equal(cached[:, 1:], full[:, :-1])  # (the positions really are distinct)
 
 
 def test_calibration_from_train_tokens_needs_enough_of_them():
@@ -213,50 +320,108 @@ def test_shrink_schedule_prunes_more_then_narrows_mlp_then_attention():
     assert tries == [(5, 6, p) for p in ramp] + [(4, 6, p) for p in ramp] + [(4, 5, p) for p in ramp]
 
 
-def logged_tries(lines: list[str]) -> list[tuple[int, int, float]]:
-    fields = [dict(kv.split(":") for kv in line.split()[1:]) for line in lines if line.startswith("artifact_try")]
-    return [(int(f["mlp_bits"]), int(f["attn_bits"]), float(f["prune"])) for f in fields]
+def logged(lines: list[str], kind: str) -> list[dict]:
+    return [dict(kv.split(":", 1) for kv in line.split()[1:]) for line in lines if line.startswith(kind + " ")]
 
 
-def test_fit_artifact_shrinks_in_order_until_it_fits(trained_model):
+def entry_of(fields: dict) -> tuple[int, int, float]:
+    return int(fields["mlp_bits"]), int(fields["attn_bits"]), float(fields["prune"])
+
+
+def final_sizes_in_schedule_order(model, cfg, hessians) -> list[tuple[tuple[int, int, float], int]]:
+    """Every entry of the shrink schedule packed at ZSTD_LEVEL, the slow way."""
+    sizes = []
+    for widths, prune in tg.distinct_schedule(cfg):
+        quantized = tg.prune_smallest(tg.quantize_state(model, widths, hessians), prune)
+        sizes.append(((widths.quant_mlp_bits, widths.quant_attn_bits, round(prune, 2)),
+                      len(tg.pack_artifact(quantized, cfg.zstd_level))))
+    return sizes
+
+
+def test_fit_artifact_takes_the_first_schedule_entry_that_fits(trained_model):
     cfg, model = trained_model
     calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
-    blob, roomy = tg.fit_artifact(model, cfg, 1000, [].append, calib)
-    assert (roomy.prune_fraction, roomy.mlp_bits, roomy.attn_bits) == (0.03, 5, 6)
-    assert roomy.total_bytes == 1000 + len(blob) and roomy.layout in ("int8", "bitpacked")
-
     lines = []
-    target = roomy.total_bytes - 1
-    blob, tight = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000, lines.append, calib)
-    assert tight.total_bytes <= target and len(blob) == tight.artifact_bytes
-    tries = logged_tries(lines)
-    schedule = [(c.quant_mlp_bits, c.quant_attn_bits, round(p, 2)) for c, p in tg.shrink_schedule(cfg)]
-    assert len(tries) >= 2 and tries == schedule[:len(tries)]
-    assert tries[-1] == (tight.mlp_bits, tight.attn_bits, tight.prune_fraction)
-    try_lines = [line for line in lines if line.startswith("artifact_try")]
-    assert all("fits:0" in line for line in try_lines[:-1]) and "fits:1" in try_lines[-1]
+    blob, roomy = tg.fit_artifact(model, cfg, 1000, lines.append, calib)
+    assert (roomy.prune_fraction, roomy.mlp_bits, roomy.attn_bits) == (0.03, 5, 6)
+    assert roomy.total_bytes == 1000 + len(blob) and roomy.layout in ("int8", "bitpacked", "bitpacked+int8")
+    assert [entry_of(f) for f in logged(lines, "artifact_try")] == [(5, 6, 0.03)]  # one compression at ZSTD_LEVEL
     assert lines[-1].startswith("Total submission size")
-    assert tg.unpack_artifact(blob).keys() == model.state_dict().keys()
+
+    sizes = final_sizes_in_schedule_order(model, cfg, tg.collect_hessians(model, calib))
+    assert sizes[0][1] == len(blob) and all(a[1] > b[1] for a, b in zip(sizes, sizes[1:]))
+    for k in (1, 4, 7, len(sizes) - 1):  # targets that only entry k and those after it meet
+        target = 1000 + sizes[k][1] + (sizes[k - 1][1] - sizes[k][1]) // 2
+        lines = []
+        blob, tight = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000, lines.append, calib)
+        assert (tight.mlp_bits, tight.attn_bits, tight.prune_fraction) == sizes[k][0], k
+        assert len(blob) == tight.artifact_bytes == sizes[k][1] and tight.total_bytes <= target
+        tries = logged(lines, "artifact_try")
+        assert len(tries) <= 2 and any(f["fits"] == "1" and entry_of(f) == sizes[k][0] for f in tries), lines
+        estimates = [entry_of(f) for f in logged(lines, "artifact_estimate")]
+        assert len(set(estimates)) == len(estimates) <= 2 * (k // 5) + 4, estimates  # each once (see first_fit)
+        assert tg.unpack_artifact(blob).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("first", [0, 1, 2, 4, 5, 9, 13, 14, None])
+def test_first_fit_finds_the_first_entry_asking_few_questions(first):
+    runs = [range(0, 5), range(5, 10), range(10, 15)]
+    asked = []
+
+    def fits(i):
+        asked.append(i)
+        return first is not None and i >= first
+
+    assert tg.first_fit(runs, fits) == first
+    runs_skipped = len(runs) if first is None else first // 5
+    assert len(set(asked)) == len(asked) <= 2 * runs_skipped + (0 if first is None else 4)  # 4: 1 + first, last, bisection
+    if first is None or first % 5 == 0:
+        assert asked == sorted({run[0] for run in runs if first is None or run[0] <= first} |
+                               {run[-1] for run in runs if first is None or run[-1] < first})
 
 
 def test_fit_artifact_refuses_a_target_it_cannot_reach(trained_model):
     cfg, model = trained_model
     lines = []
-    with pytest.raises(tg.ArtifactError, match="cannot fit"):
+    with pytest.raises(tg.ArtifactError, match=r"cannot fit: .*\(mlp_bits:4 attn_bits:5 embed_bits:8 prune:0.11\)"):
         tg.fit_artifact(model, dataclasses.replace(cfg, gptq=False, target_bytes=5000), 1000, lines.append)
-    assert len(logged_tries(lines)) == 3 * (tg.PRUNE_STEPS + 1)
+    assert [entry_of(f) for f in logged(lines, "artifact_estimate")] == [(5, 6, 0.03), (5, 6, 0.11), (4, 6, 0.03),
+                                                                         (4, 6, 0.11), (4, 5, 0.03), (4, 5, 0.11)]
+    assert [f["fits"] for f in logged(lines, "artifact_try")] == ["0"]
+
+
+def artifact_with_frame(blob: bytes, index: int, frame: bytes | None) -> bytes:
+    """`blob` with the index-th tensor's frame replaced (None: kept), the head table and checksum made to match."""
+    payload = blob[tg.ARTIFACT_FRAME.size:]
+    (table_len,) = struct.unpack_from("<I", payload)
+    heads = tg.read_tensor_heads(zstandard.ZstdDecompressor().decompress(payload[4:4 + table_len]))
+    offsets = [4 + table_len]
+    for head in heads:
+        offsets.append(offsets[-1] + head[-1])
+    frames = [payload[a:b] for a, b in zip(offsets, offsets[1:])]
+    frames[index] = frames[index] if frame is None else frame
+    state = {name: tg.QuantizedTensor(bits, torch.zeros(shape, dtype=torch.int8 if bits else dtype),
+                                      torch.zeros(shape[0], dtype=dtype) if bits else None)
+             for name, shape, bits, layout, dtype, _ in heads}
+    return tg.artifact_blob(state, [head[3] for head in heads], frames)
 
 
 def test_damaged_artifacts_are_refused():
     blob = tg.pack_artifact(random_quantized_state([5, 6]), zstd_level=3)
+    assert artifact_with_frame(blob, 1, None) == blob  # rebuilt unchanged: the same bytes
     frame = tg.ARTIFACT_FRAME.size
     flipped = bytearray(blob)
     flipped[frame + len(blob[frame:]) // 2] ^= 0x40
     wrong_version = blob[:4] + struct.pack("<H", tg.ARTIFACT_VERSION + 1) + blob[6:]
+    old_version = blob[:4] + struct.pack("<H", 1) + blob[6:]
+    short_tensor = artifact_with_frame(blob, 1, zstandard.ZstdCompressor().compress(bytes(50)))
+    not_zstd = artifact_with_frame(blob, 0, b"\0" * 20)
     cases = {"corrupted": (bytes(flipped), "checksum"), "truncated": (blob[:-5], "truncated"),
              "frame only": (blob[:frame - 1], "truncated"), "empty": (b"", "truncated"),
              "magic": (b"PK\x03\x04" + blob[4:], "not a model artifact"),
-             "version": (wrong_version, "version 2 is not supported"), "padded": (blob + b"\0", "padded")}
+             "version": (wrong_version, "version 3 is not supported"), "format 1": (old_version, "version 1"),
+             "padded": (blob + b"\0", "padded"), "short tensor": (short_tensor, "m6.weight holds 50 bytes"),
+             "not zstd": (not_zstd, "unreadable")}
     for case, (damaged, message) in cases.items():
         with pytest.raises(tg.ArtifactError, match=message) as info:
             tg.unpack_artifact(damaged)
