@@ -2850,7 +2850,7 @@ def artifact_path(cfg: Hyperparameters) -> Path:
     return Path("artifacts") / f"{cfg.run_id}.pgqw"
 
 
-def artifact_blob(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[bytes, ArtifactSummary]:
+def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[bytes, ArtifactSummary]:
     """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing.
     Every rank does the same deterministic work, so that a failure stops all of them alike."""
     calib, t0 = None, time.perf_counter()
@@ -2870,7 +2870,7 @@ def artifact_blob(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[b
 def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
     """Builds and writes the artifact (rank 0 writes); returns its path and the seconds it took."""
     t0 = time.perf_counter()
-    blob, summary = artifact_blob(model, cfg, rt, log)
+    blob, summary = built_artifact(model, cfg, rt, log)
     path = artifact_path(cfg)
     if rt.is_main:
         write_artifact(path, blob)
@@ -3145,7 +3145,7 @@ def preflight(cfg: Hyperparameters, rt: Runtime, log) -> bool:
 
     t0 = time.perf_counter()
     try:
-        blob, summary = artifact_blob(model, cfg, rt, inner)
+        blob, summary = built_artifact(model, cfg, rt, inner)
         size = f"total_bytes:{summary.total_bytes}"
         dequantize_into(model, unpack_artifact(blob))  # the evaluation below scores the artifact, as the run does
     except ArtifactError as err:
