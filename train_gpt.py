@@ -854,14 +854,27 @@ class GPT(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """-ln q(target) per position, (B, T) float32."""
-        logits = self.logits_from_hidden(self.forward_hidden(tokens))
+    def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """forward_hidden at `positions` (B, S) only, or at every position: a sliding window scores its
+        last EVAL_STRIDE predictions, and the head, softcap and softmax over the vocabulary, ~10% of a
+        forward pass, need not run on the others."""
+        hidden = self.forward_hidden(tokens)
+        if positions is None:
+            return hidden
+        return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+        """-ln q(target) per scored position, (B, S) float32: targets (B, S) follow `positions` (B, S) of
+        tokens (B, T), or every position (S = T)."""
+        logits = self.logits_from_hidden(self.scored_hidden(tokens, positions))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
-    def eval_outputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log-probabilities over the vocabulary (B, T, V) float32, mixer logits (B, T, 1+K) or None)."""
-        hidden = self.forward_hidden(tokens)
+    def eval_outputs(self, tokens: torch.Tensor,
+                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities over the vocabulary (B, S, V) float32, mixer logits (B, S, 1+K) or None) at
+        `positions` (B, S) of tokens (B, T), or at every position (S = T)."""
+        hidden = self.scored_hidden(tokens, positions)
         logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
 
@@ -2273,20 +2286,40 @@ def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) ->
     return EvalResult(nll / ntok, nll / (math.log(2) * nbytes), int(ntok), int(nbytes))
 
 
-def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int,
-                           rt: Runtime, lo: int = 1, hi: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's batches of windows: (index (B, L+1) of each window's tokens in val_tokens, mask (B, L)
-    of the targets the window scores). Only targets in [lo, hi) are scored: a window that straddles `lo`
-    or `hi` is computed for each side, which is exact since a position never sees what follows it."""
+@dataclass
+class WindowBatch:
+    """A batch of windows, and which of their predictions it scores. `picked` is found without reading
+    anything back from the device (its size is known on the host): no host sync per batch."""
+    index: torch.Tensor      # (B, L+1) positions in val_tokens of each row's window (padding clamped)
+    positions: torch.Tensor  # (B, S) the predictions each row computes: window[p] predicts window[p+1]
+    picked: torch.Tensor     # (n,) flat indices into (B, S) of the scored ones, in target order
+
+
+def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
+                           lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
+    """This rank's batches of windows, each row scoring `stride` predictions of its window (the last ones,
+    but for the stream's first window, which scores all its targets and so takes several rows). Only
+    targets in [lo, hi) are scored: a window that straddles `lo` or `hi` is computed for each side, which
+    is exact since a position never sees what follows it."""
     hi = val_tokens.numel() if hi is None else hi
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
     # The spans' scored targets [s+n-k+1, s+n] partition 1..N-1 in order, so the ones meeting [lo, hi)
     # are a contiguous run, found by bisection.
     spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):
                   bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
+    # Every span but the stream's first scores at most `stride` targets: one row each, after spans[0]'s.
+    head = window_rows(spans[:1], stride)
     rows = eval_batch_rows(batch_tokens, seq_len)
-    for first, last in _owned_batches(len(spans), rows, rt):
-        yield padded_window_batch(val_tokens, [(s, n - k) for s, n, k in spans[first:last]], rows, seq_len, lo, hi)
+    for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
+        tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
+        yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail, stride), rows, seq_len, stride,
+                                  lo, hi)
+
+
+def window_rows(spans: Sequence[tuple[int, int, int]], scored: int) -> list[tuple[int, int, int]]:
+    """(start, first, end) rows for (start, length, count) spans: a span's scored predictions [n-k, n) in
+    pieces of at most `scored`, one row each."""
+    return [(s, f, min(f + scored, n)) for s, n, k in spans for f in range(n - k, n, scored)]
 
 
 def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
@@ -2295,43 +2328,52 @@ def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
     return max(1, batch_tokens // seq_len)
 
 
-def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int]], rows: int, seq_len: int,
-                        lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index (rows, seq_len+1), mask (rows, seq_len)) for windows given as (start, offset of the first
-    scored prediction). Rows past the windows, and positions past the stream's end, are padding that
-    reads the last token and is never scored: a position sees only what precedes it, so padding after
-    it or beside it changes nothing it computes."""
+def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int, int]], rows: int, seq_len: int,
+                        scored: int, lo: int, hi: int) -> WindowBatch:
+    """The batch of windows given as (start, first, end): the window reads val_tokens[start:start+L+1]
+    and scores its predictions [first, end) (at most `scored` of them) whose targets are in [lo, hi).
+    Rows past the windows, and positions past the stream's end, are padding that reads the last token and
+    is never picked: a position sees only what precedes it, so padding after it or beside it changes
+    nothing it computes."""
     device, N = val_tokens.device, val_tokens.numel()
-    starts = torch.tensor([s for s, _ in windows] + [0] * (rows - len(windows)), device=device)
-    first = torch.tensor([f for _, f in windows] + [seq_len] * (rows - len(windows)), device=device)
-    index = starts[:, None] + torch.arange(seq_len + 1, device=device)[None, :]
-    mask = torch.arange(seq_len, device=device)[None, :] >= first[:, None]
-    mask &= (index[:, 1:] >= lo) & (index[:, 1:] < min(hi, N))
-    return index.clamp_(max=N - 1), mask
+    hi = min(hi, N)
+    count = sum(max(0, min(s + e + 1, hi) - max(s + f + 1, lo)) for s, f, e in windows)
+    table = torch.tensor(list(windows) + [(0, 0, 0)] * (rows - len(windows)), dtype=torch.int64)
+    start, first, end = to_device_async(table, device).unbind(1)
+    positions = first.clamp(max=seq_len - scored)[:, None] + torch.arange(scored, device=device)[None, :]
+    targets = start[:, None] + positions + 1
+    keep = (positions >= first[:, None]) & (positions < end[:, None]) & (targets >= lo) & (targets < hi)
+    index = start[:, None] + torch.arange(seq_len + 1, device=device)[None, :]
+    return WindowBatch(index.clamp_(max=N - 1), positions, keep.flatten().nonzero_static(size=count).squeeze(1))
 
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                           stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
     """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
-    `token_nll(inputs, targets) -> (B, T)` is the model's per-token loss."""
-    for index, mask in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
-        window = val_tokens[index]
+    `token_nll(inputs, targets, positions) -> (B, S)` is the model's per-token loss."""
+    for batch in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
+        window = val_tokens[batch.index]
+        targets = window.gather(1, batch.positions + 1)
         with rt.autocast():
-            nll = token_nll(window[:, :-1], window[:, 1:]).double()
-        nbytes = target_byte_counts(window[:, :-1], window[:, 1:], tables)
-        yield index[:, 1:][mask], nll[mask], nbytes[mask]
+            nll = token_nll(window[:, :-1], targets, batch.positions)
+        nbytes = target_byte_counts(window.gather(1, batch.positions), targets, tables)
+        picked = batch.picked
+        yield (batch.index.gather(1, batch.positions + 1).flatten()[picked], nll.flatten()[picked],
+               nbytes.flatten()[picked])
 
 
 @torch.no_grad()
 def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int, stride: int,
                      batch_tokens: int, rt: Runtime) -> EvalResult:
-    nll_sum, byte_sum, count = 0.0, 0, 0
+    # sums stay on the device until the end: reading them each batch would stall the queue
+    nll_sum = torch.zeros((), dtype=torch.float64, device=val_tokens.device)
+    byte_sum, count = torch.zeros((), dtype=torch.int64, device=val_tokens.device), 0
     for targets, nll, nbytes in sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride,
                                                       batch_tokens, rt):
-        nll_sum += float(nll.sum())
-        byte_sum += int(nbytes.sum())
+        nll_sum += nll.double().sum()
+        byte_sum += nbytes.sum()
         count += targets.numel()
-    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+    return _reduce_eval_sums(float(nll_sum), int(byte_sum), count, rt)
 
 
 @dataclass
@@ -2349,18 +2391,24 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                 rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
     """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
     parts = []
-    for index, mask in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
-                                              cfg.val_batch_size, rt, lo, hi):
-        window = val_tokens[index]
+    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.val_batch_size, rt,
+                                        lo, hi):
+        window = val_tokens[batch.index]
+        next_tokens = window.gather(1, batch.positions + 1)
         with rt.autocast():
-            logprobs, mixer_logits = eval_outputs(window[:, :-1])
-        targets = index[:, 1:]
-        target_logprob = logprobs.gather(-1, window[:, 1:, None]).squeeze(-1).double()
-        audit_rows = {int(targets[b, j]): logprobs[b, j].double()
-                      for b, j in (mask & torch.isin(targets, audit_targets)).nonzero().tolist()}
-        parts.append(NeuralScores(targets[mask], target_logprob[mask],
-                                  None if mixer_logits is None else mixer_logits[mask].float(),
-                                  target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask], audit_rows))
+            logprobs, mixer_logits = eval_outputs(window[:, :-1], batch.positions)
+        picked = batch.picked
+        targets = batch.index.gather(1, batch.positions + 1).flatten()[picked]
+        target_logprob = logprobs.gather(-1, next_tokens[..., None]).flatten()[picked].double()
+        audit_rows = {}
+        if audit_targets.numel():  # reads the hits back: only when auditing
+            hits = torch.isin(targets, audit_targets).nonzero().squeeze(1)
+            rows = logprobs.flatten(0, 1)[picked[hits]].double()
+            audit_rows = dict(zip(targets[hits].tolist(), rows.unbind(0)))
+        nbytes = target_byte_counts(window.gather(1, batch.positions), next_tokens, tables).flatten()[picked]
+        parts.append(NeuralScores(targets, target_logprob,
+                                  None if mixer_logits is None else mixer_logits.flatten(0, 1)[picked].float(),
+                                  nbytes, audit_rows))
     if not parts:
         empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
         return NeuralScores(empty, empty.double(), None, empty, {})
@@ -2786,19 +2834,21 @@ def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
     """Non-overlapping windows of seq_len over the whole split (the last one shorter): each token is
     scored once, with context reset at every window start."""
-    num_windows = (val_tokens.numel() - 2) // seq_len + 1
+    N = val_tokens.numel()
+    num_windows = (N - 2) // seq_len + 1
     rows = eval_batch_rows(batch_tokens, seq_len)
-    nll_sum, byte_sum, count = 0.0, 0, 0
+    nll_sum = torch.zeros((), dtype=torch.float64, device=val_tokens.device)
+    byte_sum, count = torch.zeros((), dtype=torch.int64, device=val_tokens.device), 0
     for first, last in _owned_batches(num_windows, rows, rt):
-        index, mask = padded_window_batch(val_tokens, [(i * seq_len, 0) for i in range(first, last)], rows, seq_len,
-                                          1, val_tokens.numel())
-        window = val_tokens[index]
+        batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
+                                    seq_len, seq_len, 1, N)
+        window = val_tokens[batch.index]
         with rt.autocast():
-            nll = token_nll(window[:, :-1], window[:, 1:]).double()
-        nll_sum += float(nll[mask].sum())
-        byte_sum += int(target_byte_counts(window[:, :-1], window[:, 1:], tables)[mask].sum())
-        count += int(mask.sum())
-    return _reduce_eval_sums(nll_sum, byte_sum, count, rt)
+            nll = token_nll(window[:, :-1], window[:, 1:])
+        nll_sum += nll.flatten()[batch.picked].double().sum()
+        byte_sum += target_byte_counts(window[:, :-1], window[:, 1:], tables).flatten()[batch.picked].sum()
+        count += batch.picked.numel()
+    return _reduce_eval_sums(float(nll_sum), int(byte_sum), count, rt)
 
 
 def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> None:
@@ -3013,13 +3063,16 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     taken, so the weights are as they were."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
-    tokens = synthetic_tokens((eval_batch_rows(cfg.val_batch_size, cfg.eval_seq_len), cfg.eval_seq_len + 1), cfg,
-                              rt.device, generator)  # windows are cut as val_tokens[index]
+    rows, L, S = eval_batch_rows(cfg.val_batch_size, cfg.eval_seq_len), cfg.eval_seq_len, cfg.eval_stride
+    tokens = synthetic_tokens((rows, L + 1), cfg, rt.device, generator)  # windows are cut as val_tokens[index]
+    positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
     with torch.no_grad(), rt.autocast():
         token_nll(tokens[:, :-1], tokens[:, 1:])
         if cfg.use_mixer != "none" or cfg.ttt_epochs:
-            eval_outputs(tokens[:, :-1])
+            eval_outputs(tokens[:, :-1], positions)
+        else:
+            token_nll(tokens[:, :-1], tokens.gather(1, positions + 1), positions)
     if cfg.ttt_epochs:
         rows = ttt_rows(cfg, rt)
         seqs = synthetic_tokens((rows, cfg.train_seq_len + 1), cfg, rt.device, generator)
