@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import statistics
 import sys
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bench_ngram import load_script  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,14 +45,6 @@ SHAPE = dict(NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="8", NUM_KV_HEADS="4", M
              EVAL_SEQ_LEN="1024", TRAIN_SEQ_LEN="1024", VAL_BATCH_SIZE="65536", EVAL_STRIDE="64")
 EXTRAS_OFF = dict(BIGRAM_VOCAB_SIZE="0", VE_ENABLED="0", XSA_LAST_N="0", VALUE_RESIDUAL="0", ROPE_DIMS="0",
                   USE_MIXER="none")
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location("train_gpt_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- the baseline, re-implemented -------------------------------------------------------------------

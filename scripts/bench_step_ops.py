@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_ngram import load_script  # noqa: E402  (scripts/ is on sys.path when a script runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2",
@@ -41,14 +41,6 @@ ENV = dict(NUM_LAYERS="11", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", VE_
            GRAD_ACCUM_STEPS="1", VAL_BATCH_SIZE="512", USE_MIXER="learned", NGRAM_ORACLE_TOKENS="20000",
            CROWN_Q_LAMBDA="0.01", WARMUP_STEPS="0", WARMDOWN_ITERS="100000", EMA_DECAY="0.997",
            TRAIN_LOG_EVERY="0", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="3600", COMPILE="1", COMPILE_WARMUP_STEPS="2")
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location("train_gpt_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def compiled_region(event) -> bool:
