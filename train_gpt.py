@@ -3222,8 +3222,8 @@ def preflight(cfg: Hyperparameters, rt: Runtime, log) -> bool:
     trained, to_train = ((t.numel() - 2) // cfg.ttt_chunk_tokens if cfg.ttt_epochs else 0 for t in (part, val_tokens))
     ttt_s = phases["ttt_train"] / 1000 / max(trained, 1) * to_train
     scoring_s = (phases["plain"] + phases["neural"]) / 1000 * full / n + sort_scaled(phases["cache"] / 1000, n, full)
-    measured = " ".join(f"{k}:{v / 1000:.1f}s" for k, v in phases.items())
-    rows.append(PreflightRow("evaluation", f"tokens:{n} {measured} ttt_projected:{ttt_s:.1f}s", scoring_s + ttt_s,
+    measured = " ".join(f"{k}:{v / 1000:.3f}s" for k, v in phases.items())  # ms shown: tiny slices are quick
+    rows.append(PreflightRow("evaluation", f"tokens:{n} {measured} ttt_projected:{ttt_s:.3f}s", scoring_s + ttt_s,
                              cfg.eval_budget_seconds))
     if rows[-1].over and scoring_s <= cfg.eval_budget_seconds:
         rows[-1] = dataclasses.replace(rows[-1], projected=cfg.eval_budget_seconds)
