@@ -856,8 +856,8 @@ class GPT(nn.Module):
 
     def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """forward_hidden at `positions` (B, S) only, or at every position: a sliding window scores its
-        last EVAL_STRIDE predictions, and the head, softcap and softmax over the vocabulary, ~10% of a
-        forward pass, need not run on the others."""
+        last EVAL_STRIDE predictions, and the head, softcap and softmax over the vocabulary need not run
+        on the others (a tenth of the 4-layer, 256-wide model's eager forward on a CPU)."""
         hidden = self.forward_hidden(tokens)
         if positions is None:
             return hidden

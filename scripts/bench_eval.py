@@ -1,5 +1,5 @@
 """Evaluation cost per token: train_gpt.py's plain and sliding-window passes against the parameter-golf
-baseline's evaluation of a model of the same shape, on the CPU or a GPU.
+baseline's evaluation of a model of the same shape, on the CPU.
 
     python3 scripts/bench_eval.py --threads 1                      # this checkout's train_gpt.py
     python3 scripts/bench_eval.py --script OLD/train_gpt.py        # another version of it, to compare
@@ -20,14 +20,16 @@ The shape is the baseline's at 4 layers: width 256, 8 heads, 4 KV heads, MLP 3x,
 - `ours_on`: the script's defaults for these extras (VE_LAYERS on the last two layers), as users run it;
   its sliding pass is also timed through `neural_pass` (full log-probabilities and the mixer head: the
   pass the n-gram cache reads).
-Splits are whole batches of synthetic tokens (the cost does not depend on token values), so no contender
-pads; each round times every contender back to back and the ratios are taken inside a round, which keeps
-other load on the machine out of them as far as possible. Weights are random (every matrix non-zero).
+Splits are synthetic tokens (the cost does not depend on token values): the plain split is whole batches
+and the sliding split fills train_gpt's batches exactly, so neither pads. Each round times every
+contender back to back and the ratios are taken inside a round, which keeps other load on the machine
+out of them as far as possible. Weights are random (every matrix non-zero). Each pass also runs once
+under torch.profiler to count its host syncs (item/float/int of a tensor, boolean indexing): on a GPU
+each one stalls the queue until the work before it is done.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -43,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = dict(NUM_LAYERS="4", MODEL_DIM="256", NUM_HEADS="8", NUM_KV_HEADS="4", MLP_MULT="3", VOCAB_SIZE="1024",
              EVAL_SEQ_LEN="1024", TRAIN_SEQ_LEN="1024", VAL_BATCH_SIZE="65536", EVAL_STRIDE="64")
+# reading a value (item, float(), int()) or a value-dependent shape (boolean indexing): each stalls a GPU's queue
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique")
 EXTRAS_OFF = dict(BIGRAM_VOCAB_SIZE="0", VE_ENABLED="0", XSA_LAST_N="0", VALUE_RESIDUAL="0", ROPE_DIMS="0",
                   USE_MIXER="none")
 
@@ -206,23 +210,34 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def passes(tg, models: dict, cfg, rt, tokens: dict, tables, luts) -> dict:
+def model_functions(models: dict, compile_them: bool) -> dict:
+    """The functions each pass calls, compiled (one shape each, as train_gpt compiles them) or not."""
+    functions = {"baseline": models["baseline"], "baseline token_nll": models["baseline"].token_nll}
+    for name in ("ours_off", "ours_on"):
+        functions[f"{name} token_nll"] = models[name].token_nll
+    functions["ours_on eval_outputs"] = models["ours_on"].eval_outputs
+    if compile_them:
+        functions = {name: torch.compile(fn, dynamic=False) for name, fn in functions.items()}
+    return functions
+
+
+def passes(tg, functions: dict, cfg, on_cfg, rt, tokens: dict, tables, luts) -> dict:
     """name -> (callable running one pass, tokens it scores)."""
     rows, seq_len, stride = cfg.val_batch_size // cfg.eval_seq_len, cfg.eval_seq_len, cfg.eval_stride
     plain, sliding = tokens["plain"], tokens["sliding"]
-    out = {"baseline plain": (lambda: baseline_plain(models["baseline"], plain, luts, seq_len, rows), plain.numel() - 1),
-           "baseline sliding": (lambda: baseline_sliding(models["baseline"].token_nll, sliding, luts, seq_len, stride,
-                                                         rows), sliding.numel() - 1)}
+    out = {"baseline plain": (lambda: baseline_plain(functions["baseline"], plain, luts, seq_len, rows),
+                              plain.numel() - 1),
+           "baseline sliding": (lambda: baseline_sliding(functions["baseline token_nll"], sliding, luts, seq_len,
+                                                         stride, rows), sliding.numel() - 1)}
     for name in ("ours_off", "ours_on"):
-        model = models[name]
-        out[f"{name} plain"] = (lambda m=model: tg.evaluate_plain(m.token_nll, plain, tables, seq_len,
-                                                                  cfg.val_batch_size, rt), plain.numel() - 1)
-        out[f"{name} sliding"] = (lambda m=model: tg.evaluate_sliding(m.token_nll, sliding, tables, seq_len, stride,
-                                                                      cfg.val_batch_size, rt), sliding.numel() - 1)
-    on_cfg = models["ours_on"].cfg
+        token_nll = functions[f"{name} token_nll"]
+        out[f"{name} plain"] = (lambda f=token_nll: tg.evaluate_plain(f, plain, tables, seq_len, cfg.val_batch_size,
+                                                                      rt), plain.numel() - 1)
+        out[f"{name} sliding"] = (lambda f=token_nll: tg.evaluate_sliding(f, sliding, tables, seq_len, stride,
+                                                                          cfg.val_batch_size, rt), sliding.numel() - 1)
     no_audit = torch.zeros(0, dtype=torch.int64)
-    out["ours_on neural_pass"] = (lambda: tg.neural_pass(models["ours_on"].eval_outputs, sliding, tables, on_cfg, rt,
-                                                         no_audit), sliding.numel() - 1)
+    out["ours_on neural_pass"] = (lambda: tg.neural_pass(functions["ours_on eval_outputs"], sliding, tables, on_cfg,
+                                                         rt, no_audit), sliding.numel() - 1)
     return out
 
 
@@ -231,8 +246,11 @@ def main(argv=None) -> int:
     parser.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help="the train_gpt.py to measure")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of every pass (default 3)")
-    parser.add_argument("--plain-batches", type=int, default=2, help="batches in the plain split (default 2)")
-    parser.add_argument("--sliding-batches", type=int, default=2, help="batches of windows in the sliding split")
+    parser.add_argument("--plain-batches", type=int, default=1, help="batches in the plain split (default 1)")
+    parser.add_argument("--sliding-batches", type=int, default=4, help="batches of windows in the sliding split "
+                        "(default 4: the first window's extra rows, EVAL_SEQ_LEN / EVAL_STRIDE - 1, weigh little)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model function first "
+                        "(untimed), as COMPILE=1 does")
     parser.add_argument("--only", default="", help="comma-separated pass names to time (default: all)")
     parser.add_argument("--profile", default="", help="profile one plain and one sliding pass of this contender "
                         "(baseline, ours_off or ours_on) with torch.profiler and print the top ops")
@@ -257,18 +275,22 @@ def main(argv=None) -> int:
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
     rows, seq_len = cfg.val_batch_size // cfg.eval_seq_len, cfg.eval_seq_len
     generator = torch.Generator().manual_seed(0)
+    # train_gpt's sliding pass gives the stream's first window, which scores all its targets, one row per
+    # EVAL_STRIDE of them: with this many windows its rows fill the batches exactly (a script from before
+    # that pads its last batch instead, to the same number of rows)
+    windows = max(1, args.sliding_batches * rows - (-(-seq_len // cfg.eval_stride) - 1))
     tokens = {"plain": torch.randint(0, cfg.vocab_size, (args.plain_batches * rows * seq_len + 1,), generator=generator),
-              "sliding": torch.randint(0, cfg.vocab_size, (seq_len + 1 + (args.sliding_batches * rows - 1) * cfg.eval_stride,),
+              "sliding": torch.randint(0, cfg.vocab_size, (seq_len + 1 + (windows - 1) * cfg.eval_stride,),
                                        generator=generator)}
     tables = synthetic_tables(tg, cfg.vocab_size)
     luts = (tables.base_bytes.to(torch.int16), tables.has_leading_space, tables.is_boundary)
     torch.manual_seed(0)
     models = {"baseline": perturbed(BaselineGPT(cfg), 1)}
     models.update({name: perturbed(tg.GPT(c), 1) for name, c in configs.items()})
-    runs = passes(tg, models, cfg, rt, tokens, tables, luts)
+    runs = passes(tg, model_functions(models, args.compile), cfg, configs["ours_on"], rt, tokens, tables, luts)
     print(f"bench_eval script:{args.script} threads:{torch.get_num_threads()} layers:{cfg.num_layers} "
           f"dim:{cfg.model_dim} seq_len:{seq_len} rows:{rows} stride:{cfg.eval_stride} "
-          f"plain_tokens:{tokens['plain'].numel() - 1} sliding_tokens:{tokens['sliding'].numel() - 1}")
+          f"compile:{int(args.compile)} plain_tokens:{tokens['plain'].numel() - 1} sliding_tokens:{tokens['sliding'].numel() - 1}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -281,9 +303,13 @@ def main(argv=None) -> int:
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return 0
     names = [n for n in runs if not args.only or n in args.only.split(",")]
-    scored_bytes = {}
-    for name in names:  # one untimed pass each (allocator warm-up), which also checks that all score the same
-        out = runs[name][0]()
+    scored_bytes, syncs = {}, {}
+    for name in names:  # one untimed pass each (allocator warm-up, compiling), profiled for its host syncs,
+        if args.compile:  # which also checks that all score the same bytes
+            runs[name][0]()  # compiling under the profiler would count the compiler's own syncs
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = runs[name][0]()
+        syncs[name] = sum(event.name in SYNC_OPS for event in prof.events())
         scored_bytes[name] = (out[1] if isinstance(out, tuple) else out.scored_bytes if hasattr(out, "scored_bytes")
                               else int(out.nbytes.sum()))
     for name in names:
@@ -302,9 +328,12 @@ def main(argv=None) -> int:
         reference = f"baseline {'sliding' if kind == 'neural_pass' else kind}"
         ratio = ""
         if reference in seconds and name != reference:
-            ratio = f" ratio_to_baseline:{statistics.median(a / b for a, b in zip(seconds[name], seconds[reference])):.3f}"
+            # the median of the rounds' ratios, and the ratio of the fastest passes (other load only adds time)
+            ratio = (f" ratio_to_baseline:{statistics.median(a / b for a, b in zip(seconds[name], seconds[reference])):.3f}"
+                     f" ratio_of_mins:{min(seconds[name]) / min(seconds[reference]):.3f}")
+        batches = args.plain_batches if kind == "plain" else args.sliding_batches
         print(f"bench_eval pass:{name.replace(' ', '_')} us_per_token:{statistics.median(us):.2f} "
-              f"min:{min(us):.2f} max:{max(us):.2f}{ratio}")
+              f"min:{min(us):.2f} max:{max(us):.2f}{ratio} batches:{batches} host_syncs:{syncs[name]}")
     return 0
 
 

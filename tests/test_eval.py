@@ -106,6 +106,7 @@ def test_val_bpb_is_the_same_from_one_and_several_processes(tmp_path, world_size
 @pytest.mark.parametrize("num_tokens, seq_len, stride, rows, lo, hi", [
     (100, 8, 4, 3, 1, None), (101, 16, 5, 4, 1, None), (9, 16, 4, 2, 1, None), (300, 32, 7, 5, 40, 211),
     (77, 10, 1, 8, 1, None), (64, 16, 16, 2, 1, None), (200, 32, 8, 3, 1, 20), (200, 32, 8, 3, 180, None),
+    (120, 32, 8, 3, 10, 90),
 ])
 def test_window_batches_pick_every_target_once_from_its_span(cpu_runtime, num_tokens, seq_len, stride, rows, lo, hi):
     """Each batch computes `stride` predictions per row and picks the scored ones: together they are the
