@@ -69,8 +69,12 @@ def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
     assert f"script_sha256:{sha} code_bytes:{size}" in log
     assert "setting NUM_LAYERS=2" in log and "setting VE_LAYERS=1" in log
     assert re.search(r"^step:6/6 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms eta:0ms$", log, re.M)
-    etas = [int(e) for e in re.findall(r"^step:\d+/6 train_loss:.* eta:(\d+)ms$", log, re.M)]
-    assert len(etas) >= 2 and etas[0] > 0 and etas == sorted(etas, reverse=True)
+    # eta: the steps left at the pace of the steps so far, whose time is at most the step_avg's (that one
+    # also counts the oracle's prefill); not asserted monotonic, since a loaded machine slows the pace
+    lines = re.findall(r"^step:(\d)/6 train_loss:.* step_avg:([\d.]+)ms eta:(\d+)ms$", log, re.M)
+    assert len(lines) >= 2
+    for step, avg, eta in ((int(s), float(a), int(e)) for s, a, e in lines if s != "6"):
+        assert 0 < eta <= (6 - step) * avg + 1, (step, avg, eta)
     phases = re.search(r"^eval_phases compile_warmup:(\d+)ms plain:(\d+)ms neural:(\d+)ms ttt_train:(\d+)ms "
                        r"cache:(\d+)ms$", log, re.M)
     assert phases and int(phases.group(3)) > 0 and int(phases.group(4)) == 0
