@@ -103,8 +103,10 @@ def test_the_model_compiles_as_one_graph(bf16):
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     x, y = tokens[:, :-1], tokens[:, 1:]
     probs, valid = torch.rand(2, 16, len(cfg.ngram_orders)), torch.rand(2, 16, len(cfg.ngram_orders)) > 0.5
+    prior = torch.rand(probs.shape)  # NGRAM_PRIOR_BETA's shares
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for fn, args in ((model, (x, y, probs, valid, torch.ones(()))), (model.token_nll, (x, y)),
+        for fn, args in ((model, (x, y, probs, valid, None, torch.ones(()))),
+                         (model, (x, y, probs, valid, prior, torch.ones(()))), (model.token_nll, (x, y)),
                          (model.eval_outputs, (x,))):
             explanation = torch._dynamo.explain(fn)(*args)
             assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
