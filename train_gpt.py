@@ -1082,6 +1082,18 @@ def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
+def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each order's probability of the target x, (..., K) float64, 0 where not valid: c(ctx, x) / T(ctx);
+    with beta > 0 (NGRAM_PRIOR_BETA) the neural-prior smoothing (c(ctx, x) + beta p_nn(x)) / (T(ctx) + beta),
+    given as its counts' part c / (T + beta) and the prior's share beta / (T + beta) (the second tensor;
+    None when beta = 0), for mixture_nll to weigh p_nn(x) with. Per target, never per vocabulary."""
+    if beta == 0:
+        return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
+    denominator = totals.double() + beta
+    return torch.where(valid, counts.double() / denominator, 0.0), torch.where(valid, beta / denominator, 0.0)
+
+
 def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
                            beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each order's probability of the true next token, (B, T, K), its context-only validity mask, and
@@ -1112,18 +1124,6 @@ def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     weights = torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
     floor = F.pad(torch.full_like(weights[..., :1], NEURAL_WEIGHT_FLOOR), (0, weights.size(-1) - 1))
     return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
-
-
-def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
-                       beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the target x, (..., K) float64, 0 where not valid: c(ctx, x) / T(ctx);
-    with beta > 0 (NGRAM_PRIOR_BETA) the neural-prior smoothing (c(ctx, x) + beta p_nn(x)) / (T(ctx) + beta),
-    given as its counts' part c / (T + beta) and the prior's share beta / (T + beta) (the second tensor;
-    None when beta = 0), for mixture_nll to weigh p_nn(x) with. Per target, never per vocabulary."""
-    if beta == 0:
-        return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
-    denominator = totals.double() + beta
-    return torch.where(valid, counts.double() / denominator, 0.0), torch.where(valid, beta / denominator, 0.0)
 
 
 def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
