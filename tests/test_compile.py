@@ -112,6 +112,18 @@ def test_the_model_compiles_as_one_graph(bf16):
             assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_oracle_lookup_compiles_as_one_graph(beta):
+    """The training loop compiles the oracle's lookup (train): one graph with NGRAM_PRIOR_BETA's shares or without."""
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
+    oracle = tg.NgramModel(range(2, 8), 64, torch.device("cpu"))
+    oracle.add_stream(tokens, 1, 400)
+    args = (oracle, tokens[:256].view(16, 16), tokens[1:257].view(16, 16), torch.randint(0, 8, (16, 16)), beta)
+    explanation = torch._dynamo.explain(tg.oracle_probs_for_batch)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
 def test_dtypes_under_bf16_autocast_are_those_cuda_computes(cpu_runtime):
     """q and k after the QK norm, and the MLP's squared activation, are bf16 (CUDA's autocast would make
     them fp32 but for the explicit casts); the logits the loss reads are fp32."""
