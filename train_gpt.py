@@ -144,6 +144,7 @@ class Hyperparameters:
     ngram_oracle_tokens: int = 50_000_000
     ngram_chunk_tokens: int = 131_072
     ngram_audit_positions: int = 0
+    ngram_prior_beta: float = 0.0  # 0: off (see ngram_expert_probs)
     # quantization and packing
     quant_mlp_bits: int = 5
     quant_attn_bits: int = 6
@@ -269,6 +270,10 @@ class Hyperparameters:
              self.ngram_oracle_tokens, "at least 1 with USE_MIXER=learned (the head learns from the oracle)")
         need(self.ngram_chunk_tokens >= 1, "NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens, "at least 1")
         need(self.ngram_audit_positions >= 0, "NGRAM_AUDIT_POSITIONS", self.ngram_audit_positions, "0 or more")
+        need(self.ngram_prior_beta == 0 or (math.isfinite(self.ngram_prior_beta) and self.ngram_prior_beta > 0
+                                            and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
+             self.ngram_prior_beta, "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts "
+             "are add-alpha smoothed)")
         for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, name, getattr(self, name.lower()), "2..8")
         need(self.quant_min_numel >= 0, "QUANT_MIN_NUMEL", self.quant_min_numel, "0 or more")
@@ -879,18 +884,23 @@ class GPT(nn.Module):
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
-                expert_valid: torch.Tensor | None = None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+                expert_valid: torch.Tensor | None = None, expert_prior: torch.Tensor | None = None,
+                penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss: mean cross-entropy over all positions (a target of -100 adds 0: padding), plus
-        MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K) and
-        validity are given (fixed inputs: no gradient to counts), plus penalty_scale (a 0-dim tensor, 0
-        outside the warm-down) times the CROWN-Q penalty: inside the compiled graph, not ~1,300 eager ops."""
+        MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K),
+        validity and (NGRAM_PRIOR_BETA) prior shares are given (fixed inputs: no gradient to counts), plus
+        penalty_scale (a 0-dim tensor, 0 outside the warm-down) times the CROWN-Q penalty: inside the
+        compiled graph, not ~1,300 eager ops."""
         hidden = self.forward_hidden(tokens)
         logits = self.logits_from_hidden(hidden)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         loss = nll.mean()
         if expert_probs is not None and self.mixer_head is not None:
             weights = mixer_weights(self.mixer_head(hidden), expert_valid)
-            loss = loss + self.cfg.mixer_loss_weight * mixture_nll(-nll, weights, expert_probs).mean()
+            # p_nn(x) is -nll's, not detached, in the smoothed experts too: the q_t scored in evaluation holds
+            # it there as well, so this is the scored loss's own gradient (w_0's term passes one the same way).
+            mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)
+            loss = loss + self.cfg.mixer_loss_weight * mixed.mean()
         if penalty_scale is not None:
             loss = loss + penalty_scale * crown_q_penalty(self, self.cfg)
         return loss
@@ -901,6 +911,8 @@ class GPT(nn.Module):
 # =============================================================================
 # An order-n expert is p_n(v | ctx) = c(ctx, v) / T(ctx), T(ctx) the exact sum of its row of counts,
 # so every expert is a normalized distribution by construction (../shared/LEGALITY.md, rule 2).
+# NGRAM_PRIOR_BETA smooths it towards the neural model, (c(ctx, v) + beta p_nn(v)) / (T(ctx) + beta):
+# still normalized, positive where p_nn is, and no longer sure of a token after one sighting of a context.
 # Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
 # 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
 # per (context bucket, next token): a collision merges two contexts into one distribution, it
@@ -1070,9 +1082,22 @@ def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int)
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
-def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor,
-                           oracle_run: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each order's probability of the true next token, (B, T, K), and its context-only validity mask.
+def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each order's probability of the target x, (..., K) float64, 0 where not valid: c(ctx, x) / T(ctx);
+    with beta > 0 (NGRAM_PRIOR_BETA) the neural-prior smoothing (c(ctx, x) + beta p_nn(x)) / (T(ctx) + beta),
+    given as its counts' part c / (T + beta) and the prior's share beta / (T + beta) (the second tensor;
+    None when beta = 0), for mixture_nll to weigh p_nn(x) with. Per target, never per vocabulary."""
+    if beta == 0:
+        return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
+    denominator = totals.double() + beta
+    return torch.where(valid, counts.double() / denominator, 0.0), torch.where(valid, beta / denominator, 0.0)
+
+
+def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
+                           beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each order's probability of the true next token, (B, T, K), its context-only validity mask, and
+    the neural prior's shares (None when beta = 0): ngram_expert_probs of the oracle's counts.
 
     oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
     in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
@@ -1083,8 +1108,8 @@ def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: to
     counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
     counts, totals = counts - counted, totals - counted
     valid = available & (totals > 0)
-    probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
-    return probs.float(), valid
+    probs, prior = ngram_expert_probs(counts, totals, valid, beta)
+    return probs.float(), valid, None if prior is None else prior.float()
 
 
 def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -1101,14 +1126,20 @@ def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
     return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
 
 
-def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor) -> torch.Tensor:
-    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K).
+def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
+                expert_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K), or
+    with the prior's shares b_n (..., K) of ngram_expert_probs, p_n(x) = expert_probs_n + b_n p_nn(x).
     Since the w sum to one and every p is a distribution, this is the target's entry of one."""
     expert_terms = weights[..., 1:] * expert_probs
     positive = expert_terms > 0
     # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
     log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
-    log_neural = neural_logprob + weights[..., 0].log()  # w_0 >= NEURAL_WEIGHT_FLOOR > 0
+    neural_weight = weights[..., 0]  # >= NEURAL_WEIGHT_FLOOR > 0
+    if expert_prior is not None:
+        # each expert's p_nn(x) joins the neural term: exact, with no exp of a log-probability to underflow
+        neural_weight = neural_weight + (weights[..., 1:] * expert_prior).sum(-1)
+    log_neural = neural_logprob + neural_weight.log()
     return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
 
 
@@ -1403,7 +1434,7 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scal
     """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the
     oracle's expert inputs (None: no mixer). Under DDP the gradients are all-reduced only on the step's
     last micro-batch (`sync`)."""
-    experts = (None, None) if oracle_lookup is None else oracle_lookup(batch)
+    experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
             loss = train_model(batch.inputs, batch.targets, *experts, penalty_scale)
@@ -1483,7 +1514,8 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     if oracle is not None:
         # Compiled, the lookup's ~230 ops (keys, searchsorted, leave-one-out) are one graph.
         lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
-        oracle_lookup = lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run)
+        oracle_lookup = lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run,
+                                             cfg.ngram_prior_beta)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     if cfg.compile and cfg.compile_warmup_steps:
@@ -2572,16 +2604,17 @@ def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[f
 
 
 def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
-                         weights: torch.Tensor, hedge: bool) -> torch.Tensor:
+                         weights: torch.Tensor, hedge: bool, beta: float = 0.0) -> torch.Tensor:
     """The whole distribution q_t (V,) float64 that the fast path scores one entry of, from each order's
-    whole row of counts (V,) for q_t's context."""
-    q = weights[0].double() * neural_logprobs.exp()
+    whole row of counts (V,) for q_t's context, and NGRAM_PRIOR_BETA's experts from the neural row."""
+    neural = neural_logprobs.exp()
+    q = weights[0].double() * neural
     for i, row in enumerate(rows):
         row = row.double()
         if hedge:
             q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), row.numel())
-        elif valid[i]:
-            q = q + weights[i + 1].double() * row / row.sum()
+        elif valid[i]:  # beta = 0: row / row.sum(), exactly (row + 0 = row)
+            q = q + weights[i + 1].double() * (row + beta * neural) / (row.sum() + beta)
     return q
 
 
@@ -2742,7 +2775,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
 
     Hedge also needs, before each chunk, every expert's loss on all earlier chunks: each rank adds its own
     targets' losses into their chunks and the ranks sum them, as chunk_neural_loss is summed."""
-    C, hedge = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge"
+    C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
     audit_targets = torch.unique(audit.targets)
     counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
                                                          scores.targets, rt, audit_targets)
@@ -2762,15 +2795,15 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
         valid = torch.ones_like(available)
     elif scores.targets.numel():
         valid = available & (totals > 0)
-        probs = torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0)
+        probs, prior = ngram_expert_probs(counts, totals, valid, cfg.ngram_prior_beta)
         weights = mixer_weights(scores.mixer_logits, valid)
     else:  # nothing scored here: no mixer logits to weigh
         return 0.0
-    nll = mixture_nll(scores.logprob, weights.double(), probs)
+    nll = mixture_nll(scores.logprob, weights.double(), probs, prior)
     for i in torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist():
         t = int(scores.targets[i])
         q = materialized_mixture(scores.audit_rows[t], rows[torch.searchsorted(audit_targets, t)],
-                                 valid[i].tolist(), weights[i], hedge)
+                                 valid[i].tolist(), weights[i], hedge, cfg.ngram_prior_beta)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
     return float(nll.sum())
 

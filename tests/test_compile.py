@@ -103,11 +103,25 @@ def test_the_model_compiles_as_one_graph(bf16):
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     x, y = tokens[:, :-1], tokens[:, 1:]
     probs, valid = torch.rand(2, 16, len(cfg.ngram_orders)), torch.rand(2, 16, len(cfg.ngram_orders)) > 0.5
+    prior = torch.rand(probs.shape)  # NGRAM_PRIOR_BETA's shares
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for fn, args in ((model, (x, y, probs, valid, torch.ones(()))), (model.token_nll, (x, y)),
+        for fn, args in ((model, (x, y, probs, valid, None, torch.ones(()))),
+                         (model, (x, y, probs, valid, prior, torch.ones(()))), (model.token_nll, (x, y)),
                          (model.eval_outputs, (x,))):
             explanation = torch._dynamo.explain(fn)(*args)
             assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_oracle_lookup_compiles_as_one_graph(beta):
+    """The training loop compiles the oracle's lookup (train): one graph with NGRAM_PRIOR_BETA's shares or without."""
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
+    oracle = tg.NgramModel(range(2, 8), 64, torch.device("cpu"))
+    oracle.add_stream(tokens, 1, 400)
+    args = (oracle, tokens[:256].view(16, 16), tokens[1:257].view(16, 16), torch.randint(0, 8, (16, 16)), beta)
+    explanation = torch._dynamo.explain(tg.oracle_probs_for_batch)(*args)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
 def test_dtypes_under_bf16_autocast_are_those_cuda_computes(cpu_runtime):

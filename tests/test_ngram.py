@@ -93,6 +93,41 @@ def test_the_neural_expert_keeps_weight_whatever_the_logits():
         assert sum_error < 1e-6 and min_prob > 0 and target_diff < 1e-12 and math.isfinite(float(nll))
 
 
+def test_smoothed_experts_are_the_formula_and_beta_0_is_the_plain_ratio():
+    """NGRAM_PRIOR_BETA by hand: p_n(v) = (c_n(ctx, v) + beta p_nn(v)) / (T_n(ctx) + beta) in the fast path and in
+    the materialized row, an unseen context (T = 0) still masked; beta = 0 gives c / T and q_t bit for bit."""
+    beta, target = 2.0, 0
+    neural = torch.tensor([0.25, 0.25, 0.4, 0.1], dtype=torch.float64)
+    rows = [torch.tensor([3, 1, 0, 0]), torch.tensor([0, 2, 0, 0]), torch.zeros(4, dtype=torch.int64)]
+    counts, totals = torch.tensor([[3, 0, 0]]), torch.tensor([[4, 2, 0]])  # the target's entries of the rows
+    valid = totals > 0
+    weights = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)  # order 3's weight: masked
+    probs, prior = tg.ngram_expert_probs(counts, totals, valid, beta)
+    smoothed = [(3 + beta * 0.25) / (4 + beta), (0 + beta * 0.25) / (2 + beta), 0.0]
+    assert (probs + prior * neural[target])[0].tolist() == pytest.approx(smoothed, rel=1e-14, abs=0)
+    nll = float(tg.mixture_nll(neural[target].log()[None], weights[None], probs, prior)[0])
+    assert nll == pytest.approx(-math.log(0.5 * 0.25 + 0.3 * smoothed[0] + 0.2 * smoothed[1]), rel=1e-14)
+    q = tg.materialized_mixture(neural.log(), rows, valid[0].tolist(), weights, hedge=False, beta=beta)
+    by_hand = 0.5 * neural + 0.3 * (rows[0] + beta * neural) / 6 + 0.2 * (rows[1] + beta * neural) / 4
+    assert torch.allclose(q, by_hand, rtol=1e-14, atol=0)
+    sum_error, min_prob, target_diff = tg.audit_distribution(q, target, nll)
+    assert sum_error < 1e-14 and min_prob > 0 and target_diff < 1e-14
+    assert (q > 0.5 * neural).all()  # the smoothed experts give every token mass, unseen ones too
+    plain, no_prior = tg.ngram_expert_probs(counts, totals, valid, 0.0)
+    assert no_prior is None and torch.equal(plain, torch.tensor([[0.75, 0.0, 0.0]], dtype=torch.float64))
+    q = tg.materialized_mixture(neural.log(), rows, valid[0].tolist(), weights, hedge=False, beta=0.0)
+    assert torch.equal(q, 0.5 * neural.log().exp() + 0.3 * rows[0].double() / 4 + 0.2 * rows[1].double() / 2)
+
+
+@pytest.mark.parametrize("raw, mixer", [("-1", "learned"), ("nan", "learned"), ("inf", "learned"),
+                                        ("2", "hedge"), ("2", "none")])
+def test_ngram_prior_beta_outside_what_works_stops_the_run(raw, mixer):
+    with pytest.raises(tg.ConfigError, match=r"^NGRAM_PRIOR_BETA=\S+ is not allowed: 0 \(off\), or a finite number "
+                                             r"above 0 with USE_MIXER=learned"):
+        tg.Hyperparameters.from_env(dict(NGRAM_PRIOR_BETA=raw, USE_MIXER=mixer), cuda=False)
+    assert tg.Hyperparameters.from_env(dict(NGRAM_PRIOR_BETA="0.5"), cuda=False).ngram_prior_beta == 0.5
+
+
 def trained_like(cfg, seed=0):
     """Weights far enough from initialisation that the mixer head's output varies with the context."""
     return perturbed_gpt(cfg, 0.3, seed)
@@ -119,10 +154,13 @@ def mixed_eval(cfg, tokens, audit_targets, rt=None, seed=0):
     return neural, mixed, audit, lines
 
 
-MODES = [dict(use_mixer="learned"), dict(use_mixer="hedge", mixer_eta=0.05)]
+# NGRAM_PRIOR_BETA's smoothed experts must keep every rule the plain ones keep
+MODES = [dict(use_mixer="learned"), dict(use_mixer="hedge", mixer_eta=0.05),
+         dict(use_mixer="learned", ngram_prior_beta=2.0)]
+MODE_IDS = ["learned", "hedge", "learned_prior"]
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_materialized_distributions_sum_to_one_and_match_the_fast_path(mode):
     cfg = tiny_config(ngram_chunk_tokens=37, **mode)
     tokens = repetitive_stream(300, cfg.vocab_size)
@@ -135,7 +173,7 @@ def test_materialized_distributions_sum_to_one_and_match_the_fast_path(mode):
     assert mixed.val_loss < neural.val_loss  # on repetitive text the cache helps
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_q_t_ignores_the_target_and_everything_after(mode):
     cfg = tiny_config(ngram_chunk_tokens=37, **mode)
     tokens = repetitive_stream(300, cfg.vocab_size)
@@ -148,7 +186,7 @@ def test_q_t_ignores_the_target_and_everything_after(mode):
         assert a.fast_nll[t] != b.fast_nll[t]  # the target changed, so its score did
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_scores_of_a_chunk_ignore_later_chunks(mode):
     cfg = tiny_config(ngram_chunk_tokens=50, **mode)
     tokens = repetitive_stream(300, cfg.vocab_size)
@@ -160,9 +198,11 @@ def test_scores_of_a_chunk_ignore_later_chunks(mode):
     assert any(a.fast_nll[t] != b.fast_nll[t] for t in range(151, 300))
 
 
-def test_the_cache_learns_only_after_a_chunk_is_scored():
-    """A phrase seen only inside the current chunk must not help it; after the chunk it must."""
-    cfg = tiny_config(ngram_chunk_tokens=1000, use_mixer="learned")
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_cache_learns_only_after_a_chunk_is_scored(beta):
+    """A phrase seen only inside the current chunk must not help it; after the chunk it must. An empty
+    cache leaves every expert masked, smoothed (NGRAM_PRIOR_BETA) or not."""
+    cfg = tiny_config(ngram_chunk_tokens=1000, use_mixer="learned", ngram_prior_beta=beta)
     tokens = repetitive_stream(300, cfg.vocab_size)
     one_chunk = mixed_eval(cfg, tokens, [])[1]
     small = mixed_eval(dataclasses.replace(cfg, ngram_chunk_tokens=30), tokens, [])[1]
@@ -182,7 +222,7 @@ def _mixed_in_process(rank, world, init_file, cfg, tokens, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_one_and_two_processes_give_the_same_val_bpb(tmp_path, mode):
     cfg = tiny_config(ngram_chunk_tokens=41, val_batch_size=48, **mode)  # chunks straddle rank boundaries
     tokens = repetitive_stream(400, cfg.vocab_size)
@@ -216,7 +256,8 @@ def test_hashed_pair_cache_is_caught_by_the_materialization_check():
     assert sum_error > 1.0                             # ...but the distribution is not one
 
 
-def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path):
+@pytest.mark.parametrize("beta", [0.0, 3.0])
+def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
     vocab = 50
     rng = np.random.default_rng(0)
     train = rng.integers(2, vocab, size=3000).astype(np.uint16)
@@ -233,7 +274,8 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path):
     checked_inside = checked_outside = 0
     for _ in range(12):  # 12 x 256 tokens: past the oracle's 2,000 into text it never counted
         batch = loader.next_batch(256, 16, CPU)
-        probs, valid = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run)
+        probs, valid, prior = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run, beta)
+        assert (prior is None) == (beta == 0)
         row = torch.cat((batch.inputs, batch.targets[:, -1:]), 1).tolist()
         for b in range(batch.inputs.size(0)):
             for j in range(16):
@@ -245,8 +287,11 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path):
                     inside = int(batch.oracle_run[b, j]) >= n
                     c, total = grams[n][gram] - inside, ctxs[n][gram[:-1]] - inside
                     assert bool(valid[b, j, i]) == (total > 0)
-                    if total > 0:
-                        assert float(probs[b, j, i]) == pytest.approx(c / total, rel=1e-6)
+                    if total > 0:  # the smoothed expert's counts' part, and the prior's share
+                        assert float(probs[b, j, i]) == pytest.approx(c / (total + beta), rel=1e-6)
+                        assert beta == 0 or float(prior[b, j, i]) == pytest.approx(beta / (total + beta), rel=1e-6)
+                    elif beta:
+                        assert probs[b, j, i] == 0 and prior[b, j, i] == 0  # an unseen context stays masked
                     checked_inside += inside
                     checked_outside += not inside
     assert checked_inside > 1000 and checked_outside > 100
@@ -275,6 +320,30 @@ def test_mixer_loss_trains_the_head_and_the_transformer():
     assert head_mixed.abs().sum() > 0 and not torch.allclose(cq_plain, cq_mixed)
     weights = tg.mixer_weights(torch.randn(2, 16, 4), valid)
     assert torch.allclose(weights.sum(-1), torch.ones(2, 16)) and (weights[..., 1:][~valid] == 0).all()
+
+
+def test_training_mixes_the_smoothed_experts_with_the_models_own_probability():
+    """GPT's loss with the oracle's prior shares (NGRAM_PRIOR_BETA) is the cross-entropy plus MIXER_LOSS_WEIGHT
+    times the mixture's loss, each expert (c + beta p_nn(x)) / (T + beta) with p_nn(x) the model's own."""
+    cfg = tiny_config(use_mixer="learned", ngram_min_order=2, ngram_max_order=4, ngram_prior_beta=2.0)
+    model = trained_like(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
+    y = torch.roll(x, -1, 1)
+    counts = torch.randint(0, 4, (2, 16, 3), generator=g)
+    totals = counts + torch.randint(0, 3, (2, 16, 3), generator=g)
+    valid = totals > 0
+    probs, prior = tg.ngram_expert_probs(counts, totals, valid, cfg.ngram_prior_beta)
+    loss = model(x, y, probs.float(), valid, prior.float())
+    loss.backward()
+    with torch.no_grad():
+        hidden = model.forward_hidden(x)
+        logp = torch.log_softmax(model.logits_from_hidden(hidden), -1).gather(-1, y[..., None])[..., 0].double()
+        weights = tg.mixer_weights(model.mixer_head(hidden), valid).double()
+        experts = torch.where(valid, (counts + 2.0 * logp.exp()[..., None]) / (totals + 2.0), 0.0)
+        q = weights[..., 0] * logp.exp() + (weights[..., 1:] * experts).sum(-1)
+    assert float(loss.detach()) == pytest.approx(float(-logp.mean() - cfg.mixer_loss_weight * q.log().mean()), rel=1e-5)
+    assert model.mixer_head.weight.grad.abs().sum() > 0
 
 
 # --- the cache's counts shared by owner ranks ---------------------------------------------------------------
@@ -369,7 +438,7 @@ def test_ranks_counts_equal_one_process_counts(tmp_path, world):
     assert scored == targets.numel() and int(one[0][:, 2].sum()) > 100  # the cache had something to count
 
 
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m["use_mixer"])
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_a_rank_that_scores_nothing_changes_nothing(tmp_path, mode):
     """One batch of windows for two ranks: rank 1 scores nothing, and must still count what it owns."""
     cfg = tiny_config(ngram_chunk_tokens=41, val_batch_size=4096, **mode)

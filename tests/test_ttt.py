@@ -55,10 +55,11 @@ def test_ttt_changes_the_weights_and_the_scores_of_later_chunks_only():
     assert neural.scored_tokens == no_ttt.scored_tokens == 299
 
 
-def test_a_score_never_depends_on_its_target_or_anything_after_it():
+@pytest.mark.parametrize("beta", [0.0, 2.0], ids=["plain", "prior"])  # NGRAM_PRIOR_BETA: p_nn in the experts too
+def test_a_score_never_depends_on_its_target_or_anything_after_it(beta):
     """Score-first: changing tokens from position p on leaves the score of every target before p as it
     was, though the weights that score the chunks after p's are trained on the changed tokens."""
-    cfg = ttt_config()
+    cfg = ttt_config(ngram_prior_beta=beta)
     tokens = repetitive_stream(300, cfg.vocab_size)
     _, _, a, _, _ = ttt_scores(cfg, tokens, range(1, 300))
     for p in (49, 120, 200):  # the first target of chunk 1, and two inside chunks
