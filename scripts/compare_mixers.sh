@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# Side-by-side val_bpb of USE_MIXER=none, hedge and learned: the demo model (scripts/run_demo.sh) on the
-# sample corpus, trained to the same ITERATIONS (default the demo's 200). Three runs, ~4-5 minutes each on
-# a 2-core CPU:
-#   mix_learned  USE_MIXER=learned: trains with the oracle and the mixer head, evaluates with its cache
-#   mix_none     USE_MIXER=none: trains and evaluates the model alone
-#   mix_hedge    USE_MIXER=hedge, EVAL_ARTIFACT=artifacts/mix_none.pgqw: evaluation only. Hedge adds no
-#                parameters, so the weights trained for mix_none serve it unchanged.
-# Then prints one row per mode from logs/<RUN_ID>.txt: the final neural sliding-window val_bpb, the run's
-# final val_bpb (its last val_bpb line: the mixture's, or the sliding window's with USE_MIXER=none), the
-# sliding-window evaluation's time (neural pass and cache together) and the whole final evaluation's.
+# Side-by-side val_bpb of the mixers: the demo model (scripts/run_demo.sh), trained to the same ITERATIONS
+# (default the demo's 200), one run per mode in MODES (default "none hedge learned"), ~4-5 minutes each
+# at 200 steps on a 2-core CPU:
+#   none     USE_MIXER=none: trains and evaluates the model alone
+#   hedge    USE_MIXER=hedge, EVAL_ARTIFACT=the none run's artifact: evaluation only. Hedge adds no
+#            parameters, so the weights trained for `none` serve it unchanged (run `none` first)
+#   learned  USE_MIXER=learned: trains with the oracle and the mixer head, evaluates with its cache
+#   prior    learned with NGRAM_PRIOR_BETA=${PRIOR_BETA:-2} (experts smoothed towards the neural model)
+# Run ids are ${TAG}_<mode> (TAG default "mix"), so a ladder of sizes or corpora keeps every log. Then
+# prints one row per mode from logs/<RUN_ID>.txt: steps, the final neural sliding-window val_bpb, the
+# final val_bpb (the mixture's, or the sliding window's with none), the gain of the final over the none
+# run's, and the evaluation's neural and cache milliseconds (eval_phases).
 #   bash scripts/compare_mixers.sh
-#   ITERATIONS=400 bash scripts/compare_mixers.sh
+#   TAG=prose800 MODES="none learned prior" ITERATIONS=800 DATA_PATH=data/datasets/prose_sp1024 \
+#       TOKENIZER_PATH=data/tokenizers/prose_1024_bpe.model bash scripts/compare_mixers.sh
 # Any other run_demo.sh setting passes through the environment too (RUN_ID and USE_MIXER are set here).
 # MAX_WALLCLOCK_SECONDS defaults to 0 (no cap) here, so that every run trains to ITERATIONS however busy
-# the machine is. On a CPU that other work keeps busy, LOCAL_WORLD_SIZE=2 gives train_gpt.py one thread
-# per 2 cores; threads that wait on each other there can make a step ten times slower.
+# the machine is, and WARMDOWN_ITERS to 30% of ITERATIONS (the demo's 60 of 200). On a CPU that other
+# work keeps busy, LOCAL_WORLD_SIZE=2 gives train_gpt.py one thread per 2 cores; threads that wait on
+# each other there can make a step ten times slower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ITERATIONS="${ITERATIONS:-200}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
+export WARMDOWN_ITERS="${WARMDOWN_ITERS:-$((ITERATIONS * 3 / 10))}"
+TAG="${TAG:-mix}" MODES="${MODES:-none hedge learned}"
+for mode in $MODES; do
+  case "$mode" in none|hedge|learned|prior) ;; *)
+    echo "compare_mixers: MODES has '$mode': allowed are none, hedge, learned, prior" >&2; exit 2 ;; esac
+done
 mkdir -p logs
 
 demo_run() {  # demo_run RUN_ID VAR=VALUE...: run_demo.sh with those settings, its output in logs/RUN_ID.out
@@ -37,24 +47,24 @@ log_value() {  # log_value LOG REGEX KEY: the KEY:value of the last line of LOG 
   } END { print value }' "$1"
 }
 
-seconds() {  # "14291ms" -> "14.3"
-  awk -v ms="${1%ms}" 'BEGIN { printf "%.1f", ms / 1000 }'
-}
-
-demo_run mix_learned USE_MIXER=learned
-demo_run mix_none USE_MIXER=none
-demo_run mix_hedge USE_MIXER=hedge EVAL_ARTIFACT=artifacts/mix_none.pgqw
+for mode in $MODES; do
+  case "$mode" in
+    none|learned) demo_run "${TAG}_${mode}" USE_MIXER="$mode" ;;
+    hedge) demo_run "${TAG}_hedge" USE_MIXER=hedge EVAL_ARTIFACT="artifacts/${TAG}_none.pgqw" ;;
+    prior) demo_run "${TAG}_prior" USE_MIXER=learned NGRAM_PRIOR_BETA="${PRIOR_BETA:-2}" ;;
+  esac
+done
 
 echo
-echo "compare_mixers ITERATIONS=${ITERATIONS}: demo model on the sample corpus; none and hedge score the same weights"
-row='%-8s  %-12s  %-16s  %-20s  %-20s  %-15s  %-12s\n'
-printf "$row" mode run_id trained_steps neural_sliding_bpb final_bpb sliding_eval_s eval_total_s
-for mode in none hedge learned; do
-  log="logs/mix_${mode}.txt"
+echo "compare_mixers TAG=${TAG} ITERATIONS=${ITERATIONS} DATA_PATH=${DATA_PATH:-the sample corpus}"
+row='%-8s  %-14s  %-6s  %-12s  %-12s  %-9s  %-10s  %-9s\n'
+printf "$row" mode run_id steps neural_bpb final_bpb gain neural_ms cache_ms
+base="$(log_value "logs/${TAG}_none.txt" 'val_bpb:' val_bpb 2>/dev/null || true)"
+for mode in $MODES; do
+  log="logs/${TAG}_${mode}.txt"
+  final="$(log_value "$log" 'val_bpb:' val_bpb)"
+  gain="$(awk -v a="$base" -v b="$final" 'BEGIN { if (a != "") printf "%.4f", a - b; else print "-" }')"
   steps="$(log_value "$log" '^train_done ' steps)"
-  printf "$row" "$mode" "mix_${mode}" "${steps:-$(log_value logs/mix_none.txt '^train_done ' steps) (mix_none)}" \
-    "$(log_value "$log" '^final_sliding_window_exact ' val_bpb)" \
-    "$(log_value "$log" 'val_bpb:' val_bpb)" \
-    "$(seconds "$(log_value "$log" '^final_sliding_window ' eval_time)")" \
-    "$(seconds "$(log_value "$log" '^eval_done ' eval_time)")"
+  printf "$row" "$mode" "${TAG}_${mode}" "${steps:-(none)}" "$(log_value "$log" '^final_sliding_window_exact ' val_bpb)" \
+    "$final" "$gain" "$(log_value "$log" '^eval_phases ' neural)" "$(log_value "$log" '^eval_phases ' cache)"
 done
