@@ -1,4 +1,5 @@
-"""scripts/run_log.py, make_record.py and plot_run.py on logs that train_gpt.py writes in two tiny runs."""
+"""scripts/run_log.py, make_record.py, plot_run.py and plot_ladder.py on logs that train_gpt.py writes in two
+tiny runs."""
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ from test_end_to_end import TINY_ENV, dataset, failure  # noqa: F401  (dataset: 
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_record  # noqa: E402
+import plot_ladder  # noqa: E402
 import plot_run  # noqa: E402
 import run_log  # noqa: E402
 
@@ -405,3 +407,67 @@ def test_plot_writes_one_png_for_several_logs(tiny_runs, tmp_path):
     assert plot_run.main([str(logs[1]), str(logs[2]), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert os.listdir(tmp_path) == ["curves.png"]
+
+
+# ----------------------------------------------------------------------------- plot_ladder.py
+def ladder_log(src, dst, steps, settings, neural, final=None):
+    """A copy of a real tiny log as another rung (train_done's steps) and mixer variant (settings), with
+    the given neural-only sliding score and, for a mixer, the mixture's final line after it."""
+    text = re.sub(r"^train_done steps:\d+", f"train_done steps:{steps}", src.read_text(), flags=re.M)
+    for name, value in settings.items():
+        text, count = re.subn(rf"^setting {name}=.*$", f"setting {name}={value}", text, flags=re.M)
+        assert count == 1, name
+    text, count = re.subn(r"^(final_sliding_window_exact val_loss:\S+ val_bpb:)\S+$", rf"\g<1>{neural}", text,
+                          flags=re.M)
+    assert count == 1
+    if final is not None:
+        text += f"final_sliding_window_ngram_learned_exact val_loss:1.0 val_bpb:{final}\n"
+    dst.write_text(text)
+    return str(dst)
+
+
+@pytest.fixture
+def ladder_logs(tiny_runs, tmp_path):
+    _, _, logs = tiny_runs
+    learned = dict(USE_MIXER="learned")
+    return [ladder_log(logs[1], tmp_path / "a.txt", 4, {}, 2.0),
+            ladder_log(logs[2], tmp_path / "b.txt", 4, {}, 2.2),  # a second seed of the same rung: averaged
+            ladder_log(logs[1], tmp_path / "c.txt", 4, learned, 2.05, 1.8),
+            ladder_log(logs[1], tmp_path / "d.txt", 16, {}, 1.5),
+            ladder_log(logs[1], tmp_path / "e.txt", 16, learned, 1.49, 1.45),
+            ladder_log(logs[1], tmp_path / "f.txt", 16, dict(learned, NGRAM_PRIOR_BETA="2.0", MIXER_EVIDENCE="1"),
+                       1.52, 1.42),
+            ladder_log(logs[1], tmp_path / "g.txt", 16, dict(learned, NGRAM_MAX_ORDER="11"), 1.5, 1.47)]
+
+
+def test_ladder_table_groups_rungs_and_variants_and_measures_against_none(ladder_logs, capsys):
+    assert plot_ladder.main([*ladder_logs, "--table"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("| 1,024", "none", "2"), ("| 1,024", "learned", "1"), ("| 4,096", "none", "1"), ("| 4,096", "learned", "1"),
+        ("| 4,096", "learned+orders2-11", "1"), ("| 4,096", "learned+prior2+evidence", "1")]
+    # 1,024 tokens: none is the mean of 2.0 and 2.2; learned gains 2.1 - 1.8 and pays 2.05 - 2.1 in neural score
+    assert rows[0][3:5] == ["2.1000", "2.1000"] and rows[1][5:] == ["+0.3000", "-0.0500 |"]
+    assert rows[5][3:] == ["1.5200", "1.4200", "+0.0800", "+0.0200 |"]
+
+
+def test_ladder_without_a_none_run_names_the_rung(ladder_logs, capsys):
+    assert plot_ladder.main([ladder_logs[0], ladder_logs[4], "--table"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: no USE_MIXER=none run for the rung(s) of 4,096 training tokens: the gain is measured "
+                   "against it (compare_mixers.sh MODES=none)"]
+
+
+def test_ladder_plot_without_matplotlib_prints_the_table_and_says_how(ladder_logs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot_ladder.main([*ladder_logs, "--out", str(tmp_path / "l.png")]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("| training tokens |") and "pip install matplotlib" in err
+    assert not (tmp_path / "l.png").exists()
+
+
+def test_ladder_plot_writes_a_png(ladder_logs, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    out = tmp_path / "ladder.png"
+    assert plot_ladder.main([*ladder_logs, "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
