@@ -4,11 +4,13 @@
 
 Each log is one run. Runs are grouped into rungs by the tokens they trained on (steps run x
 TRAIN_BATCH_TOKENS) and into variants by their mixer settings: `none`, `hedge`, or `learned` with
-`+prior<beta>` (NGRAM_PRIOR_BETA), `+evidence` (MIXER_EVIDENCE) and `+orders<min>-<max>` where the
-orders are not the default 2-7. Runs of one rung and variant with different seeds are averaged.
+`+prior<beta>` (NGRAM_PRIOR_BETA), `+evidence` (MIXER_EVIDENCE), `+orders<min>-<max>` where the
+orders are not the default 2-7, and `+oracle<N>` where NGRAM_ORACLE_TOKENS is not the rung's none
+run's. Runs of one rung and variant with different seeds are averaged.
 Every rung needs its `none` run: the gain is the variant's final val_bpb below the none run's, and
 the neural cost is its own neural-only sliding score above the none run's (the price of training
-with the mixer's loss).
+with the mixer's loss); the cache's share is the cache pass's time over the neural sliding pass's
+(`eval_phases`), what the mixing adds to the evaluation.
 
 Prints a Markdown table (one row per rung and variant), then, unless --table, draws two panels
 into a PNG: final val_bpb against training tokens, and the gain over none against training tokens,
@@ -42,10 +44,12 @@ class Cell:
     runs: int
     neural_bpb: float
     final_bpb: float
+    cache_share: float | None  # cache ms / neural ms, None without a cache or an eval_phases line
 
 
-def variant_of(run: RunSummary) -> str:
-    """The mixer settings that tell two runs of one rung apart, as a short name."""
+def variant_of(run: RunSummary, oracle_tokens: str | None = None) -> str:
+    """The mixer settings that tell two runs of one rung apart, as a short name; `oracle_tokens` is the
+    NGRAM_ORACLE_TOKENS the rung's other runs use."""
     s = run.settings
     mixer = s.get("USE_MIXER", "learned")
     if mixer != "learned":
@@ -58,6 +62,8 @@ def variant_of(run: RunSummary) -> str:
     orders = (s.get("NGRAM_MIN_ORDER", "2"), s.get("NGRAM_MAX_ORDER", "7"))
     if orders != ("2", "7"):
         name += f"+orders{orders[0]}-{orders[1]}"
+    if s.get("NGRAM_ORACLE_TOKENS") != oracle_tokens:
+        name += f"+oracle{int(s['NGRAM_ORACLE_TOKENS']):,}"
     return name
 
 
@@ -73,10 +79,16 @@ def ladder_cells(runs: list[RunSummary]) -> list[Cell]:
     for run in runs:
         if NEURAL_SCORE not in run.evaluations:
             raise LogError(f"{run.path}: no `{NEURAL_SCORE}` line: not a sliding-window evaluation")
-        groups[training_tokens(run), variant_of(run)].append(run)
+    oracle_of_rung = {training_tokens(r): r.settings.get("NGRAM_ORACLE_TOKENS") for r in runs if variant_of(r) == "none"}
+    for run in runs:
+        tokens = training_tokens(run)
+        groups[tokens, variant_of(run, oracle_of_rung.get(tokens))].append(run)
     mean = lambda values: sum(values) / len(values)
+    shares = lambda group: [r.eval_phases_ms["cache"] / r.eval_phases_ms["neural"] for r in group
+                            if r.eval_phases_ms.get("cache") and r.eval_phases_ms.get("neural")]
     cells = [Cell(tokens, variant, len(group), mean([r.evaluations[NEURAL_SCORE].val_bpb for r in group]),
-                  mean([r.val_bpb for r in group])) for (tokens, variant), group in groups.items()]
+                  mean([r.val_bpb for r in group]), mean(shares(group)) if shares(group) else None)
+             for (tokens, variant), group in groups.items()]
     return sorted(cells, key=lambda c: (c.tokens, c.variant != "none", c.variant))
 
 
@@ -92,12 +104,13 @@ def baselines(cells: list[Cell]) -> dict[int, Cell]:
 
 def ladder_table(cells: list[Cell]) -> str:
     base = baselines(cells)
-    lines = ["| training tokens | variant | runs | neural-only bpb | final bpb | gain over none | neural cost |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| training tokens | variant | runs | neural-only bpb | final bpb | gain over none | neural cost | "
+             "cache / neural pass |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         b = base[c.tokens]
+        share = "-" if c.cache_share is None else f"{100 * c.cache_share:.1f}%"
         lines.append(f"| {c.tokens:,} | {c.variant} | {c.runs} | {c.neural_bpb:.4f} | {c.final_bpb:.4f} | "
-                     f"{b.final_bpb - c.final_bpb:+.4f} | {c.neural_bpb - b.neural_bpb:+.4f} |")
+                     f"{b.final_bpb - c.final_bpb:+.4f} | {c.neural_bpb - b.neural_bpb:+.4f} | {share} |")
     return "\n".join(lines)
 
 

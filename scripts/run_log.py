@@ -16,6 +16,7 @@ parser reads, in log order:
     Total submission size quantized+zstd: N bytes (code C, artifact A)
     artifact_saved path:P bytes:N layout:L time:Tms
     <name> val_loss:X val_bpb:Y ...                               (prequant_plain, final_*, ...)
+    eval_phases compile_warmup:Tms plain:Tms neural:Tms ttt_train:Tms cache:Tms
     eval_done eval_time:Tms
 Any other line is ignored, so that lines added to the script later (ttt_..., warnings) do not
 break old tools. The score is the last `final_*_exact` line: CONVENTIONS.md makes the last val_bpb
@@ -82,6 +83,7 @@ class RunSummary:
     artifact_bytes: int | None = None
     artifact_time_ms: float | None = None  # quantize + pack + write, after training
     eval_time_ms: float | None = None
+    eval_phases_ms: dict[str, float] = field(default_factory=dict)  # where the evaluation's time went
     evaluations: dict[str, Evaluation] = field(default_factory=dict)  # every line with val_loss and val_bpb
     score_name: str = ""
     val_loss: float = float("nan")
@@ -178,6 +180,8 @@ def read_line(run: RunSummary, line: str) -> None:
         run.artifact_time_ms = milliseconds(pairs["time"])
     elif name == "artifact_loaded" and run.artifact_bytes is None:
         run.artifact_bytes = int(pairs["bytes"])  # an EVAL_ARTIFACT run: the file it scored
+    elif name == "eval_phases":
+        run.eval_phases_ms = {key: milliseconds(value) for key, value in pairs.items()}
     elif name == "eval_done":
         run.eval_time_ms = milliseconds(pairs["eval_time"])
     elif ":" not in name and "val_loss" in pairs and "val_bpb" in pairs:
