@@ -145,7 +145,6 @@ class Hyperparameters:
     ngram_chunk_tokens: int = 131_072
     ngram_audit_positions: int = 0
     ngram_prior_beta: float = 0.0  # 0: off (see ngram_expert_probs)
-    mixer_evidence: bool = False  # the head also reads each order's context statistics (context_evidence)
     # quantization and packing
     quant_mlp_bits: int = 5
     quant_attn_bits: int = 6
@@ -275,8 +274,6 @@ class Hyperparameters:
                                             and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
              self.ngram_prior_beta, "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts "
              "are add-alpha smoothed)")
-        need(not self.mixer_evidence or self.use_mixer == "learned", "MIXER_EVIDENCE", int(self.mixer_evidence),
-             "0, or 1 with USE_MIXER=learned (only the learned head has inputs)")
         for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS"):
             need(2 <= getattr(self, name.lower()) <= 8, name, getattr(self, name.lower()), "2..8")
         need(self.quant_min_numel >= 0, "QUANT_MIN_NUMEL", self.quant_min_numel, "0 or more")
@@ -829,11 +826,6 @@ class GPT(nn.Module):
             nn.init.zeros_(self.mixer_head.weight)
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
-        self.mixer_evidence = None
-        if cfg.mixer_evidence:
-            # added to the head's logits from 2 statistics per order; zero at first, so the head starts as without
-            self.mixer_evidence = nn.Linear(2 * len(cfg.ngram_orders), 1 + len(cfg.ngram_orders), bias=False)
-            nn.init.zeros_(self.mixer_evidence.weight)
 
     def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
         """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only.
@@ -891,19 +883,12 @@ class GPT(nn.Module):
         logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
 
-    def mixer_logits(self, head_logits: torch.Tensor, evidence: torch.Tensor | None) -> torch.Tensor:
-        """The mixer's logits (..., 1+K): the head's, plus (MIXER_EVIDENCE) a linear map of context_evidence."""
-        if self.mixer_evidence is None:
-            return head_logits
-        return head_logits.float() + self.mixer_evidence(evidence.float()).float()
-
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
                 expert_valid: torch.Tensor | None = None, expert_prior: torch.Tensor | None = None,
-                expert_evidence: torch.Tensor | None = None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+                penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss: mean cross-entropy over all positions (a target of -100 adds 0: padding), plus
         MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K),
-        validity, (NGRAM_PRIOR_BETA) prior shares and (MIXER_EVIDENCE) context statistics are given (fixed
-        inputs: no gradient to counts), plus
+        validity and (NGRAM_PRIOR_BETA) prior shares are given (fixed inputs: no gradient to counts), plus
         penalty_scale (a 0-dim tensor, 0 outside the warm-down) times the CROWN-Q penalty: inside the
         compiled graph, not ~1,300 eager ops."""
         hidden = self.forward_hidden(tokens)
@@ -911,7 +896,7 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         loss = nll.mean()
         if expert_probs is not None and self.mixer_head is not None:
-            weights = mixer_weights(self.mixer_logits(self.mixer_head(hidden), expert_evidence), expert_valid)
+            weights = mixer_weights(self.mixer_head(hidden), expert_valid)
             # p_nn(x) is -nll's, not detached, in the smoothed experts too: the q_t scored in evaluation holds
             # it there as well, so this is the scored loss's own gradient (w_0's term passes one the same way).
             mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)
@@ -975,14 +960,12 @@ class NgramCounts:
     """Counts of one order: sorted unique context keys with their row totals, and sorted unique
     (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
     device; 8 + 4 bytes per distinct context and per distinct (context, token) pair (int32 counts
-    while the stream has fewer than 2^31 tokens), and with `distinct` (MIXER_EVIDENCE) 4 more per
-    context for its number of distinct next tokens."""
+    while the stream has fewer than 2^31 tokens)."""
 
-    def __init__(self, order: int, vocab_size: int, device: torch.device, distinct: bool = False):
+    def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
         empty = torch.zeros(0, dtype=torch.int64, device=device)
         self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
-        self.distinct = empty if distinct else None
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
         """Counts once more each n-gram whose predicted token is tokens[t], start <= t < end, that has its
@@ -1021,10 +1004,7 @@ class NgramCounts:
             pair_counts = torch.zeros_like(pair_keys, dtype=counts.dtype).index_add_(0, inverse, counts)
             ctx_keys = union
         self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
-        rows = pair_keys // V
-        self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, rows, pair_counts)
-        if self.distinct is not None:
-            self.distinct = torch.bincount(rows, minlength=ctx_keys.numel()).to(pair_counts.dtype)
+        self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
 
     def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index, context seen) for each key."""
@@ -1033,29 +1013,27 @@ class NgramCounts:
         rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
         return rows, self.ctx_keys[rows] == keys
 
-    def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(c(ctx, token), T(ctx), distinct next tokens of ctx) for each key and token; zeros for an unseen
-        context. The third is zeros without `distinct`."""
+    def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
         rows, seen = self._rows(keys)
+        totals = torch.where(seen, self.totals[rows].long() if self.totals.numel() else torch.zeros_like(keys), 0)
         if self.pair_keys.numel() == 0:
-            return torch.zeros_like(keys), torch.zeros_like(keys), torch.zeros_like(keys)
-        row_stat = lambda t: torch.where(seen, t[rows].long(), 0) if t is not None else torch.zeros_like(keys)
+            return torch.zeros_like(keys), totals
         pair = rows * self.vocab_size + next_tokens.to(torch.int64)
         at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
         counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at].long(), 0)
-        return counts, row_stat(self.totals), row_stat(self.distinct)
+        return counts, totals
 
     def nbytes(self) -> int:
-        kept = (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts, self.distinct)
-        return sum(t.numel() * t.element_size() for t in kept if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
 
 
 class NgramModel:
     """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one growing token stream."""
 
-    def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device, distinct: bool = False):
+    def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
         self.orders, self.vocab_size = tuple(orders), vocab_size
-        self.tables = [NgramCounts(n, vocab_size, device, distinct) for n in self.orders]
+        self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
         self.order_tensor = torch.tensor(self.orders, device=device)  # built once, not per training step
         self.counted_tokens = 0
 
@@ -1066,10 +1044,10 @@ class NgramModel:
         for table in self.tables:
             table.add_stream(tokens, start, end)
 
-    def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(counts, totals, distinct), each (..., K), of every order for each target given its context keys."""
+    def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, totals), each (..., K), of every order for each target given its context keys."""
         stats = [table.lookup(k, targets) for table, k in zip(self.tables, keys)]
-        return tuple(torch.stack(column, -1) for column in zip(*stats))
+        return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
 
     def nbytes(self) -> int:
         return sum(t.nbytes() for t in self.tables)
@@ -1116,34 +1094,22 @@ def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.
     return torch.where(valid, counts.double() / denominator, 0.0), torch.where(valid, beta / denominator, 0.0)
 
 
-def context_evidence(totals: torch.Tensor, distinct: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """MIXER_EVIDENCE's inputs, (..., 2K) float32: per order, ln(1 + T(ctx)) and ln(1 + the number of distinct
-    tokens seen after ctx), 0 where the order is masked. Both describe the context's row of counts, never
-    the target: a context seen once and one seen a thousand times, a row on one token and a flat one, look
-    alike to the hidden state but not here."""
-    return torch.where(torch.cat((valid, valid), -1), torch.cat((totals, distinct), -1).float().log1p(), 0.0)
-
-
 def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
-                           beta: float = 0.0, evidence: bool = False) -> tuple[torch.Tensor | None, ...]:
-    """Each order's probability of the true next token, (B, T, K), its context-only validity mask, the
-    neural prior's shares (None when beta = 0): ngram_expert_probs of the oracle's counts; and with
-    `evidence` (MIXER_EVIDENCE, the oracle keeping distinct counts) context_evidence, else None.
+                           beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each order's probability of the true next token, (B, T, K), its context-only validity mask, and
+    the neural prior's shares (None when beta = 0): ngram_expert_probs of the oracle's counts.
 
     oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
     in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
     counted this very occurrence: it is taken out (leave-one-out), so the head learns how often an
-    order is right about text it has not seen, which is what the evaluation cache offers; the
-    statistics too are those of the text without it (a token seen once leaves one fewer distinct)."""
+    order is right about text it has not seen, which is what the evaluation cache offers."""
     keys, available = stream_context_keys(oracle, inputs)
-    counts, totals, distinct = oracle.target_stats(keys, targets)
+    counts, totals = oracle.target_stats(keys, targets)
     counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
-    distinct = distinct - counted * (counts == 1)
     counts, totals = counts - counted, totals - counted
     valid = available & (totals > 0)
     probs, prior = ngram_expert_probs(counts, totals, valid, beta)
-    stats = context_evidence(totals, distinct, valid) if evidence else None
-    return probs.float(), valid, None if prior is None else prior.float(), stats
+    return probs.float(), valid, None if prior is None else prior.float()
 
 
 def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -1283,8 +1249,8 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif name.startswith(("mixer_head.", "mixer_evidence.")):
-            groups["scalar"].append(p)  # 7 x 512 and 7 x 12: too small and too special for Muon
+        elif name.startswith("mixer_head."):
+            groups["scalar"].append(p)  # 7 x 512: too small and too special for Muon
         elif p.ndim == 2:
             groups["matrix"].append(p)
         else:
@@ -1468,7 +1434,7 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scal
     """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the
     oracle's expert inputs (None: no mixer). Under DDP the gradients are all-reduced only on the step's
     last micro-batch (`sync`)."""
-    experts = (None,) * 4 if oracle_lookup is None else oracle_lookup(batch)
+    experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
             loss = train_model(batch.inputs, batch.targets, *experts, penalty_scale)
@@ -1516,7 +1482,7 @@ def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> Ngr
     # int32, not int64: the text stays in memory while every order is counted
     tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
                               .astype(np.int32)).to(rt.device)
-    oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device, distinct=cfg.mixer_evidence)
+    oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
     oracle.add_stream(tokens, 1, tokens.numel())
     oracle.counted_tokens = tokens.numel()
     return oracle
@@ -1549,7 +1515,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         # Compiled, the lookup's ~230 ops (keys, searchsorted, leave-one-out) are one graph.
         lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
         oracle_lookup = lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run,
-                                             cfg.ngram_prior_beta, cfg.mixer_evidence)
+                                             cfg.ngram_prior_beta)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     if cfg.compile and cfg.compile_warmup_steps:
@@ -2500,9 +2466,9 @@ def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
 def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
     """The parameters TTT adapts, grouped by learning-rate multiplier: output projections (attention and
     MLP) x TTT_PROJ_LR_MULT, input projections (q, k, v, MLP fc) x TTT_IN_LR_MULT, the rest x 1. The first
-    TTT_FREEZE_BLOCKS blocks stay as trained, and so does the mixer: TTT's loss is the model's
+    TTT_FREEZE_BLOCKS blocks stay as trained, and so does the mixer head: TTT's loss is the model's
     cross-entropy alone."""
-    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.", "mixer_evidence.")
+    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
     outputs, inputs = (".attn.proj.weight", ".mlp.proj.weight"), (".c_q.weight", ".c_k.weight", ".c_v.weight",
                                                                    ".mlp.fc.weight")
     groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
@@ -2706,13 +2672,12 @@ def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, voc
 def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The owner's side: for each row of items (n, 4) (context key, next token, chunk, weight), every row
     of its contexts in hand, the total weight of the rows of its (context, token) and of its context in
-    earlier chunks, and how many distinct tokens followed its context there: (n, 3) int64, c(ctx, x),
-    T(ctx) and D(ctx) as the cache stood before the row's chunk.
+    earlier chunks: (n, 2) int64, c(ctx, x) and T(ctx) as the cache stood before the row's chunk.
 
     A stable sort by context key of rows in chunk order puts each context's rows together in chunk order;
     a row's count is then the weight from the start of its context's run to the start of its (context,
-    chunk) run. Likewise for (context, token) after a second stable sort, whose runs' first rows are each
-    pair's first sighting: D counts those as T counts rows. The cost does not grow with the number of chunks."""
+    chunk) run. Likewise for (context, token) after a second stable sort. The cost does not grow with the
+    number of chunks."""
     in_order = None
     if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
         in_order = torch.sort(items[:, 2], stable=True).indices
@@ -2722,10 +2687,8 @@ def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     rows = items[by_key]
     new_context = run_starts(rows[:, 0])
     pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
-    out = torch.empty_like(items[:, :3])
+    out = torch.empty_like(items[:, :2])
     out[by_key, 1] = counts_in_earlier_chunks(new_context, rows[:, 2], rows[:, 3])
-    first_sighting = torch.zeros_like(new_context).index_fill_(0, by_pair[run_starts(pairs)], True)
-    out[by_key, 2] = counts_in_earlier_chunks(new_context, rows[:, 2], first_sighting.long())
     rows = rows[by_pair]
     out[by_key[by_pair], 0] = counts_in_earlier_chunks(run_starts(pairs), rows[:, 2], rows[:, 3])
     return out if in_order is None else torch.empty_like(out).index_copy_(0, in_order, out)
@@ -2765,7 +2728,7 @@ def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys:
     sent, received = sent.tolist(), received.tolist()
     owned = items.new_empty((sum(received), items.size(1)))
     dist.all_to_all_single(owned, items[by_dest], received, sent)
-    answers = items.new_empty((items.size(0), 3))
+    answers = items.new_empty((items.size(0), 2))
     dist.all_to_all_single(answers, earlier_chunk_counts(owned, vocab_size), sent, received)
     return (torch.empty_like(answers).index_copy_(0, by_dest, answers),
             audit_count_rows(owned, audit_keys, audit_chunks, vocab_size))
@@ -2774,9 +2737,8 @@ def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys:
 def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
                        targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """For each of this rank's targets t (sorted) and each order: c(ctx_t, x_t) and T(ctx_t) counted over
-    the targets of the chunks before t's (chunk k holds targets [1 + kC, 1 + (k+1)C)), the number of
-    distinct tokens that followed ctx_t there, and whether t has its whole context. Returns (counts,
-    totals, distinct, available), each (n, K), and the audit rows (A, K, V)
+    the targets of the chunks before t's (chunk k holds targets [1 + kC, 1 + (k+1)C)), and whether t has
+    its whole context. Returns (counts, totals, available), each (n, K), and the audit rows (A, K, V)
     float64: for each of audit_targets (the same on every rank), each order's whole row of counts.
 
     Each rank works in proportion to what it scores, not to where its targets lie in the split: it sends
@@ -2784,7 +2746,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
     that context from every rank and counts them (earlier_chunk_counts), then sends the counts back. Counts
     are exact, so no number depends on the number of ranks; one process is the same without the exchange."""
     V, K = vocab_size, len(orders)
-    stats = torch.zeros(targets.numel(), K, 3, dtype=torch.int64, device=targets.device)
+    stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
     available = torch.stack([targets >= order - 1 for order in orders], 1)
     audit_chunks = (audit_targets - 1) // chunk_tokens
     audit_rows = []
@@ -2800,24 +2762,22 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
     audit_rows = torch.stack(audit_rows, 1)
     if rt.distributed and audit_targets.numel():
         dist.all_reduce(audit_rows)
-    return stats[..., 0], stats[..., 1], stats[..., 2], available, audit_rows
+    return stats[..., 0], stats[..., 1], available, audit_rows
 
 
 @torch.no_grad()
 def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
-               chunk_neural_loss: torch.Tensor | None, audit: AuditStats, mixer_logits=None) -> float:
+               chunk_neural_loss: torch.Tensor | None, audit: AuditStats) -> float:
     """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
     scored with the cache as it stood before the chunk (counts of every target < 1 + kC). The counts come
     from the validation tokens alone (score_first_counts), so no number depends on the number of ranks.
     Returns the sum of -ln q over this rank's targets. Every rank takes part, even one that scored nothing.
 
     Hedge also needs, before each chunk, every expert's loss on all earlier chunks: each rank adds its own
-    targets' losses into their chunks and the ranks sum them, as chunk_neural_loss is summed.
-    `mixer_logits(head_logits, evidence)` is GPT.mixer_logits (MIXER_EVIDENCE: the weights read the cache's
-    context statistics too)."""
+    targets' losses into their chunks and the ranks sum them, as chunk_neural_loss is summed."""
     C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
     audit_targets = torch.unique(audit.targets)
-    counts, totals, distinct, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
+    counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
                                                          scores.targets, rt, audit_targets)
     if hedge:
         probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
@@ -2836,10 +2796,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
     elif scores.targets.numel():
         valid = available & (totals > 0)
         probs, prior = ngram_expert_probs(counts, totals, valid, cfg.ngram_prior_beta)
-        logits = scores.mixer_logits
-        if cfg.mixer_evidence:
-            logits = mixer_logits(logits, context_evidence(totals, distinct, valid))
-        weights = mixer_weights(logits, valid)
+        weights = mixer_weights(scores.mixer_logits, valid)
     else:  # nothing scored here: no mixer logits to weigh
         return 0.0
     nll = mixture_nll(scores.logprob, weights.double(), probs, prior)
@@ -2862,11 +2819,9 @@ def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.
 @torch.no_grad()
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
                            rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
-                           phases: dict[str, float] | None = None,
-                           mixer_logits=None) -> tuple[EvalResult, EvalResult | None]:
+                           phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
     """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
     score-first n-gram cache (USE_MIXER; None with USE_MIXER=none). Returns (neural, mixed).
-    `mixer_logits` is the model's GPT.mixer_logits, needed with MIXER_EVIDENCE.
     `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training).
     `phases` gains the milliseconds of the neural pass ("neural", TTT's training left out) and the
     cache pass ("cache")."""
@@ -2893,8 +2848,7 @@ def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: Token
         chunk_loss.index_add_(0, (scores.targets - 1) // cfg.ngram_chunk_tokens, -scores.logprob)
         if rt.distributed:
             dist.all_reduce(chunk_loss)
-    mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit, mixer_logits),
-                              byte_sum, count, rt)
+    mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit), byte_sum, count, rt)
     phases["cache"] += 1000 * (time.perf_counter() - t0)
     if audit.targets.numel():
         stats = torch.tensor([audit.positions, audit.worst_sum_error, -audit.min_prob, audit.worst_target_diff],
@@ -3118,8 +3072,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
             neural_scores = lambda audit_targets: ttt_neural_pass(
                 model, eval_outputs, train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start, phases)
         neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
-                                               neural_scores=neural_scores, phases=phases,
-                                               mixer_logits=model.mixer_logits)
+                                               neural_scores=neural_scores, phases=phases)
         rt.synchronize()
         elapsed = 1000 * (time.perf_counter() - t0)
         log_final(log, name, neural, elapsed)

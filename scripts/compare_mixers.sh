@@ -7,8 +7,6 @@
 #            parameters, so the weights trained for `none` serve it unchanged (run `none` first)
 #   learned  USE_MIXER=learned: trains with the oracle and the mixer head, evaluates with its cache
 #   prior    learned with NGRAM_PRIOR_BETA=${PRIOR_BETA:-2} (experts smoothed towards the neural model)
-#   evidence learned with MIXER_EVIDENCE=1 (the weights also read each order's context statistics)
-#   prior_evidence  both
 # Run ids are ${TAG}_<mode> (TAG default "mix"), so a ladder of sizes or corpora keeps every log. Then
 # prints one row per mode from logs/<RUN_ID>.txt: steps, the final neural sliding-window val_bpb, the
 # final val_bpb (the mixture's, or the sliding window's with none), the gain of the final over the none
@@ -29,9 +27,8 @@ export ITERATIONS="${ITERATIONS:-200}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SE
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-$((ITERATIONS * 3 / 10))}"
 TAG="${TAG:-mix}" MODES="${MODES:-none hedge learned}"
 for mode in $MODES; do
-  case "$mode" in none|hedge|learned|prior|evidence|prior_evidence) ;; *)
-    echo "compare_mixers: MODES has '$mode': allowed are none, hedge, learned, prior, evidence, prior_evidence" >&2
-    exit 2 ;; esac
+  case "$mode" in none|hedge|learned|prior) ;; *)
+    echo "compare_mixers: MODES has '$mode': allowed are none, hedge, learned, prior" >&2; exit 2 ;; esac
 done
 mkdir -p logs
 
@@ -57,14 +54,12 @@ for mode in $MODES; do
     none|learned) demo_run "${TAG}_${mode}" USE_MIXER="$mode" ;;
     hedge) demo_run "${TAG}_hedge" USE_MIXER=hedge EVAL_ARTIFACT="artifacts/${TAG}_none.pgqw" ;;
     prior) demo_run "${TAG}_prior" USE_MIXER=learned NGRAM_PRIOR_BETA="${PRIOR_BETA:-2}" ;;
-    evidence) demo_run "${TAG}_evidence" USE_MIXER=learned MIXER_EVIDENCE=1 ;;
-    prior_evidence) demo_run "${TAG}_prior_evidence" USE_MIXER=learned NGRAM_PRIOR_BETA="${PRIOR_BETA:-2}" MIXER_EVIDENCE=1 ;;
   esac
 done
 
 echo
 echo "compare_mixers TAG=${TAG} ITERATIONS=${ITERATIONS} DATA_PATH=${DATA_PATH:-the sample corpus}"
-row='%-14s  %-24s  %-6s  %-12s  %-12s  %-9s  %-10s  %-9s\n'
+row='%-8s  %-20s  %-6s  %-12s  %-12s  %-9s  %-10s  %-9s\n'
 printf "$row" mode run_id steps neural_bpb final_bpb gain neural_ms cache_ms
 base="$(log_value "logs/${BASE_TAG:-$TAG}_none.txt" 'val_bpb:' val_bpb 2>/dev/null || true)"
 for mode in $MODES; do

@@ -4,9 +4,8 @@
 
 Each log is one run. Runs are grouped into rungs by the tokens they trained on (steps run x
 TRAIN_BATCH_TOKENS) and into variants by their mixer settings: `none`, `hedge`, or `learned` with
-`+prior<beta>` (NGRAM_PRIOR_BETA), `+evidence` (MIXER_EVIDENCE), `+orders<min>-<max>` where the
-orders are not the default 2-7, and `+oracle<N>` where NGRAM_ORACLE_TOKENS is not the rung's none
-run's. Runs of one rung and variant with different seeds are averaged.
+`+prior<beta>` (NGRAM_PRIOR_BETA), `+orders<min>-<max>` where the orders are not the default 2-7, and
+`+oracle<N>` where NGRAM_ORACLE_TOKENS is not the rung's none run's. Runs of one rung and variant with different seeds are averaged.
 Every rung needs its `none` run: the gain is the variant's final val_bpb below the none run's, and
 the neural cost is its own neural-only sliding score above the none run's (the price of training
 with the mixer's loss); the cache's share is the cache pass's time over the neural sliding pass's
@@ -57,8 +56,6 @@ def variant_of(run: RunSummary, oracle_tokens: str | None = None) -> str:
     name = "learned"
     if float(s.get("NGRAM_PRIOR_BETA", "0")) > 0:
         name += f"+prior{float(s['NGRAM_PRIOR_BETA']):g}"
-    if s.get("MIXER_EVIDENCE", "0") == "1":
-        name += "+evidence"
     orders = (s.get("NGRAM_MIN_ORDER", "2"), s.get("NGRAM_MAX_ORDER", "7"))
     if orders != ("2", "7"):
         name += f"+orders{orders[0]}-{orders[1]}"

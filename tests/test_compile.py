@@ -1,7 +1,6 @@
 """The path users run on a GPU, exercised on the CPU: torch.compile (inductor, with the C++ compiler here),
 bf16 autocast and several processes. Compiled runs must give the eager path's final lines, compile
 nothing inside a timed phase, and the model's forward must compile as one graph."""
-import dataclasses
 import re
 import sys
 
@@ -78,15 +77,14 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
-@pytest.mark.parametrize("bf16, tolerance, mixer", [("0", 1e-5, {}),
-                                                    ("1", 5e-4, dict(NGRAM_PRIOR_BETA="2", MIXER_EVIDENCE="1"))],
-                         ids=["fp32", "bf16_prior_evidence"])
+@pytest.mark.parametrize("bf16, tolerance, mixer", [("0", 1e-5, {}), ("1", 5e-4, dict(NGRAM_PRIOR_BETA="2"))],
+                         ids=["fp32", "bf16_prior"])
 def test_two_processes_compiled_give_the_eager_final_lines(dataset, tmp_path, bf16, tolerance, mixer):
     """torchrun, gloo, DDP inside torch.compile with gradient accumulation (micro-steps with and without
-    the all-reduce), TTT in lockstep across ranks; in bf16 with the smoothed experts and the evidence inputs.
-    Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps): the
-    compiled graph fuses ops and rounds fewer intermediates to bf16, and the training steps carry the
-    differences forward."""
+    the all-reduce), TTT in lockstep across ranks; in bf16 with the smoothed experts (NGRAM_PRIOR_BETA).
+    Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps):
+    the compiled graph fuses ops and rounds fewer intermediates to bf16, and the training steps carry
+    the differences forward."""
     data, tok = dataset
     env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16=bf16, GRAD_ACCUM_STEPS="2",
                TRAIN_BATCH_TOKENS="512", **mixer)
@@ -109,28 +107,22 @@ def test_the_model_compiles_as_one_graph(bf16):
     x, y = tokens[:, :-1], tokens[:, 1:]
     probs, valid = torch.rand(2, 16, len(cfg.ngram_orders)), torch.rand(2, 16, len(cfg.ngram_orders)) > 0.5
     prior = torch.rand(probs.shape)  # NGRAM_PRIOR_BETA's shares
-    evidence = torch.rand(2, 16, 2 * len(cfg.ngram_orders))  # MIXER_EVIDENCE's statistics
-    evidence_model = tg.GPT(dataclasses.replace(cfg, use_mixer="learned", mixer_evidence=True))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for fn, args in ((model, (x, y, probs, valid, None, None, torch.ones(()))),
-                         (model, (x, y, probs, valid, prior, None, torch.ones(()))),
-                         (evidence_model, (x, y, probs, valid, prior, evidence, torch.ones(()))),
-                         (model.token_nll, (x, y)),
+        for fn, args in ((model, (x, y, probs, valid, None, torch.ones(()))),
+                         (model, (x, y, probs, valid, prior, torch.ones(()))), (model.token_nll, (x, y)),
                          (model.eval_outputs, (x,))):
             explanation = torch._dynamo.explain(fn)(*args)
             assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 
 
-@pytest.mark.parametrize("beta, evidence", [(0.0, False), (2.0, False), (2.0, True)])
-def test_the_oracle_lookup_compiles_as_one_graph(beta, evidence):
-    """The training loop compiles the oracle's lookup (train): one graph with NGRAM_PRIOR_BETA's shares or without,
-    and with MIXER_EVIDENCE's statistics."""
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_the_oracle_lookup_compiles_as_one_graph(beta):
+    """The training loop compiles the oracle's lookup (train): one graph with NGRAM_PRIOR_BETA's shares or without."""
     torch._dynamo.reset()
     tokens = torch.randint(0, 64, (400,), generator=torch.Generator().manual_seed(0))
-    oracle = tg.NgramModel(range(2, 8), 64, torch.device("cpu"), distinct=evidence)
+    oracle = tg.NgramModel(range(2, 8), 64, torch.device("cpu"))
     oracle.add_stream(tokens, 1, 400)
-    args = (oracle, tokens[:256].view(16, 16), tokens[1:257].view(16, 16), torch.randint(0, 8, (16, 16)), beta,
-            evidence)
+    args = (oracle, tokens[:256].view(16, 16), tokens[1:257].view(16, 16), torch.randint(0, 8, (16, 16)), beta)
     explanation = torch._dynamo.explain(tg.oracle_probs_for_batch)(*args)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
 

@@ -139,19 +139,15 @@ def test_test_time_training_from_the_artifact(single_run, dataset, tmp_path):
     assert final_bpb(again, "final_sliding_window_ttt") != final_bpb(log, "final_sliding_window")
 
 
-@pytest.mark.parametrize("evidence", ["0", "1"])
-def test_training_and_evaluation_with_the_neural_prior(dataset, tmp_path, evidence):
+def test_training_and_evaluation_with_the_neural_prior(dataset, tmp_path):
     """NGRAM_PRIOR_BETA end to end: the oracle's smoothed experts in the mixer's training loss, the cache's in
-    evaluation, and the audit of the real evaluation building their whole rows; with MIXER_EVIDENCE, the
-    oracle's and then the cache's context statistics as inputs to the weights, stored in the artifact."""
+    evaluation, and the audit of the real evaluation building their whole rows."""
     data, tok = dataset
     proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="prior", ITERATIONS="2",
-                           VAL_LOSS_EVERY="0", NGRAM_PRIOR_BETA="2", NGRAM_AUDIT_POSITIONS="16",
-                           MIXER_EVIDENCE=evidence), tmp_path)
+                           VAL_LOSS_EVERY="0", NGRAM_PRIOR_BETA="2", NGRAM_AUDIT_POSITIONS="16"), tmp_path)
     assert proc.returncode == 0, failure(proc)
     log = (tmp_path / "logs" / "prior.txt").read_text()
     assert "setting NGRAM_PRIOR_BETA=2.0" in log and re.search(r"^step:2/2 train_loss:[\d.]+ ", log, re.M)
-    assert f"setting MIXER_EVIDENCE={evidence}" in log
     audits = re.findall(r"^ngram_audit positions:[1-9]\d* worst_abs_sum_minus_1:(\S+) min_prob:(\S+) "
                         r"worst_target_diff:(\S+)$", log, re.M)
     assert audits and all(float(s) < 1e-6 and float(p) > 0 and float(d) < 1e-9 for s, p, d in audits)

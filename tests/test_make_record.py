@@ -436,8 +436,7 @@ def ladder_logs(tiny_runs, tmp_path):
             ladder_log(logs[1], tmp_path / "c.txt", 4, learned, 2.05, 1.8),
             ladder_log(logs[1], tmp_path / "d.txt", 16, {}, 1.5),
             ladder_log(logs[1], tmp_path / "e.txt", 16, learned, 1.49, 1.45),
-            ladder_log(logs[1], tmp_path / "f.txt", 16, dict(learned, NGRAM_PRIOR_BETA="2.0", MIXER_EVIDENCE="1"),
-                       1.52, 1.42),
+            ladder_log(logs[1], tmp_path / "f.txt", 16, dict(learned, NGRAM_PRIOR_BETA="2.0"), 1.52, 1.42),
             ladder_log(logs[1], tmp_path / "g.txt", 16, dict(learned, NGRAM_MAX_ORDER="11"), 1.5, 1.47),
             ladder_log(logs[1], tmp_path / "h.txt", 16, dict(learned, NGRAM_ORACLE_TOKENS="200000"), 1.6, 1.40)]
 
@@ -448,7 +447,7 @@ def test_ladder_table_groups_rungs_and_variants_and_measures_against_none(ladder
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ("| 1,024", "none", "2"), ("| 1,024", "learned", "1"), ("| 4,096", "none", "1"), ("| 4,096", "learned", "1"),
         ("| 4,096", "learned+oracle200,000", "1"), ("| 4,096", "learned+orders2-11", "1"),
-        ("| 4,096", "learned+prior2+evidence", "1")]
+        ("| 4,096", "learned+prior2", "1")]
     # 1,024 tokens: none is the mean of 2.0 and 2.2; learned gains 2.1 - 1.8 and pays 2.05 - 2.1 in neural score
     assert rows[0][3:5] == ["2.1000", "2.1000"] and rows[0][7] == "- |"  # none: no cache
     assert rows[1][5:] == ["+0.3000", "-0.0500", "45.0% |"]  # cache 180 ms over a neural pass of 400 ms

@@ -25,21 +25,19 @@ def brute_counts(tokens, order):
 def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
     rng = np.random.default_rng(0)
     tokens = torch.from_numpy(rng.integers(0, min(vocab, 9), size=400))
-    model = tg.NgramModel(orders, vocab, CPU, distinct=True)
+    model = tg.NgramModel(orders, vocab, CPU)
     for lo, hi in ((1, 57), (57, 58), (58, 300), (300, 400)):  # incremental adds, one of a single token
         model.add_stream(tokens, lo, hi)
     keys, available = tg.target_context_keys(model, tokens, 1, 400)
-    counts, totals, distinct = model.target_stats(keys, tokens[1:])
+    counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(orders):
         brute = brute_counts(seq, n)
         context = Counter(c[:-1] for c in brute.elements())
-        followers = Counter(g[:-1] for g in brute)  # distinct n-grams per context
         for t in range(max(1, n - 1), 400):
             gram = tuple(seq[t - n + 1:t + 1])
             assert available[t - 1, i]
             assert counts[t - 1, i] == brute[gram] and totals[t - 1, i] == context[gram[:-1]]
-            assert distinct[t - 1, i] == followers[gram[:-1]]
         table = model.tables[i]
         row_sums = torch.zeros_like(table.totals).index_add_(0, table.pair_keys // vocab, table.pair_counts)
         assert torch.equal(row_sums, table.totals)
@@ -54,7 +52,7 @@ def test_streams_shorter_than_the_context_count_nothing_and_do_not_fail(step):
     for lo in range(1, 40, step):
         model.add_stream(tokens, lo, min(lo + step, 40))
     keys, available = tg.target_context_keys(model, tokens, 1, 40)
-    counts, totals, _ = model.target_stats(keys, tokens[1:])
+    counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(model.orders):
         brute = brute_counts(seq, n)
@@ -152,43 +150,14 @@ def mixed_eval(cfg, tokens, audit_targets, rt=None, seed=0):
     audit = tg.AuditStats(torch.as_tensor(audit_targets, dtype=torch.int64), keep=True)
     lines = []
     neural, mixed = tg.evaluate_sliding_mixed(model.eval_outputs, tokens, byte_tables(cfg.vocab_size), cfg, rt,
-                                              lines.append, audit, mixer_logits=model.mixer_logits)
+                                              lines.append, audit)
     return neural, mixed, audit, lines
 
 
-# NGRAM_PRIOR_BETA's smoothed experts, and weights that also read the cache's context statistics
-# (MIXER_EVIDENCE), must keep every rule the plain ones keep
+# NGRAM_PRIOR_BETA's smoothed experts must keep every rule the plain ones keep
 MODES = [dict(use_mixer="learned"), dict(use_mixer="hedge", mixer_eta=0.05),
-         dict(use_mixer="learned", ngram_prior_beta=2.0),
-         dict(use_mixer="learned", ngram_prior_beta=2.0, mixer_evidence=True)]
-MODE_IDS = ["learned", "hedge", "learned_prior", "learned_prior_evidence"]
-
-
-def test_the_evidence_moves_the_weights_and_starts_as_the_plain_head():
-    """MIXER_EVIDENCE at its zero initialisation scores what the head alone scores; trained (nonzero), it
-    changes the mixed score, so the cache's statistics do reach the weights."""
-    cfg = tiny_config(ngram_chunk_tokens=37, use_mixer="learned")
-    tokens = repetitive_stream(300, cfg.vocab_size)
-    plain = mixed_eval(cfg, tokens, [])[1]
-    with_evidence = dataclasses.replace(cfg, mixer_evidence=True)
-    model = tg.GPT(with_evidence).eval()
-    missing, unexpected = model.load_state_dict(trained_like(cfg).state_dict(), strict=False)
-    assert missing == ["mixer_evidence.weight"] and not unexpected
-    scores = []
-    for weight in (torch.zeros_like(model.mixer_evidence.weight), torch.randn(model.mixer_evidence.weight.shape)):
-        with torch.no_grad():
-            model.mixer_evidence.weight.copy_(weight)
-        _, mixed = tg.evaluate_sliding_mixed(model.eval_outputs, tokens, byte_tables(cfg.vocab_size), with_evidence,
-                                             tg.Runtime(0, 1, 0, CPU), lambda line: None,
-                                             mixer_logits=model.mixer_logits)
-        scores.append(mixed.val_loss)
-    assert scores[0] == pytest.approx(plain.val_loss, abs=1e-9) and abs(scores[1] - scores[0]) > 1e-4
-
-
-def test_mixer_evidence_needs_the_learned_head():
-    for mixer in ("hedge", "none"):
-        with pytest.raises(tg.ConfigError, match=r"^MIXER_EVIDENCE=1 is not allowed: 0, or 1 with USE_MIXER=learned"):
-            tg.Hyperparameters.from_env(dict(MIXER_EVIDENCE="1", USE_MIXER=mixer), cuda=False)
+         dict(use_mixer="learned", ngram_prior_beta=2.0)]
+MODE_IDS = ["learned", "hedge", "learned_prior"]
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
@@ -289,14 +258,12 @@ def test_hashed_pair_cache_is_caught_by_the_materialization_check():
 
 @pytest.mark.parametrize("beta", [0.0, 3.0])
 def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
-    """Counts, totals and (MIXER_EVIDENCE) the context statistics are those of the oracle's text without the
-    occurrence asked about, where the oracle counted it."""
     vocab = 50
     rng = np.random.default_rng(0)
     train = rng.integers(2, vocab, size=3000).astype(np.uint16)
     tg.write_shard(tmp_path / "fineweb_train_000000.bin", train)
     cfg = tiny_config(vocab_size=vocab, data_path=str(tmp_path), ngram_oracle_tokens=2000, train_seq_len=16,
-                      ngram_min_order=2, ngram_max_order=4, use_mixer="learned", mixer_evidence=True)
+                      ngram_min_order=2, ngram_max_order=4)
     rt = tg.Runtime(0, 1, 0, CPU)
     oracle = tg.build_oracle(cfg, rt, tg.shard_files(tmp_path, "train"))
     loader = tg.DistributedBatchLoader(tg.shard_files(tmp_path, "train"), vocab, 0, 0, 1, cfg.ngram_oracle_tokens)
@@ -304,13 +271,11 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
     seq = train[:2000].tolist()
     grams = {n: brute_counts(seq, n) for n in (2, 3, 4)}
     ctxs = {n: Counter(g[:-1] for g in grams[n].elements()) for n in (2, 3, 4)}
-    followers = {n: Counter(g[:-1] for g in grams[n]) for n in (2, 3, 4)}
     checked_inside = checked_outside = 0
     for _ in range(12):  # 12 x 256 tokens: past the oracle's 2,000 into text it never counted
         batch = loader.next_batch(256, 16, CPU)
-        probs, valid, prior, evidence = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets,
-                                                                  batch.oracle_run, beta, evidence=True)
-        assert (prior is None) == (beta == 0) and evidence.shape == (*valid.shape[:-1], 6)
+        probs, valid, prior = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run, beta)
+        assert (prior is None) == (beta == 0)
         row = torch.cat((batch.inputs, batch.targets[:, -1:]), 1).tolist()
         for b in range(batch.inputs.size(0)):
             for j in range(16):
@@ -322,9 +287,6 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
                     inside = int(batch.oracle_run[b, j]) >= n
                     c, total = grams[n][gram] - inside, ctxs[n][gram[:-1]] - inside
                     assert bool(valid[b, j, i]) == (total > 0)
-                    seen = followers[n][gram[:-1]] - (inside and c == 0)  # a token seen once, left out
-                    expected = (math.log1p(total), math.log1p(seen)) if total > 0 else (0.0, 0.0)
-                    assert (float(evidence[b, j, i]), float(evidence[b, j, 3 + i])) == pytest.approx(expected, rel=1e-6)
                     if total > 0:  # the smoothed expert's counts' part, and the prior's share
                         assert float(probs[b, j, i]) == pytest.approx(c / (total + beta), rel=1e-6)
                         assert beta == 0 or float(prior[b, j, i]) == pytest.approx(beta / (total + beta), rel=1e-6)
@@ -387,16 +349,15 @@ def test_training_mixes_the_smoothed_experts_with_the_models_own_probability():
 # --- the cache's counts shared by owner ranks ---------------------------------------------------------------
 
 def brute_earlier_counts(tokens, order, chunk, targets):
-    """c(ctx_t, x_t), T(ctx_t) and the distinct tokens after ctx_t over every target before t's chunk, by brute
-    force; zeros without a context."""
+    """c(ctx_t, x_t) and T(ctx_t) over every target before t's chunk, by brute force; zeros without a context."""
     seq, out = tokens.tolist(), []
     for t in targets:
         if t < order - 1:
-            out.append((0, 0, 0))
+            out.append((0, 0))
             continue
         ctx, end = tuple(seq[t - order + 1:t]), 1 + (t - 1) // chunk * chunk
         earlier = [s for s in range(max(1, order - 1), end) if tuple(seq[s - order + 1:s]) == ctx]
-        out.append((sum(seq[s] == seq[t] for s in earlier), len(earlier), len({seq[s] for s in earlier})))
+        out.append((sum(seq[s] == seq[t] for s in earlier), len(earlier)))
     return out
 
 
@@ -469,11 +430,11 @@ def test_ranks_counts_equal_one_process_counts(tmp_path, world):
                                        str(tmp_path / "out")), nprocs=world)
     scored = 0
     for rank in range(world):
-        mine, (*columns, rows) = torch.load(tmp_path / f"out.{rank}")
+        mine, (counts, totals, available, rows) = torch.load(tmp_path / f"out.{rank}")
         scored += mine.numel()
-        for got, full in zip(columns, one[:4]):  # counts, totals, distinct, available
+        for got, full in zip((counts, totals, available), one[:3]):
             assert torch.equal(got, full[mine - 1])
-        assert torch.equal(rows, one[4])
+        assert torch.equal(rows, one[3])
     assert scored == targets.numel() and int(one[0][:, 2].sum()) > 100  # the cache had something to count
 
 
