@@ -11,8 +11,8 @@
 # prints one row per mode from logs/<RUN_ID>.txt: steps, the final neural sliding-window val_bpb, the
 # final val_bpb (the mixture's, or the sliding window's with none), the gain of the final over the none
 # run's (logs/${BASE_TAG:-$TAG}_none.txt: BASE_TAG compares with another TAG's none run, e.g. for
-# NGRAM_MAX_ORDER=11 passed through the environment), and the evaluation's neural and cache
-# milliseconds (eval_phases).
+# NGRAM_ORACLE_TOKENS=200000 passed through the environment), and the evaluation's neural and cache
+# milliseconds (eval_phases). scripts/plot_ladder.py tabulates and plots the logs of several TAGs.
 #   bash scripts/compare_mixers.sh
 #   TAG=prose800 MODES="none learned prior" ITERATIONS=800 DATA_PATH=data/datasets/prose_sp1024 \
 #       TOKENIZER_PATH=data/tokenizers/prose_1024_bpe.model bash scripts/compare_mixers.sh
