@@ -5,7 +5,8 @@
 Each log is one run. Runs are grouped into rungs by the tokens they trained on (steps run x
 TRAIN_BATCH_TOKENS) and into variants by their mixer settings: `none`, `hedge`, or `learned` with
 `+prior<beta>` (NGRAM_PRIOR_BETA), `+orders<min>-<max>` where the orders are not the default 2-7, and
-`+oracle<N>` where NGRAM_ORACLE_TOKENS is not the rung's none run's. Runs of one rung and variant with different seeds are averaged.
+`+oracle<N>` where NGRAM_ORACLE_TOKENS is not the rung's none run's. Runs of one rung and variant
+with different seeds are averaged.
 Every rung needs its `none` run: the gain is the variant's final val_bpb below the none run's, and
 the neural cost is its own neural-only sliding score above the none run's (the price of training
 with the mixer's loss); the cache's share is the cache pass's time over the neural sliding pass's
@@ -60,7 +61,7 @@ def variant_of(run: RunSummary, oracle_tokens: str | None = None) -> str:
     if orders != ("2", "7"):
         name += f"+orders{orders[0]}-{orders[1]}"
     if s.get("NGRAM_ORACLE_TOKENS") != oracle_tokens:
-        name += f"+oracle{int(s['NGRAM_ORACLE_TOKENS']):,}"
+        name += f"+oracle{s.get('NGRAM_ORACLE_TOKENS', '?')}"
     return name
 
 
@@ -76,9 +77,9 @@ def ladder_cells(runs: list[RunSummary]) -> list[Cell]:
     for run in runs:
         if NEURAL_SCORE not in run.evaluations:
             raise LogError(f"{run.path}: no `{NEURAL_SCORE}` line: not a sliding-window evaluation")
-    oracle_of_rung = {training_tokens(r): r.settings.get("NGRAM_ORACLE_TOKENS") for r in runs if variant_of(r) == "none"}
-    for run in runs:
-        tokens = training_tokens(run)
+    rungs = [(training_tokens(run), run) for run in runs]
+    oracle_of_rung = {t: r.settings.get("NGRAM_ORACLE_TOKENS") for t, r in rungs if variant_of(r) == "none"}
+    for tokens, run in rungs:
         groups[tokens, variant_of(run, oracle_of_rung.get(tokens))].append(run)
     mean = lambda values: sum(values) / len(values)
     shares = lambda group: [r.eval_phases_ms["cache"] / r.eval_phases_ms["neural"] for r in group

@@ -446,7 +446,7 @@ def test_ladder_table_groups_rungs_and_variants_and_measures_against_none(ladder
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ("| 1,024", "none", "2"), ("| 1,024", "learned", "1"), ("| 4,096", "none", "1"), ("| 4,096", "learned", "1"),
-        ("| 4,096", "learned+oracle200,000", "1"), ("| 4,096", "learned+orders2-11", "1"),
+        ("| 4,096", "learned+oracle200000", "1"), ("| 4,096", "learned+orders2-11", "1"),
         ("| 4,096", "learned+prior2", "1")]
     # 1,024 tokens: none is the mean of 2.0 and 2.2; learned gains 2.1 - 1.8 and pays 2.05 - 2.1 in neural score
     assert rows[0][3:5] == ["2.1000", "2.1000"] and rows[0][7] == "- |"  # none: no cache
