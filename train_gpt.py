@@ -31,6 +31,7 @@ Techniques, and where they come from:
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import dataclasses
@@ -39,6 +40,7 @@ import functools
 import gc
 import glob
 import hashlib
+import lzma
 import math
 import os
 import platform
@@ -66,28 +68,15 @@ import zstandard
 
 
 MIXER_CHOICES = ("learned", "hedge", "none")
-# Hedge mixes the neural model with these fixed orders (unigram, bigram, trigram) of the cache.
-HEDGE_ORDERS = (1, 2, 3)
+HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigram, bigram and trigram
 HEDGE_ALPHA = 0.05
 HEDGE_PRIOR_NEURAL = 0.9
 TTT_OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; its message is the one line the run stops with."""
-
-
-def _parse_bool(name: str, raw: str) -> bool:
-    if raw not in ("0", "1"):
-        raise ConfigError(f"{name}={raw!r} is not allowed: use 0 or 1")
-    return raw == "1"
-
-
-def _parse_int_list(name: str, raw: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in raw.split(",") if part.strip() != "")
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not allowed: use comma-separated integers, e.g. 9,10") from None
 
 
 @dataclass(frozen=True)
@@ -100,22 +89,22 @@ class Hyperparameters:
     seed: int = 1337
     # training length and batch
     iterations: int = 20000
-    warmup_steps: int = 20
+    warmup_steps: int = 3  # compile-priming steps before the clock, leaving no trace (the upstream meaning)
+    lr_warmup_steps: int = 20
     warmdown_iters: int = 3500
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
     max_wallclock_seconds: float = 600.0
-    # Left of MAX_WALLCLOCK_SECONDS for the work after the loop that still counts as training: EMA, the
-    # self-generated GPTQ calibration (64 x 512 tokens) and GPTQ. An estimate until measured on 8xH100:
-    # the log's training_phase line gives the real total.
+    # Left of MAX_WALLCLOCK_SECONDS for what still counts as training after the loop: EMA, the
+    # self-generated GPTQ calibration and GPTQ. The log's training_phase line gives the real total.
     train_reserve_seconds: float = 20.0
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     val_loss_every: int = 0
     train_log_every: int = 100
-    val_batch_size: int = 524_288
+    val_batch_size: int = 524_288  # all ranks together, as upstream: a rank's batch is this / (W x accum)
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -128,12 +117,12 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     unet_skips: bool = True
-    xsa_last_n: int = 4
+    xsa_last_n: int | None = None  # None: the last 4 layers (all of them when fewer)
     bigram_vocab_size: int = 6144
     bigram_dim: int = 128
     ve_enabled: bool = True
     ve_dim: int = 128
-    ve_layers: tuple[int, ...] = (9, 10)
+    ve_layers: tuple[int, ...] | None = None  # None: the last two layers
     value_residual: bool = True
     # n-gram experts and mixer
     use_mixer: str = "learned"
@@ -153,7 +142,7 @@ class Hyperparameters:
     gptq: bool = True
     gptq_calib: str = "selfgen"
     gptq_calib_seqs: int = 64
-    gptq_calib_seq_len: int = 512  # sampled with a KV cache (DecodeCache): cost linear in the length
+    gptq_calib_seq_len: int = 512
     gptq_damp: float = 0.01
     crown_q_lambda: float = 0.01
     prune_fraction: float = 0.03
@@ -191,8 +180,14 @@ class Hyperparameters:
     # runtime
     compile: bool = True
     bf16: bool = True  # bf16 autocast; BF16=1 on a CPU runs what CUDA runs, to test that path there
-    compile_warmup_steps: int = 3
-    preflight: bool = False  # measure and project this run against its budgets, keep nothing (see preflight)
+    device: str = "auto"  # auto, cuda or cpu (see init_runtime)
+
+    def __post_init__(self):
+        # Layer-indexed defaults follow NUM_LAYERS, so that a shallower model runs without setting them.
+        if self.xsa_last_n is None:
+            object.__setattr__(self, "xsa_last_n", min(4, self.num_layers))
+        if self.ve_layers is None:
+            object.__setattr__(self, "ve_layers", tuple(range(max(0, self.num_layers - 2), self.num_layers)))
 
     @property
     def ngram_orders(self) -> tuple[int, ...]:
@@ -203,17 +198,13 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
-        """Reads every setting from `env` (UPPER_SNAKE of the field name), then checks them.
-
-        COMPILE and BF16 default to on only where CUDA is: on the CPU, compiling is slow and bf16
-        matmuls are slower than fp32 for the small CPU models; set to 1 there, they still apply."""
+        """Every setting from `env` (UPPER_SNAKE of the field name), checked. COMPILE and BF16 default to
+        on only where CUDA is (on the CPU both are slower for small models; set to 1, they still apply)."""
         values = {}
         for field in dataclasses.fields(cls):
-            name = field.name.upper()
-            if name not in env:
-                continue
-            raw = env[name].strip()
-            values[field.name] = _parse_value(name, raw, field.default)
+            if field.name.upper() in env:
+                like = {"xsa_last_n": 0, "ve_layers": ()}.get(field.name, field.default)
+                values[field.name] = parse_setting(field.name.upper(), env[field.name.upper()].strip(), like)
         for switch in ("compile", "bf16"):
             values.setdefault(switch, cuda)
         hp = cls(**values)
@@ -221,122 +212,96 @@ class Hyperparameters:
         return hp
 
     def validate(self) -> None:
-        def need(ok: bool, name: str, value, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
-
-        need(2 <= self.vocab_size <= 65536, "VOCAB_SIZE", self.vocab_size, "2..65536 (token ids are uint16)")
-        need(self.iterations >= 1, "ITERATIONS", self.iterations, "at least 1")
-        need(self.warmup_steps >= 0, "WARMUP_STEPS", self.warmup_steps, "0 or more")
-        need(self.warmdown_iters >= 0, "WARMDOWN_ITERS", self.warmdown_iters, "0 or more")
-        need(self.train_seq_len >= 2, "TRAIN_SEQ_LEN", self.train_seq_len, "at least 2")
-        need(self.eval_seq_len >= 2, "EVAL_SEQ_LEN", self.eval_seq_len, "at least 2")
-        need(1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", self.eval_stride,
-             f"1..EVAL_SEQ_LEN ({self.eval_seq_len})")
-        need(self.grad_accum_steps >= 0, "GRAD_ACCUM_STEPS", self.grad_accum_steps, "0 (automatic) or more")
-        need(self.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS", self.max_wallclock_seconds, "0 (no limit) or more")
-        need(self.train_reserve_seconds >= 0, "TRAIN_RESERVE_SECONDS", self.train_reserve_seconds, "0 or more")
-        need(self.val_loss_every >= 0, "VAL_LOSS_EVERY", self.val_loss_every, "0 (only at the end) or more")
-        need(self.train_log_every >= 0, "TRAIN_LOG_EVERY", self.train_log_every, "0 (off) or more")
-        need(self.val_batch_size >= self.eval_seq_len and self.val_batch_size >= self.train_seq_len,
-             "VAL_BATCH_SIZE", self.val_batch_size, "tokens per evaluation batch, at least one sequence")
-        need(self.num_layers >= 1, "NUM_LAYERS", self.num_layers, "at least 1")
-        need(self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM", self.model_dim,
-             f"a multiple of NUM_HEADS ({self.num_heads})")
-        head_dim = self.model_dim // self.num_heads
-        need(head_dim % 2 == 0, "MODEL_DIM", self.model_dim, "MODEL_DIM / NUM_HEADS must be even (rotary pairs)")
-        need(1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0,
-             "NUM_KV_HEADS", self.num_kv_heads, f"a divisor of NUM_HEADS ({self.num_heads})")
-        need(self.mlp_mult > 0, "MLP_MULT", self.mlp_mult, "greater than 0")
-        need(self.rope_base > 0, "ROPE_BASE", self.rope_base, "greater than 0")
-        need(0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS", self.rope_dims,
-             f"an even number from 0 to the head size ({head_dim}); 0 means the whole head")
-        need(self.logit_softcap >= 0, "LOGIT_SOFTCAP", self.logit_softcap, "0 (off) or more")
-        need(0 <= self.xsa_last_n <= self.num_layers, "XSA_LAST_N", self.xsa_last_n,
-             f"0..NUM_LAYERS ({self.num_layers})")
-        need(self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE",
-             self.bigram_vocab_size, "0 (off) or at least 2")
-        need(self.bigram_vocab_size == 0 or self.bigram_dim >= 1, "BIGRAM_DIM", self.bigram_dim, "at least 1")
-        need(not self.ve_enabled or self.ve_dim >= 1, "VE_DIM", self.ve_dim, "at least 1")
-        need(all(0 <= i < self.num_layers for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
-             "VE_LAYERS", ",".join(map(str, self.ve_layers)), f"distinct layer indices in 0..{self.num_layers - 1}")
-        need(self.use_mixer in MIXER_CHOICES, "USE_MIXER", self.use_mixer, " or ".join(MIXER_CHOICES))
-        need(self.mixer_eta >= 0, "MIXER_ETA", self.mixer_eta, "0 or more")
-        need(self.mixer_loss_weight >= 0, "MIXER_LOSS_WEIGHT", self.mixer_loss_weight, "0 or more")
-        need(self.ngram_min_order >= 2, "NGRAM_MIN_ORDER", self.ngram_min_order, "at least 2")
-        need(self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER", self.ngram_max_order,
-             f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16")
-        need(self.ngram_oracle_tokens >= (1 if self.use_mixer == "learned" else 0), "NGRAM_ORACLE_TOKENS",
-             self.ngram_oracle_tokens, "at least 1 with USE_MIXER=learned (the head learns from the oracle)")
-        need(self.ngram_chunk_tokens >= 1, "NGRAM_CHUNK_TOKENS", self.ngram_chunk_tokens, "at least 1")
-        need(self.ngram_audit_positions >= 0, "NGRAM_AUDIT_POSITIONS", self.ngram_audit_positions, "0 or more")
-        need(self.ngram_prior_beta == 0 or (math.isfinite(self.ngram_prior_beta) and self.ngram_prior_beta > 0
+        head_dim = self.model_dim // max(self.num_heads, 1)
+        L = self.num_layers
+        checks = [
+            (2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "2..65536 (token ids are uint16)"),
+            (1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"1..EVAL_SEQ_LEN ({self.eval_seq_len})"),
+            (self.val_batch_size >= max(self.eval_seq_len, self.train_seq_len), "VAL_BATCH_SIZE",
+             "tokens per evaluation batch, at least one sequence"),
+            (self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM",
+             f"a multiple of NUM_HEADS ({self.num_heads})"),
+            (head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even (rotary pairs)"),
+            (1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
+             f"a divisor of NUM_HEADS ({self.num_heads})"),
+            (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+             f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
+            (self.mlp_mult > 0, "MLP_MULT", "greater than 0"),
+            (self.rope_base > 0, "ROPE_BASE", "greater than 0"),
+            (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
+            (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
+            (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
+             "VE_LAYERS", f"distinct layer indices in 0..{L - 1}"),
+            (self.use_mixer in MIXER_CHOICES, "USE_MIXER", " or ".join(MIXER_CHOICES)),
+            (self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER",
+             f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16"),
+            (self.ngram_oracle_tokens >= (self.use_mixer == "learned"), "NGRAM_ORACLE_TOKENS",
+             "at least 1 with USE_MIXER=learned (the head learns from the oracle)"),
+            (self.ngram_prior_beta == 0 or (math.isfinite(self.ngram_prior_beta) and self.ngram_prior_beta > 0
                                             and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
-             self.ngram_prior_beta, "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts "
-             "are add-alpha smoothed)")
-        for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS"):
-            need(2 <= getattr(self, name.lower()) <= 8, name, getattr(self, name.lower()), "2..8")
-        need(self.quant_min_numel >= 0, "QUANT_MIN_NUMEL", self.quant_min_numel, "0 or more")
-        need(self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", self.gptq_calib, "selfgen or train")
-        need(self.gptq_calib_seqs >= 1, "GPTQ_CALIB_SEQS", self.gptq_calib_seqs, "at least 1")
-        need(self.gptq_calib_seq_len >= 2, "GPTQ_CALIB_SEQ_LEN", self.gptq_calib_seq_len, "at least 2")
-        need(self.gptq_damp > 0, "GPTQ_DAMP", self.gptq_damp, "greater than 0")
-        need(self.crown_q_lambda >= 0, "CROWN_Q_LAMBDA", self.crown_q_lambda, "0 (off) or more")
-        need(0 <= self.prune_fraction < 1, "PRUNE_FRACTION", self.prune_fraction, "in [0, 1)")
-        need(1 <= self.zstd_level <= 22, "ZSTD_LEVEL", self.zstd_level, "1..22")
-        need(self.target_bytes >= 1, "TARGET_BYTES", self.target_bytes, "at least 1")
-        need(self.ttt_epochs >= 0, "TTT_EPOCHS", self.ttt_epochs, "0 (off) or more")
-        need(self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS", self.ttt_chunk_tokens,
-             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk")
-        need(self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", self.ttt_optimizer, " or ".join(TTT_OPTIMIZERS))
-        for name in ("TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT"):
-            need(getattr(self, name.lower()) >= 0, name, getattr(self, name.lower()), "0 or more")
-        for name in ("TTT_MOMENTUM", "TTT_POLYAK"):
-            need(0 <= getattr(self, name.lower()) < 1, name, getattr(self, name.lower()), "in [0, 1); TTT_POLYAK=0 is off")
-        need(0 <= self.ttt_freeze_blocks <= self.num_layers, "TTT_FREEZE_BLOCKS", self.ttt_freeze_blocks,
-             f"0..NUM_LAYERS ({self.num_layers})")
-        need(self.ttt_batch_seqs >= 1, "TTT_BATCH_SEQS", self.ttt_batch_seqs, "at least 1")
-        need(self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", self.eval_budget_seconds, "greater than 0")
-        need(not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT", self.eval_artifact,
-             "empty (train, then evaluate the new artifact) or the path of an artifact file")
-        for name in ("MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD",
-                     "GRAD_CLIP_NORM"):
-            value = getattr(self, name.lower())
-            need(value >= 0, name, value, "0 or more")
-        for name in ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY"):
-            value = getattr(self, name.lower())
-            need(0 <= value < 1, name, value, "in [0, 1)")
-        need(self.compile_warmup_steps >= 0, "COMPILE_WARMUP_STEPS", self.compile_warmup_steps, "0 or more")
-        need(self.muon_backend_steps >= 1, "MUON_BACKEND_STEPS", self.muon_backend_steps, "at least 1")
-        need(self.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS", self.muon_momentum_warmup_steps,
-             "0 or more")
+             "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
+            (self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", "selfgen or train"),
+            (self.gptq_damp > 0, "GPTQ_DAMP", "greater than 0"),
+            (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
+            (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
+            (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
+             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
+            (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
+            (self.ttt_freeze_blocks <= L, "TTT_FREEZE_BLOCKS", f"0..NUM_LAYERS ({L})"),
+            (self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "greater than 0"),
+            (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
+             "empty (train, then evaluate the new artifact) or the path of an artifact file"),
+            (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
+        ]
+        checks += [(getattr(self, name.lower()) >= least, name, f"at least {least}")
+                   for least, names in SETTING_MINIMUMS.items() for name in names]
+        checks += [(2 <= getattr(self, name.lower()) <= 8, name, "2..8")
+                   for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS")]
+        checks += [(0 <= getattr(self, name.lower()) < 1, name, "in [0, 1)") for name in SETTING_FRACTIONS]
+        for ok, name, allowed in checks:
+            if not ok:
+                value = getattr(self, name.lower())
+                value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
 
     def as_log_lines(self) -> list[str]:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, tuple):
-                value = ",".join(map(str, value))
-            elif isinstance(value, bool):
-                value = int(value)
+            value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
             lines.append(f"setting {field.name.upper()}={value}")
         return lines
 
 
-def _parse_value(name: str, raw: str, default):
-    if isinstance(default, bool):
-        return _parse_bool(name, raw)
-    if isinstance(default, tuple):
-        return _parse_int_list(name, raw)
+# The settings with a least value (0: a count or rate that may be off) and those in [0, 1).
+SETTING_MINIMUMS = {
+    0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
+        "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
+        "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
+        "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT", "TTT_FREEZE_BLOCKS",
+        "MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
+        "MUON_MOMENTUM_WARMUP_STEPS"),
+    1: ("ITERATIONS", "NUM_LAYERS", "BIGRAM_DIM", "VE_DIM", "NGRAM_CHUNK_TOKENS", "GPTQ_CALIB_SEQS", "ZSTD_LEVEL",
+        "TARGET_BYTES", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS"),
+    2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
+}
+SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
+                     "TTT_POLYAK")
+
+
+def parse_setting(name: str, raw: str, like):
+    """`raw` as the type of `like`: 0 or 1 for a switch, comma-separated integers for a tuple."""
+    if isinstance(like, bool):
+        if raw not in ("0", "1"):
+            raise ConfigError(f"{name}={raw!r} is not allowed: use 0 or 1")
+        return raw == "1"
+    kind = {tuple: "comma-separated integers, e.g. 9,10", int: "an integer", float: "a number"}.get(type(like))
     try:
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
+        if isinstance(like, tuple):
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+        return type(like)(raw) if kind else raw
     except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
         raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
-    return raw
 
 
 # Settings that other parameter-golf scripts read and this one does not, with what to use here instead:
@@ -354,18 +319,25 @@ FOREIGN_SETTINGS = {
     "EMBED_BITS": "QUANT_EMBED_BITS", "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER",
     "USE_HEDGE_MIXER": "USE_MIXER=hedge", "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
+RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
-def unknown_setting_warnings(env: Mapping[str, str]) -> list[str]:
+def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None = None) -> list[str]:
     """One line for each variable of `env` that looks like a setting but is none of this script's: a name
-    of other parameter-golf scripts, or one within a typo of a setting (MATRIX_LRR)."""
+    of other parameter-golf scripts or an old name of ours, or one within a typo of a setting (MATRIX_LRR);
+    and for WARMUP_STEPS without compiling, where an upstream user still meant the priming but ours may not."""
     known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
     lines = []
+    if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
+        lines.append("warning: WARMUP_STEPS primes the compiled graphs before the clock (as upstream) and does "
+                     "nothing with COMPILE=0; the learning-rate warm-up is LR_WARMUP_STEPS")
     for name in sorted(env):
         if name in known or not SETTING_NAME.fullmatch(name):
             continue
-        if name in FOREIGN_SETTINGS:
+        if name in RENAMED_SETTINGS:
+            lines.append(f"warning: {name} is no longer a setting and changes nothing; use {RENAMED_SETTINGS[name]}")
+        elif name in FOREIGN_SETTINGS:
             lines.append(f"warning: {name} is a setting of other parameter-golf scripts, not of this one, and "
                          f"changes nothing here; use instead: {FOREIGN_SETTINGS[name]}")
         elif close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
@@ -525,8 +497,10 @@ class Batch:
 
 
 class DistributedBatchLoader:
-    """Every rank reads the same stream and keeps its own contiguous part of each global micro-batch,
-    so the data a step sees depends on the seed alone, never on timing."""
+    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens of it and cuts them into
+    WORLD_SIZE x accum pieces (each with one token of overlap for the last target), rank r's micro-step m
+    taking piece r * accum + m. The step's sequences are then the same on 1 GPU and on 8: a 1-GPU trial
+    trains on the 8-GPU run's tokens, and nothing depends on timing."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
@@ -534,18 +508,20 @@ class DistributedBatchLoader:
         self.rank, self.world_size = rank, world_size
         self.oracle_tokens = oracle_tokens
 
-    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device) -> Batch:
-        """This rank's (global_tokens // (world_size * seq_len), seq_len) share of the next global batch."""
-        local_tokens = global_tokens // self.world_size
-        span = local_tokens + 1
-        chunk, places = self.stream.take(span * self.world_size)
-        mine = slice(self.rank * span, (self.rank + 1) * span)
-        local = to_device_async(torch.from_numpy(chunk[mine].astype(np.int64)), device)
-        run = None
-        if self.oracle_tokens:
-            runs = to_device_async(torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens)), device)
-            run = runs[1:].view(-1, seq_len)
-        return Batch(local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), run)
+    def step_batches(self, batch_tokens: int, accum: int, seq_len: int, device: torch.device) -> list[Batch]:
+        """This rank's `accum` micro-batches of the next step, each (rows, seq_len)."""
+        chunk, places = self.stream.take(batch_tokens + 1)
+        piece = batch_tokens // (self.world_size * accum)
+        batches = []
+        for m in range(accum):
+            mine = slice((self.rank * accum + m) * piece, (self.rank * accum + m + 1) * piece + 1)
+            local = to_device_async(torch.from_numpy(chunk[mine].astype(np.int64)), device)
+            run = None
+            if self.oracle_tokens:
+                run = to_device_async(torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens)), device)
+                run = run[1:].view(-1, seq_len)
+            batches.append(Batch(local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), run))
+        return batches
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -1323,12 +1299,19 @@ class RunLog:
             f.write(line + "\n")
 
 
-def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
+def accum_steps(cfg: Hyperparameters, world_size: int) -> int:
     """Micro-steps per optimizer step; automatic keeps the micro-batch the same on 1 and 8 GPUs."""
-    if cfg.grad_accum_steps:
-        steps = cfg.grad_accum_steps
-    else:
-        steps = 8 // world_size if 8 % world_size == 0 else 1
+    return cfg.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
+
+
+def eval_batch_tokens(cfg: Hyperparameters, world_size: int) -> int:
+    """Tokens of one rank's evaluation batch: VAL_BATCH_SIZE is all ranks' together, as upstream."""
+    return cfg.val_batch_size // (world_size * accum_steps(cfg, world_size))
+
+
+def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
+    """accum_steps, once TRAIN_BATCH_TOKENS is checked to split evenly into its micro-batches."""
+    steps = accum_steps(cfg, world_size)
     unit = world_size * steps * cfg.train_seq_len
     if cfg.train_batch_tokens % unit or cfg.train_batch_tokens < unit:
         raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not allowed: it must be a positive "
@@ -1338,10 +1321,10 @@ def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
 
 
 def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
-    """Linear warm-up over WARMUP_STEPS, then a linear warm-down to zero that ends where training ends:
+    """Linear warm-up over LR_WARMUP_STEPS, then a linear warm-down to zero that ends where training ends:
     at ITERATIONS, or at the wall-clock stop if that comes first (its length is WARMDOWN_ITERS steps at
     the average step time so far)."""
-    scale = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters:
         steps_left = cfg.iterations - step
         scale = min(scale, steps_left / cfg.warmdown_iters)
@@ -1447,10 +1430,9 @@ def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], 
                oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's) as a
     tensor: reading it would make the host wait for the device, so only logged steps do."""
-    micro_tokens = cfg.train_batch_tokens // accum_steps
     total = torch.zeros((), device=rt.device)
-    for micro in range(accum_steps):
-        batch = loader.next_batch(micro_tokens, cfg.train_seq_len, rt.device)
+    for micro, batch in enumerate(loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len,
+                                                      rt.device)):
         total += micro_step(train_model, batch, oracle_lookup, penalty_scale, rt, accum_steps,
                             micro == accum_steps - 1)
     total /= accum_steps
@@ -1518,7 +1500,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
                                              cfg.ngram_prior_beta)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
-    if cfg.compile and cfg.compile_warmup_steps:
+    if cfg.compile and cfg.warmup_steps:
         warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
     loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
@@ -1539,7 +1521,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         scale = lr_scale(step, elapsed, stop_ms, cfg)
         # CROWN-Q acts during the warm-down only, where the weights settle where they will be rounded. The
         # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops when it is 0.
-        warming_down = step >= cfg.warmup_steps and scale < 1.0
+        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0
         if penalty_scale is not None:
             penalty_scale.fill_(float(warming_down))
         loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
@@ -1583,7 +1565,7 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
                      rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None,
                      log) -> None:
     """Compiles the training step before the clock starts (../shared/CONVENTIONS.md, "What the clocks
-    count"): COMPILE_WARMUP_STEPS steps' forward and backward passes, every micro-batch of them (under DDP
+    count"): WARMUP_STEPS steps' forward and backward passes, every micro-batch of them (under DDP
     those that all-reduce and those that do not), on synthetic tokens, with the oracle's lookups and the
     CROWN-Q penalty, and Muon's orthogonalization for every matrix shape. It leaves no trace: no optimizer
     step is taken, the gradients are dropped, and the data stream, the optimizers' state, the EMA and the
@@ -1592,7 +1574,7 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
     generator = torch.Generator().manual_seed(0)
     rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
     # DDP rebuilds its buckets after its first step and takes another path from the second on.
-    steps = max(cfg.compile_warmup_steps, 2 if rt.distributed else 1)
+    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)
     for _ in range(steps):
         for micro in range(accum_steps):
             # laid out as DistributedBatchLoader's batches: views of one stream, offset by one
@@ -2424,7 +2406,7 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                 rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
     """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
     parts = []
-    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride, cfg.val_batch_size, rt,
+    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride, eval_batch_tokens(cfg, rt.world_size), rt,
                                         lo, hi):
         window = val_tokens[batch.index]
         next_tokens = window.gather(1, batch.positions + 1)
@@ -2896,16 +2878,36 @@ def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> Non
 # =============================================================================
 
 
+def nvidia_device_files() -> list[str]:
+    return sorted(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
+    """CUDA where it works; the CPU where there is no NVIDIA device, where DEVICE=cpu, or where the GPUs
+    are hidden (CUDA_VISIBLE_DEVICES empty). A node whose CUDA fails to start is refused rather than
+    trained on its CPUs: torchrun's 8 processes would spend the paid budget on nothing."""
+    wanted = env.get("DEVICE", "auto").strip()
+    if wanted not in DEVICES:
+        raise ConfigError(f"DEVICE={wanted!r} is not allowed: {' or '.join(DEVICES)}")
+    if wanted != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    hidden = env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+    if wanted == "cuda" or (wanted == "auto" and not hidden and nvidia_device_files()):
+        raise ConfigError(f"DEVICE={wanted} is not allowed here: CUDA is not available on this machine, although "
+                          f"it has NVIDIA devices ({', '.join(nvidia_device_files()) or 'none found'}); fix the "
+                          "driver or the torch build (a CPU wheel?), or set DEVICE=cpu to run on the CPU")
+    return torch.device("cpu")
+
+
 def init_runtime(env: Mapping[str, str]) -> Runtime:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
     NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
     rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
     local_rank, local_world = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = runtime_device(env, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
-        device = torch.device("cpu")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
@@ -2913,11 +2915,31 @@ def init_runtime(env: Mapping[str, str]) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, local_world_size=local_world)
 
 
+# Code is counted as the records count it (PR #1530 on): the size of a self-extracting copy of the source,
+# lzma-compressed and base85-encoded behind a one-line exec. make_record ships that copy as train_gpt.py.
+WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
+WRAPPER_TAIL = b'")))\n'
+
+
+def self_extracting_wrapper(source: bytes) -> bytes:
+    """The counted train_gpt.py for `source`; deterministic (xz at a fixed preset records no time or name)."""
+    packed = lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)
+    return WRAPPER_HEAD + base64.b85encode(packed) + WRAPPER_TAIL
+
+
+def wrapped_source(script: bytes) -> bytes:
+    """The source a script runs: what a wrapper unpacks, or the script itself."""
+    if not script.startswith(WRAPPER_HEAD):
+        return script
+    return lzma.decompress(base64.b85decode(script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
+
+
+@functools.lru_cache(maxsize=1)
 def script_identity() -> tuple[str, int]:
-    """(sha256, bytes) of this file: the log records which script produced it, and the code counts
-    towards the artifact's size."""
-    code = Path(__file__).read_bytes()
-    return hashlib.sha256(code).hexdigest(), len(code)
+    """(sha256 of the source running, bytes of its self-extracting wrapper): the same whether this process
+    runs the readable file or the wrapper."""
+    source = wrapped_source(Path(__file__).read_bytes())
+    return hashlib.sha256(source).hexdigest(), len(self_extracting_wrapper(source))
 
 
 def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
@@ -2934,9 +2956,8 @@ def artifact_path(cfg: Hyperparameters) -> Path:
     return Path("artifacts") / f"{cfg.run_id}.pgqw"
 
 
-def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[bytes, ArtifactSummary]:
-    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing.
-    Every rank does the same deterministic work, so that a failure stops all of them alike."""
+def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
+    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing."""
     calib, t0 = None, time.perf_counter()
     if cfg.gptq:
         train_tokens = None
@@ -2948,21 +2969,36 @@ def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[
         rt.synchronize()
         log(f"gptq_calibration source:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
             f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    return fit_artifact(model, cfg, script_identity()[1], log, calib)
+    return fit_artifact(model, cfg, script_identity()[1], log, calib)[0]
+
+
+def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
+    """The artifact's bytes on every rank, built by rank 0 alone: calibration, GPTQ, size fitting and zstd on
+    all the node's cores, not the same work 8 times over on shared cores. The other ranks wait for the
+    outcome, so an ArtifactError stops every rank with rank 0's message instead of leaving them waiting."""
+    outcome = [None, None]  # blob, error
+    if rt.is_main:
+        try:
+            outcome[0] = built_artifact(model, cfg, rt, log)
+        except ArtifactError as err:
+            outcome[1] = str(err)
+    if rt.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ArtifactError(outcome[1])
+    return outcome[0]
 
 
 def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
-    """Builds and writes the artifact (rank 0 writes); returns its path and the seconds it took."""
-    t0 = time.perf_counter()
-    blob, summary = built_artifact(model, cfg, rt, log)
-    path = artifact_path(cfg)
+    """Builds and writes the artifact; returns its path and the seconds it took."""
+    t0, path = time.perf_counter(), artifact_path(cfg)
+    blob = rank0_artifact(model, cfg, rt, log)
     if rt.is_main:
         write_artifact(path, blob)
     if rt.distributed:
         dist.barrier()
-    rt.synchronize()
     seconds = time.perf_counter() - t0
-    log(f"artifact_saved path:{path} bytes:{summary.artifact_bytes} layout:{summary.layout} time:{1000 * seconds:.0f}ms")
+    log(f"artifact_saved path:{path} bytes:{len(blob)} time:{1000 * seconds:.0f}ms")
     return path, seconds
 
 
@@ -3006,7 +3042,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
 
     def plain_val() -> EvalResult:
         model.eval()
-        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
         model.train()
         return result
 
@@ -3054,14 +3090,14 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     rt.synchronize()
     compiles = compile_count()
     start = t0 = time.perf_counter()
-    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.val_batch_size, rt)
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
     rt.synchronize()
     phases["plain"] = 1000 * (time.perf_counter() - t0)
     log_final(log, "final_plain", plain, phases["plain"])
     t0 = time.perf_counter()
     if cfg.use_mixer == "none" and not cfg.ttt_epochs:
         score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
-                                 cfg.val_batch_size, rt)
+                                 eval_batch_tokens(cfg, rt.world_size), rt)
         rt.synchronize()
         phases["neural"] = 1000 * (time.perf_counter() - t0)
         log_final(log, "final_sliding_window", score, phases["neural"])
@@ -3097,7 +3133,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     taken, so the weights are as they were."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
-    rows, L, S = eval_batch_rows(cfg.val_batch_size, cfg.eval_seq_len), cfg.eval_seq_len, cfg.eval_stride
+    rows, L, S = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), cfg.eval_seq_len), cfg.eval_seq_len, cfg.eval_stride
     tokens = synthetic_tokens((rows, L + 1), cfg, rt.device, generator)  # windows are cut as val_tokens[index]
     positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
@@ -3120,183 +3156,28 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
-# --- preflight -----------------------------------------------------------------------------------------
-# PREFLIGHT=1 in the command a user is about to pay for measures this machine with these settings for
-# about a minute and projects the run against its budgets: the oracle's prefill on a slice of its text,
-# PREFLIGHT_STEPS real training steps (real batches, oracle lookups, CROWN-Q, EMA, compiled as the run
-# compiles), one artifact build from those weights, and the evaluation of a slice of the validation split
-# from that artifact. Nothing is kept: no artifact is written, the run's own log is not touched (lines go
-# to logs/<RUN_ID>_preflight.txt), and no score line is printed (the slice's scores mean nothing).
-
-PREFLIGHT_STEPS, PREFLIGHT_SKIP = 20, 5  # steps run; the first ones (allocator, DDP buckets) are not timed
-PREFLIGHT_ORACLE_TOKENS = 2_000_000
-PREFLIGHT_EVAL_TOKENS = 262_144
-PREFLIGHT_OVER_STATUS = 3  # exit status of a preflight that finds a budget over
-PREFLIGHT_QUIET = ("val_bpb", "Total submission size")  # lines of the inner run not repeated
-
-
-@dataclass
-class PreflightRow:
-    """One line of the table: what was measured, the projection for the run, its budget (None: none)."""
-    name: str
-    measured: str
-    projected: float
-    budget: float | None
-    unit: str = "s"  # "s", "GB" (a figure in bytes) or "" (a count)
-
-    @property
-    def over(self) -> bool:
-        return self.budget is not None and self.projected > self.budget
-
-    def line(self) -> str:
-        fmt = {"s": lambda v: f"{v:.1f}s", "GB": lambda v: f"{v / 1e9:.2f}GB"}.get(self.unit, lambda v: f"{v:.0f}")
-        budget = "none" if self.budget is None else fmt(self.budget)
-        return (f"preflight_{self.name} {self.measured} projected:{fmt(self.projected)} budget:{budget} "
-                f"status:{'over' if self.over else 'ok'}")
-
-
-def peak_memory_bytes(rt: Runtime) -> tuple[int, int]:
-    """(device peak allocated, host peak resident) bytes of this process so far; the CPU's device is the host."""
-    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return (torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else host), host
-
-
-def current_memory_bytes(rt: Runtime) -> int:
-    if rt.device.type == "cuda":
-        return torch.cuda.memory_allocated(rt.device)
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def sort_scaled(seconds: float, measured: int, full: int) -> float:
-    """A sort-bound time measured on `measured` items, at `full` items (n log n)."""
-    if full <= measured or measured < 2:
-        return seconds * full / max(measured, 1)
-    return seconds * full / measured * math.log(full) / math.log(measured)
-
-
-def preflight_step_ms(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, oracle, log,
-                      lines: list[str]) -> tuple[float, int]:
-    """(milliseconds per training step, graphs compiled while timing) from PREFLIGHT_STEPS real steps,
-    the first PREFLIGHT_SKIP not counted. No warm-up in the schedule, so that the CROWN-Q penalty (on in
-    the warm-down) is in every step, as it is in the run's last steps."""
-    short = dataclasses.replace(cfg, iterations=PREFLIGHT_STEPS, warmup_steps=0, max_wallclock_seconds=0.0,
-                                val_loss_every=0, train_log_every=1)
-    result = train(model, train_model, short, rt, log, oracle=oracle)
-    times = [float(t) for t in re.findall(r"^step:\d+/\d+ train_loss:\S+ train_time:(\S+)ms", "\n".join(lines),
-                                          re.M)]
-    return (times[-1] - times[PREFLIGHT_SKIP - 1]) / (len(times) - PREFLIGHT_SKIP), result.recompiles
-
-
-def preflight(cfg: Hyperparameters, rt: Runtime, log) -> bool:
-    """Runs the checks and measurements described above, logs the table and the verdict; True if every
-    projection is within its budget."""
-    t_start, lines, rows = time.perf_counter(), [], []
-
-    def inner(line: str) -> None:  # the measured work's own lines, less those that look like a run's result
-        lines.append(line)
-        if not any(quiet in line for quiet in PREFLIGHT_QUIET):
-            log(line)
-
-    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
-    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
-    files = shard_files(cfg.data_path, "train")
-    train_tokens = sum(shard_token_count(f) for f in files)
-    log(f"preflight_data train_shards:{len(files)} train_tokens:{train_tokens} val_tokens:{val_tokens.numel()} "
-        f"tokenizer:{Path(cfg.tokenizer_path).name}")
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(rt.device)
-    train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
-
-    oracle, oracle_s, oracle_tokens = None, 0.0, min(cfg.ngram_oracle_tokens, train_tokens)
-    base, prefill_peak, stored = current_memory_bytes(rt), 0, 0
-    if model.mixer_head is not None:
-        if rt.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(rt.device)
-        rt.synchronize()
-        t0 = time.perf_counter()
-        oracle = build_oracle(dataclasses.replace(cfg, ngram_oracle_tokens=min(oracle_tokens, PREFLIGHT_ORACLE_TOKENS)),
-                              rt, files)
-        rt.synchronize()
-        oracle_s = sort_scaled(time.perf_counter() - t0, oracle.counted_tokens, oracle_tokens)
-        scale = oracle_tokens / max(oracle.counted_tokens, 1)
-        prefill_peak = base + scale * max(peak_memory_bytes(rt)[0] - base, 0)
-        stored = (scale - 1) * oracle.nbytes()  # what the full oracle holds beyond the slice's
-        rows.append(PreflightRow("oracle", f"tokens:{oracle.counted_tokens} bytes:{oracle.nbytes()}", oracle_s, None))
-
-    step_ms, recompiles = preflight_step_ms(model, train_model, cfg, rt, oracle, inner, lines)
-    step_ms, oracle_s = agreed_max([step_ms, oracle_s], rt)
-    stop_s = cfg.max_wallclock_seconds - cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
-    steps = cfg.iterations if stop_s is None else min(cfg.iterations, max(0, int((stop_s - oracle_s) * 1000 / step_ms)))
-    rows.append(PreflightRow("steps", f"step_avg:{step_ms:.2f}ms recompiles:{recompiles}", steps, None, unit=""))
-    train_peak = peak_memory_bytes(rt)
-
-    t0 = time.perf_counter()
-    try:
-        blob, summary = built_artifact(model, cfg, rt, inner)
-        size = f"total_bytes:{summary.total_bytes}"
-        dequantize_into(model, unpack_artifact(blob))  # the evaluation below scores the artifact, as the run does
-    except ArtifactError as err:
-        blob, size = None, "fits:0"
-        log(f"preflight_artifact error: {err}")
-    artifact_s = agreed_max([time.perf_counter() - t0], rt)[0]
-    reserve = cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
-    tries = sum(line.startswith("artifact_try") for line in lines)
-    rows.append(PreflightRow("artifact", f"tries:{tries} {size} target_bytes:{cfg.target_bytes}", artifact_s, reserve))
-    train_s = oracle_s + steps * step_ms / 1000 + artifact_s
-    rows.append(PreflightRow("training_phase", f"oracle:{oracle_s:.1f}s steps:{steps} artifact:{artifact_s:.1f}s",
-                             train_s, cfg.max_wallclock_seconds or None))
-
-    chunk = max(cfg.ngram_chunk_tokens if cfg.ngram_orders else 1, cfg.ttt_chunk_tokens if cfg.ttt_epochs else 1)
-    part = val_tokens[:max(PREFLIGHT_EVAL_TOKENS, 2 * chunk + 1)]  # TTT trains on a chunk at least
-    phases: dict[str, float] = {}
-    evaluate_final(model, token_nll, eval_outputs, part, tables, cfg, rt, inner, ttt_forward, phases)
-    full, n = val_tokens.numel() - 1, part.numel() - 1
-    # chunks TTT trains on (all but the last), in the slice and in the split
-    trained, to_train = ((t.numel() - 2) // cfg.ttt_chunk_tokens if cfg.ttt_epochs else 0 for t in (part, val_tokens))
-    ttt_s = phases["ttt_train"] / 1000 / max(trained, 1) * to_train
-    scoring_s = (phases["plain"] + phases["neural"]) / 1000 * full / n + sort_scaled(phases["cache"] / 1000, n, full)
-    measured = " ".join(f"{k}:{v / 1000:.3f}s" for k, v in phases.items())  # ms shown: tiny slices are quick
-    rows.append(PreflightRow("evaluation", f"tokens:{n} {measured} ttt_projected:{ttt_s:.3f}s", scoring_s + ttt_s,
-                             cfg.eval_budget_seconds))
-    if rows[-1].over and scoring_s <= cfg.eval_budget_seconds:
-        rows[-1] = dataclasses.replace(rows[-1], projected=cfg.eval_budget_seconds)
-        log(f"preflight_note TTT would adapt on about {(cfg.eval_budget_seconds - scoring_s) / ttt_s:.0%} of the "
-            f"chunks before its guard stops it within EVAL_BUDGET_SECONDS")
-
-    device_peak, host_peak = agreed_max([max(train_peak[0] + stored, prefill_peak), peak_memory_bytes(rt)[1]], rt)
-    if rt.device.type == "cuda":
-        rows.append(PreflightRow("device_memory", "peak_allocated", device_peak,
-                                 torch.cuda.get_device_properties(rt.device).total_memory, unit="GB"))
-    else:
-        host_peak = max(host_peak, device_peak)
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // rt.local_world_size
-    rows.append(PreflightRow("host_memory", f"peak_resident processes_here:{rt.local_world_size}", host_peak, physical,
-                             unit="GB"))
-    for row in rows:
-        log(row.line())
-    over = [row.name for row in rows if row.over] + ([] if blob is not None else ["artifact_size"])
-    log(f"preflight verdict:{'over over:' + ','.join(over) if over else 'ok'} time:{time.perf_counter() - t_start:.0f}s")
-    return not over
-
-
-def main() -> int:
+def main(job=None, log_suffix: str = "") -> int:
+    """Sets up the runtime, the settings and the log, then trains and evaluates, or runs `job(cfg, rt, log)
+    -> exit status` instead (scripts/preflight.py, whose log is logs/<RUN_ID><log_suffix>.txt)."""
     rt = None
     try:
+        if job is None and os.environ.get("PREFLIGHT", "0").strip() not in ("", "0"):
+            raise ConfigError("PREFLIGHT=1 is not allowed here: the preflight is its own script, run with the same "
+                              "settings: torchrun --standalone --nproc_per_node=8 scripts/preflight.py")
         rt = init_runtime(os.environ)
         cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
         rt = dataclasses.replace(rt, bf16=cfg.bf16)
         grad_accum_steps_for(cfg, rt.world_size)
-        name = f"{cfg.run_id}_preflight" if cfg.preflight else cfg.run_id
-        log = RunLog(Path("logs") / f"{name}.txt" if rt.is_main else None)
+        log = RunLog(Path("logs") / f"{cfg.run_id}{log_suffix}.txt" if rt.is_main else None)
         log_run_header(log, cfg, rt)
-        for line in unknown_setting_warnings(os.environ):
+        for line in unknown_setting_warnings(os.environ, cfg):
             log(line)
-        if cfg.preflight:
-            return 0 if preflight(cfg, rt, log) else PREFLIGHT_OVER_STATUS
+        if job is not None:
+            return job(cfg, rt, log)
         run(cfg, rt, log)
         return 0
     except (ConfigError, ShardError, ArtifactError) as err:
-        if rt is None or rt.is_main:
+        if (rt.rank if rt else int(os.environ.get("RANK", "0"))) == 0:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(demo_config(rt.device), use_mixer="none", compile=False, iterations=args.steps,
                                   quant_min_numel=4096, max_wallclock_seconds=0.0, train_log_every=0, zstd_level=22)
         if args.quick:
-            cfg = dataclasses.replace(cfg, iterations=10, warmup_steps=2, warmdown_iters=5, gptq_calib_seqs=4)
+            cfg = dataclasses.replace(cfg, iterations=10, lr_warmup_steps=2, warmdown_iters=5, gptq_calib_seqs=4)
             args.val_tokens = 16_384
         cfg.validate()
         tg.grad_accum_steps_for(cfg, 1)

@@ -41,10 +41,10 @@ class RandomBatches:
         self.vocab_size = vocab_size
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next_batch(self, global_tokens: int, seq_len: int, device: torch.device):
-        tokens = torch.randint(0, self.vocab_size, (global_tokens // seq_len, seq_len + 1), generator=self.generator)
-        tokens = tokens.to(device)
-        return tg.Batch(tokens[:, :-1], tokens[:, 1:], None)
+    def step_batches(self, batch_tokens: int, accum: int, seq_len: int, device: torch.device) -> list:
+        shape = (batch_tokens // (accum * seq_len), seq_len + 1)
+        tokens = [torch.randint(0, self.vocab_size, shape, generator=self.generator).to(device) for _ in range(accum)]
+        return [tg.Batch(t[:, :-1], t[:, 1:], None) for t in tokens]
 
 
 def measure_steps(cfg: tg.Hyperparameters, rt: tg.Runtime, steps: int, warmup: int) -> dict[str, float]:

@@ -6,19 +6,24 @@
         [--baseline records/track_10min_16mb/2026-03-25_Previous/submission.json] \\
         [--script train_gpt.py] [--date YYYY-MM-DD] [--records-dir records] [--force]
 
-Writes records/track_<track>/<date>_<name>/ (CONVENTIONS.md, "Records folder"): the exact script
-that wrote the logs, the logs as train_seed<SEED>.log, submission.json, README.md (what it is,
-results per seed with mean and std, settings that differ from the script's defaults, the command
-that reproduces each seed) and the repository's requirements.txt. With --baseline it adds the
-improvement over that submission and a one-sided Welch t-test on per-seed val_loss, and says
-whether the record rule (at least 0.005 nats better at p < 0.01) is met.
+Writes records/track_<track>/<date>_<name>/ (CONVENTIONS.md, "Records folder"): train_gpt.py, the
+self-extracting wrapper (lzma + base85 behind one exec line) whose size the logs counted as
+code_bytes, and beside it train_gpt_readable.py, the exact source it runs, which wrote the logs; the
+logs as train_seed<SEED>.log, submission.json, README.md (what it is, results per seed with mean and
+std, settings that differ from the script's defaults, the command that reproduces each seed) and the
+repository's requirements.txt. --script is the readable source or a wrapper of it: either is taken
+(a wrapper is unpacked with train_gpt's wrapped_source). With --baseline it adds the improvement over
+that submission and a one-sided Welch t-test on per-seed val_loss, and says whether the record rule
+(at least 0.005 nats better at p < 0.01) is met.
 
 Refused, with one `error: ...` line and exit code 2, and nothing written: a log that is not a
 finished train_gpt.py run or has no size line; logs from different scripts, or a --script whose
-sha256 is not the logs'; two logs of the same seed; code + artifact over 16,000,000 bytes; on the
-10min_16mb track, training (train_done + artifact_saved) or evaluation (eval_done) over 600 s; an
-existing folder without --force. The folder is built under a temporary sibling name and renamed
-into place at the end, so a refusal or a crash leaves no half-written folder.
+source's sha256 is not the logs' script_sha256; a wrapper that does not unpack to that source byte
+for byte, or whose size is not the logs' code_bytes (a log from a script that counted code another
+way); two logs of the same seed; code + artifact over 16,000,000 bytes; on the 10min_16mb track,
+training (train_done + artifact_saved) or evaluation (eval_done) over 600 s; an existing folder
+without --force. The folder is built under a temporary sibling name and renamed into place at the
+end, so a refusal or a crash leaves no half-written folder.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -52,6 +58,8 @@ MAX_EVAL_MS = 600_000
 MIN_IMPROVEMENT_NATS = 0.005
 MAX_P_VALUE = 0.01
 FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+CODE_FILE = "train_gpt.py"  # the counted self-extracting wrapper
+READABLE_FILE = "train_gpt_readable.py"  # the source it runs
 
 
 class RecordError(Exception):
@@ -222,16 +230,83 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_same_script(runs: list[RunSummary], script_path: Path, script_bytes: bytes) -> None:
+def repo_train_gpt() -> types.ModuleType:
+    """The repository's train_gpt.py (beside scripts/) as a module, for the wrapper's format where the
+    submitted script cannot supply it: unpacking a wrapper given as --script (its source is not known
+    until it is unpacked), and a submitted source older than the wrapper functions."""
+    path = (ROOT / "train_gpt.py").resolve()
+    loaded = sys.modules.get("train_gpt")
+    if loaded is not None and Path(getattr(loaded, "__file__", None) or "").resolve() == path:
+        return loaded
+    name = "train_gpt" if loaded is None else "make_record_repo_train_gpt"
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        module.wrapped_source, module.self_extracting_wrapper  # noqa: B018  (both must exist)
+    except Exception as err:  # any failure to import is reported the same way: one line
+        sys.modules.pop(name, None)
+        raise RecordError(f"{path}: cannot import it for the self-extracting wrapper's format "
+                          f"({type(err).__name__}: {err})") from None
+    return module
+
+
+def check_same_script(runs: list[RunSummary]) -> None:
     first = runs[0]
     for run in runs[1:]:
         if run.script_sha256 != first.script_sha256:
             raise RecordError(f"logs from different scripts: {first.path} has script_sha256 "
                               f"{first.script_sha256[:12]}..., {run.path} has {run.script_sha256[:12]}...")
-    if sha256_hex(script_bytes) != first.script_sha256:
+
+
+def submitted_source(runs: list[RunSummary], script_path: Path, script_bytes: bytes) -> bytes:
+    """The source that wrote the logs, from --script: the readable source itself, or what a wrapper of it
+    unpacks to; its sha256 must be the logs' script_sha256 (the logs hash the source that runs)."""
+    logged = runs[0].script_sha256
+    if sha256_hex(script_bytes) == logged:
+        return script_bytes  # the readable source itself (no wrapper unpacks to its own bytes)
+    # Not the source itself: perhaps its wrapper. Unpacked with the repository's train_gpt.py, as the
+    # submitted source is only known once unpacked; the source is then checked against the logs' sha256.
+    unpack = repo_train_gpt().wrapped_source
+    try:
+        source = unpack(script_bytes)
+    except Exception as err:  # a file that starts like a wrapper but does not decode
+        raise RecordError(f"{script_path} starts like a self-extracting wrapper but cannot be unpacked "
+                          f"({type(err).__name__}: {err})") from None
+    if source == script_bytes:  # not a wrapper
         raise RecordError(f"{script_path} has sha256 {sha256_hex(script_bytes)[:12]}..., but the logs were "
-                          f"written by a script with sha256 {first.script_sha256[:12]}...: pass the exact "
-                          f"script with --script")
+                          f"written by a script with sha256 {logged[:12]}...: pass the exact script with --script")
+    if sha256_hex(source) != logged:
+        raise RecordError(f"{script_path} is a self-extracting wrapper whose source has sha256 "
+                          f"{sha256_hex(source)[:12]}..., but the logs were written by a script with sha256 "
+                          f"{logged[:12]}...: pass the exact script with --script")
+    return source
+
+
+def counted_wrapper(module: types.ModuleType, source: bytes) -> tuple[bytes, bytes]:
+    """(the self-extracting wrapper of `source`, what that wrapper unpacks to), made with the submitted
+    source's own self_extracting_wrapper and wrapped_source (make_record loads the submitted script as a
+    module anyway, for its default settings), so that the file written is the one that script counts;
+    a source from before the wrapper functions gets the repository's train_gpt.py's instead."""
+    functions = module if hasattr(module, "self_extracting_wrapper") and hasattr(module, "wrapped_source") \
+        else repo_train_gpt()
+    wrapper = functions.self_extracting_wrapper(source)
+    return wrapper, functions.wrapped_source(wrapper)
+
+
+def check_wrapper(runs: list[RunSummary], source: bytes, wrapper: bytes, unpacked: bytes) -> None:
+    """The wrapper to be written runs exactly the logged source, and its size is what the logs counted."""
+    logged = runs[0].script_sha256
+    if sha256_hex(unpacked) != logged or unpacked != source:
+        raise RecordError(f"the self-extracting wrapper made for the source unpacks to sha256 "
+                          f"{sha256_hex(unpacked)[:12]}..., not the logs' {logged[:12]}...: it would not run "
+                          f"the script that wrote the logs")
+    for run in runs:
+        if run.code_bytes != len(wrapper):
+            raise RecordError(f"{run.path}: code_bytes is {run.code_bytes:,}, but the self-extracting wrapper of "
+                              f"its script is {len(wrapper):,} bytes: the log was written by a script that counted "
+                              f"its code another way (or with another lzma); rerun with one that counts its wrapper")
 
 
 def check_seeds_and_scores(runs: list[RunSummary]) -> None:
@@ -284,22 +359,23 @@ def check_limits(run: RunSummary, track: str) -> None:
 # SETTINGS AND REPRODUCTION
 # =============================================================================
 
-def script_defaults(script_path: Path, script_bytes: bytes) -> dict[str, str]:
-    """NAME -> default value of every setting of the submitted script, formatted by the script's own
-    Hyperparameters.as_log_lines, so that they compare as strings with the log's `setting` lines.
-    It runs the bytes already checked against the logs, not the file again, which may have changed."""
-    module = types.ModuleType(f"submitted_train_gpt_{sha256_hex(script_bytes)[:12]}")
+def load_submitted(script_path: Path, source: bytes) -> tuple[types.ModuleType, dict[str, str]]:
+    """(the submitted source as a module, NAME -> default value of each of its settings), the defaults
+    formatted by the script's own Hyperparameters.as_log_lines, so that they compare as strings with the
+    log's `setting` lines. It runs the source already checked against the logs, not the file again,
+    which may have changed."""
+    module = types.ModuleType(f"submitted_train_gpt_{sha256_hex(source)[:12]}")
     module.__file__ = str(script_path)
     sys.modules[module.__name__] = module  # dataclasses look their module up while the class is built
     try:
-        exec(compile(script_bytes, str(script_path), "exec"), module.__dict__)
+        exec(compile(source, str(script_path), "exec"), module.__dict__)
         lines = module.Hyperparameters().as_log_lines()
     except Exception as err:  # any failure to import is reported the same way: one line
         raise RecordError(f"{script_path}: cannot import it to read its default settings "
                           f"({type(err).__name__}: {err})") from None
     finally:
         del sys.modules[module.__name__]
-    return dict(line.removeprefix("setting ").split("=", 1) for line in lines)
+    return module, dict(line.removeprefix("setting ").split("=", 1) for line in lines)
 
 
 def differing_settings(runs: list[RunSummary], defaults: dict[str, str]) -> dict[str, list[str]]:
@@ -331,6 +407,7 @@ class Submission:
     comparison: Comparison | None
     differing: dict[str, list[str]]
     defaults: dict[str, str]
+    source_bytes: int = 0  # size of train_gpt_readable.py; the wrapper's is runs[0].code_bytes
 
     def losses(self) -> list[float]:
         return [run.val_loss for run in self.runs]
@@ -453,7 +530,10 @@ def readme_text(sub: Submission) -> str:
              f"- Score: `{runs[0].score_name}`, val_bpb {mean(sub.bpbs()):.8f}"
              + (f" ± {std:.8f} (sample std)" if std is not None else "") + f" over {n} seed{'s' * (n > 1)}",
              f"- Hardware: {joined(run.hardware for run in runs)}; PyTorch {joined(run.torch_version for run in runs)}",
-             f"- Script: `train_gpt.py`, sha256 `{runs[0].script_sha256}`, {runs[0].code_bytes:,} bytes", ""]
+             f"- Code: `{CODE_FILE}` is the counted self-extracting wrapper ({runs[0].code_bytes:,} bytes: the "
+             f"source lzma-compressed and base85-encoded behind one exec line); `{READABLE_FILE}` is the source it "
+             f"runs (sha256 `{runs[0].script_sha256}`, {sub.source_bytes:,} bytes). Running either runs the same "
+             f"code and logs the same script_sha256 and code_bytes.", ""]
     if a.track == RECORD_TRACK and not all((run.hardware or "").startswith("8xNVIDIA_H100") for run in runs):
         lines += ["Note: the record track's time limits are defined on 8xH100 SXM; these runs were on "
                   f"{joined(run.hardware for run in runs)}.", ""]
@@ -467,7 +547,10 @@ def readme_text(sub: Submission) -> str:
     lines += ["## Reproduce", "", "From this folder, with the data at DATA_PATH and the tokenizer at TOKENIZER_PATH "
               "(`data/cached_challenge_fineweb.py --variant sp1024` downloads the published ones):", "",
               "```bash"] + reproduce_commands(runs, sub.differing) + ["```", ""]
-    lines += ["## Files", "", "- `train_gpt.py`: the exact script that wrote the logs",
+    lines += ["## Files", "",
+              f"- `{CODE_FILE}`: the self-extracting wrapper whose {runs[0].code_bytes:,} bytes are counted; it "
+              f"runs `{READABLE_FILE}`'s source",
+              f"- `{READABLE_FILE}`: the readable source that wrote the logs (sha256 `{runs[0].script_sha256}`)",
               *[f"- `train_seed{run.seed}.log`: the log of seed {run.seed}" for run in runs],
               "- `submission.json`: the numbers above, machine-readable"]
     if (Path(a.script).parent / "requirements.txt").is_file():
@@ -475,8 +558,9 @@ def readme_text(sub: Submission) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_folder(folder: Path, sub: Submission, script_bytes: bytes, log_bytes: list[bytes]) -> None:
-    (folder / "train_gpt.py").write_bytes(script_bytes)
+def write_folder(folder: Path, sub: Submission, wrapper: bytes, source: bytes, log_bytes: list[bytes]) -> None:
+    (folder / CODE_FILE).write_bytes(wrapper)
+    (folder / READABLE_FILE).write_bytes(source)
     for run, data in zip(sub.runs, log_bytes):
         (folder / f"train_seed{run.seed}.log").write_bytes(data)
     requirements = Path(sub.args.script).parent / "requirements.txt"
@@ -523,7 +607,8 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--github-id", required=True)
     parser.add_argument("--track", required=True, choices=TRACKS)
     parser.add_argument("--blurb", required=True, help="one paragraph: what this submission does")
-    parser.add_argument("--script", default=str(ROOT / "train_gpt.py"), help="the script that wrote the logs")
+    parser.add_argument("--script", default=str(ROOT / "train_gpt.py"),
+                        help="the script that wrote the logs: its readable source or its self-extracting wrapper")
     parser.add_argument("--date", default=datetime.date.today().isoformat(), help="YYYY-MM-DD (default today)")
     parser.add_argument("--baseline", help="submission.json of the record to compare against")
     parser.add_argument("--records-dir", default=str(ROOT / "records"))
@@ -556,7 +641,8 @@ def make_record(args: argparse.Namespace) -> Path:
     script_bytes = read_bytes(args.script, "--script")
     log_bytes = [read_bytes(path, "log") for path in args.logs]
     runs = [parse_log(path) for path in args.logs]
-    check_same_script(runs, Path(args.script), script_bytes)
+    check_same_script(runs)
+    source = submitted_source(runs, Path(args.script), script_bytes)
     check_seeds_and_scores(runs)
     for run in runs:
         check_limits(run, args.track)
@@ -569,9 +655,11 @@ def make_record(args: argparse.Namespace) -> Path:
     if args.baseline:
         comparison = compare_with_baseline(read_baseline(args.baseline), [r.val_loss for r in runs],
                                            [r.val_bpb for r in runs])
-    defaults = script_defaults(Path(args.script), script_bytes)
-    sub = Submission(args, runs, comparison, differing_settings(runs, defaults), defaults)
-    build_in_place(final, args.force, lambda folder: write_folder(folder, sub, script_bytes, log_bytes))
+    module, defaults = load_submitted(Path(args.script), source)
+    wrapper, unpacked = counted_wrapper(module, source)
+    check_wrapper(runs, source, wrapper, unpacked)
+    sub = Submission(args, runs, comparison, differing_settings(runs, defaults), defaults, len(source))
+    build_in_place(final, args.force, lambda folder: write_folder(folder, sub, wrapper, source, log_bytes))
     return final
 
 

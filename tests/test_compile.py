@@ -15,7 +15,7 @@ from test_model import _write_repetitive_shards
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # Every part on: the oracle and the mixer loss, CROWN-Q from the first warm-down step, TTT, the cache.
 COMPILE_ENV = dict(TINY_ENV, ITERATIONS="4", VAL_LOSS_EVERY="2", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048",
-                   TTT_BATCH_SEQS="3", NGRAM_AUDIT_POSITIONS="8", COMPILE_WARMUP_STEPS="1")
+                   TTT_BATCH_SEQS="3", NGRAM_AUDIT_POSITIONS="8", WARMUP_STEPS="1")
 FINAL = re.compile(r"^(final_\S+)_exact val_loss:\S+ val_bpb:(\S+)$", re.M)
 
 
@@ -156,9 +156,9 @@ def test_compile_warm_up_leaves_no_trace(tmp_path, cpu_runtime):
     _write_repetitive_shards(tmp_path, 64)
     weights = []
     for warmup in (0, 2):
-        cfg = tiny_config(data_path=str(tmp_path), iterations=5, warmup_steps=1, warmdown_iters=3,
+        cfg = tiny_config(data_path=str(tmp_path), iterations=5, lr_warmup_steps=1, warmdown_iters=3,
                           max_wallclock_seconds=0, train_log_every=0, grad_accum_steps=2, compile=True,
-                          compile_warmup_steps=warmup, crown_q_lambda=0.5, ngram_oracle_tokens=2000)
+                          warmup_steps=warmup, crown_q_lambda=0.5, ngram_oracle_tokens=2000)
         torch.manual_seed(0)
         model = tg.GPT(cfg)
         lines = []

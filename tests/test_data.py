@@ -1,4 +1,6 @@
 """Shard format, the training stream, and bits-per-byte accounting."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_batches_are_deterministic_for_a_seed_and_split_between_ranks(tmp_path):
 
     def batches(seed, rank, world):
         loader = tg.DistributedBatchLoader(files, 60000, seed, rank, world)
-        return [loader.next_batch(64, 8, torch.device("cpu")) for _ in range(30)]
+        return [loader.step_batches(64, 1, 8, torch.device("cpu"))[0] for _ in range(30)]
 
     again = batches(1, 0, 1)
     for b1, b2 in zip(batches(1, 0, 1), again):
@@ -80,6 +82,27 @@ def test_batches_are_deterministic_for_a_seed_and_split_between_ranks(tmp_path):
         assert not set(x0.flatten().tolist()) & set(x1.flatten().tolist())
         # targets are the inputs shifted by one within each rank's contiguous span
         assert torch.equal(x0.flatten()[1:], y0.flatten()[:-1])
+
+
+def test_a_step_trains_on_the_same_sequences_for_any_world_size_and_accumulation(tmp_path):
+    """Each step reads TRAIN_BATCH_TOKENS + 1 tokens and cuts them into WORLD_SIZE x accum pieces: the
+    step's (input, target) rows are the same whether 1, 2 or 8 processes take them, with or without
+    accumulation, so a 1-GPU trial trains on the 8-GPU run's tokens."""
+    _write_train_shards(tmp_path, [500, 300, 700])
+    files = tg.shard_files(tmp_path, "train")
+
+    def step_rows(world, accum, steps=12):
+        loaders = [tg.DistributedBatchLoader(files, 60000, 5, rank, world) for rank in range(world)]
+        out = []
+        for _ in range(steps):
+            batches = [b for loader in loaders for b in loader.step_batches(128, accum, 8, torch.device("cpu"))]
+            out.append(sorted(map(tuple, torch.cat([torch.cat((b.inputs, b.targets[:, -1:]), 1) for b in batches]).tolist())))
+        return out
+
+    reference = step_rows(1, 1)
+    assert len(reference[0]) == 16 and len({row for step in reference for row in step}) > 100
+    for world, accum in ((1, 8), (2, 4), (8, 1), (4, 2), (2, 1)):
+        assert step_rows(world, accum) == reference, (world, accum)
 
 
 def test_stream_crosses_shards_and_revisits_them_all(tmp_path):
@@ -134,3 +157,45 @@ def test_settings_of_other_scripts_and_typos_are_named_not_ignored():
     ]
     assert all(tg.unknown_setting_warnings({name: "1"}) == [] for name in tg.FOREIGN_SETTINGS.values()
                if name.isupper() and "_" in name and " " not in name)
+
+
+def test_layer_indexed_defaults_follow_num_layers_and_explicit_values_are_checked():
+    assert (tg.Hyperparameters().xsa_last_n, tg.Hyperparameters().ve_layers) == (4, (9, 10))
+    two = tg.Hyperparameters.from_env({"NUM_LAYERS": "2"}, cuda=False)
+    assert (two.xsa_last_n, two.ve_layers) == (2, (0, 1))
+    assert "setting XSA_LAST_N=2" in two.as_log_lines() and "setting VE_LAYERS=0,1" in two.as_log_lines()
+    one = tg.Hyperparameters.from_env({"NUM_LAYERS": "1", "VE_LAYERS": ""}, cuda=False)
+    assert (one.xsa_last_n, one.ve_layers) == (1, ())
+    with pytest.raises(tg.ConfigError, match=r"^VE_LAYERS='9' is not allowed: distinct layer indices in 0\.\.1$"):
+        tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "VE_LAYERS": "9"}, cuda=False)
+
+
+def test_a_node_whose_cuda_fails_is_refused_unless_the_cpu_is_asked_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tg, "nvidia_device_files", lambda: ["/dev/nvidia0"])
+    with pytest.raises(tg.ConfigError, match=r"^DEVICE=auto is not allowed here: CUDA is not available on this "
+                                             r"machine, although it has NVIDIA devices \(/dev/nvidia0\).*DEVICE=cpu"):
+        tg.runtime_device({}, 0)
+    assert tg.runtime_device({"DEVICE": "cpu"}, 0).type == "cpu"
+    assert tg.runtime_device({"CUDA_VISIBLE_DEVICES": ""}, 0).type == "cpu"  # GPUs hidden on purpose
+    with pytest.raises(tg.ConfigError, match="^DEVICE=cuda is not allowed here"):
+        tg.runtime_device({"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}, 0)
+    monkeypatch.setattr(tg, "nvidia_device_files", lambda: [])
+    assert tg.runtime_device({}, 0).type == "cpu"  # a machine without NVIDIA devices: the CPU, as before
+
+
+def test_warmup_steps_means_compile_priming_and_old_names_are_pointed_at_new_ones():
+    cfg = tg.Hyperparameters.from_env({"WARMUP_STEPS": "20"}, cuda=False)
+    assert cfg.warmup_steps == 20 and cfg.lr_warmup_steps == 20 and not cfg.compile
+    lines = tg.unknown_setting_warnings({"WARMUP_STEPS": "20", "COMPILE_WARMUP_STEPS": "2"}, cfg)
+    assert lines == ["warning: WARMUP_STEPS primes the compiled graphs before the clock (as upstream) and does "
+                     "nothing with COMPILE=0; the learning-rate warm-up is LR_WARMUP_STEPS",
+                     "warning: COMPILE_WARMUP_STEPS is no longer a setting and changes nothing; use WARMUP_STEPS"]
+    compiled = tg.Hyperparameters.from_env({"WARMUP_STEPS": "20", "COMPILE": "1"}, cuda=False)
+    assert tg.unknown_setting_warnings({"WARMUP_STEPS": "20"}, compiled) == []
+
+
+def test_val_batch_size_is_all_ranks_together_as_upstream():
+    cfg = tg.Hyperparameters()
+    assert [tg.eval_batch_tokens(cfg, w) for w in (1, 2, 8)] == [65536, 65536, 65536]
+    assert tg.eval_batch_tokens(dataclasses.replace(cfg, grad_accum_steps=1), 1) == 524288

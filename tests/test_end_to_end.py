@@ -15,7 +15,7 @@ from conftest import ROOT, stdlib_documents
 TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
                 ROPE_DIMS="8", XSA_LAST_N="1", BIGRAM_VOCAB_SIZE="64", BIGRAM_DIM="8", VE_DIM="8", VE_LAYERS="1",
                 TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TRAIN_BATCH_TOKENS="256",
-                VAL_BATCH_SIZE="256", ITERATIONS="6", WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
+                VAL_BATCH_SIZE="256", ITERATIONS="6", LR_WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
                 VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5",
                 QUANT_MIN_NUMEL="512", GPTQ_CALIB_SEQS="4", GPTQ_CALIB_SEQ_LEN="32")  # the tiny model's matrices do get quantized
 
@@ -31,12 +31,14 @@ def dataset(real_text_tokenizer, tmp_path_factory):
     return folder, model_path
 
 
-def run_script(env_updates, cwd, launcher=(sys.executable,), timeout=300):
+def run_script(env_updates, cwd, launcher=(sys.executable,), timeout=300, script=ROOT / "train_gpt.py"):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(env_updates)
     env["CUDA_VISIBLE_DEVICES"] = ""
-    return subprocess.run([*launcher, str(ROOT / "train_gpt.py")], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([*launcher, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+PREFLIGHT = ROOT / "scripts" / "preflight.py"
 
 
 def failure(proc):
@@ -207,6 +209,9 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(TTT_OPTIMIZER="adam"), "TTT_OPTIMIZER='adam' is not allowed: sgd or adamw"),
     (dict(TTT_CHUNK_TOKENS="16"), "TTT_CHUNK_TOKENS=16 is not allowed: at least TRAIN_SEQ_LEN"),
     (dict(EVAL_ARTIFACT="/no/such.pgqw"), "EVAL_ARTIFACT='/no/such.pgqw' is not allowed"),
+    (dict(PREFLIGHT="1"), "PREFLIGHT=1 is not allowed here: the preflight is its own script.* scripts/preflight.py"),
+    (dict(DEVICE="gpu"), "DEVICE='gpu' is not allowed: auto or cuda or cpu"),
+    (dict(XSA_LAST_N="3"), "XSA_LAST_N=3 is not allowed: 0..NUM_LAYERS \\(2\\)"),
 ])
 def test_bad_settings_stop_with_one_line(dataset, tmp_path, updates, message):
     data, tok = dataset
@@ -239,8 +244,8 @@ def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
     data, tok = dataset
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "pre.txt").write_text("the log of an earlier run\n")
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre", PREFLIGHT="1",
-                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048"), tmp_path)
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre",
+                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048"), tmp_path, script=PREFLIGHT)
     assert proc.returncode == 0, failure(proc)
     log = (tmp_path / "logs" / "pre_preflight.txt").read_text()
     assert log == proc.stdout
@@ -263,9 +268,9 @@ def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
 def test_preflight_names_what_is_over_and_exits_3(dataset, tmp_path):
     data, tok = dataset
     # no reserve left for the artifact after the wall-clock stop, and an evaluation budget of 1 ms
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="over", PREFLIGHT="1",
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="over",
                            MAX_WALLCLOCK_SECONDS="600", TRAIN_RESERVE_SECONDS="0", EVAL_BUDGET_SECONDS="0.001"),
-                      tmp_path)
+                      tmp_path, script=PREFLIGHT)
     assert proc.returncode == 3, failure(proc)
     rows = preflight_rows(proc.stdout)
     assert {name for name, row in rows.items() if row.group(5) == "over"} == {"artifact", "evaluation"}
@@ -278,9 +283,9 @@ def test_compiled_preflight_under_torchrun_two_processes(dataset, tmp_path):
     """The path of a paid run: torchrun, compiled, every rank measuring and agreeing on the figures."""
     data, tok = dataset
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre2", PREFLIGHT="1",
-                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048", COMPILE="1", COMPILE_WARMUP_STEPS="1"),
-                      tmp_path, launcher, timeout=900)
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre2",
+                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048", COMPILE="1", WARMUP_STEPS="1"),
+                      tmp_path, launcher, timeout=900, script=PREFLIGHT)
     assert proc.returncode == 0, failure(proc)
     log = (tmp_path / "logs" / "pre2_preflight.txt").read_text()
     assert "world_size:2" in log and "processes_here:2" in log

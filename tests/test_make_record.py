@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -30,7 +31,8 @@ DATE = "2026-03-25"
 @pytest.fixture(scope="module")
 def tiny_runs(dataset, tmp_path_factory):
     """(folder, script, {seed: log path}) of two tiny runs of a copy of train_gpt.py: a copy, so that the
-    logs' script_sha256 stays the script's even while train_gpt.py is being edited. Without the n-gram
+    logs' script_sha256 stays the script's even while train_gpt.py is being edited. Real logs, so they carry
+    the copy's sha256 and the size of its self-extracting wrapper as code_bytes. Without the n-gram
     mixer, which costs most of a tiny run's time on a CPU; the parser test adds the mixer's lines."""
     data, tok = dataset
     folder = tmp_path_factory.mktemp("runs")
@@ -72,7 +74,7 @@ def test_parser_reads_every_field_of_a_real_log(tiny_runs):
     text = logs[1].read_text()
     run = run_log.parse_log(logs[1])
     assert run.script_sha256 == hashlib.sha256(script.read_bytes()).hexdigest()
-    assert run.code_bytes == script.stat().st_size and run.script_name == "train_gpt.py"
+    assert run.code_bytes == len(tg.self_extracting_wrapper(script.read_bytes())) and run.script_name == "train_gpt.py"
     assert (run.torch_version, run.device, run.world_size) == (torch.__version__, "cpu", 1)
     assert run.hardware.startswith("1x")
     assert run.seed == 1 and run.settings["ITERATIONS"] == "4" and run.settings["VE_LAYERS"] == "1"
@@ -223,9 +225,18 @@ def test_make_record_writes_the_submission_folder(tiny_runs, tmp_path):
     folder = records / "track_10min_16mb" / f"{DATE}_Tiny_Mixer"
     assert proc.stdout.strip() == str(folder)
     assert os.listdir(folder.parent) == [folder.name]  # nothing temporary left beside it
-    assert sorted(os.listdir(folder)) == ["README.md", "submission.json", "train_gpt.py", "train_seed1.log",
-                                          "train_seed2.log"]
-    assert (folder / "train_gpt.py").read_bytes() == script.read_bytes()
+    assert sorted(os.listdir(folder)) == ["README.md", "submission.json", "train_gpt.py", "train_gpt_readable.py",
+                                          "train_seed1.log", "train_seed2.log"]
+    # train_gpt.py is the counted wrapper: it unpacks to the readable source byte for byte, its size is the
+    # logs' code_bytes, and run as a script it is the same code (same identity as the logs' header).
+    source, wrapper = (folder / "train_gpt_readable.py").read_bytes(), (folder / "train_gpt.py").read_bytes()
+    assert source == script.read_bytes()
+    assert wrapper.startswith(tg.WRAPPER_HEAD) and wrapper.endswith(tg.WRAPPER_TAIL)
+    assert tg.wrapped_source(wrapper) == source
+    assert hashlib.sha256(tg.wrapped_source(wrapper)).hexdigest() == runs[0].script_sha256
+    assert len(wrapper) == runs[0].code_bytes == runs[1].code_bytes < len(source)
+    identity = runpy.run_path(str(folder / "train_gpt.py"), run_name="wrapped_train_gpt")["script_identity"]
+    assert identity() == (runs[0].script_sha256, runs[0].code_bytes)
     assert all((folder / f"train_seed{s}.log").read_bytes() == logs[s].read_bytes() for s in SEEDS)
 
     sub = json.loads((folder / "submission.json").read_text())
@@ -261,6 +272,56 @@ def test_make_record_writes_the_submission_folder(tiny_runs, tmp_path):
     assert "\nexport ITERATIONS=4\n" in readme
     assert "\nRUN_ID=seed2 SEED=2 torchrun --standalone --nproc_per_node=1 train_gpt.py\n" in readme
     assert "Track `10min_16mb` (record): training at most 600 s and evaluation at most 600 s" in readme
+    assert (f"`train_gpt.py` is the counted self-extracting wrapper ({len(wrapper):,} bytes" in readme
+            and f"`train_gpt_readable.py` is the source it runs (sha256 `{runs[0].script_sha256}`, "
+                f"{len(source):,} bytes). Running either runs the same code" in readme)
+    assert sub["script_sha256"] == runs[0].script_sha256 and sub["code_bytes"] == len(wrapper)
+
+
+def folder_files(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_the_wrapper_given_as_script_makes_the_same_folder(tiny_runs, tmp_path):
+    _, script, logs = tiny_runs
+    wrapped = tmp_path / "wrapped" / "train_gpt.py"
+    wrapped.parent.mkdir()
+    wrapped.write_bytes(tg.self_extracting_wrapper(script.read_bytes()))
+    assert make_record.main(record_args([logs[1], logs[2]], tmp_path / "from_source", script)) == 0
+    assert make_record.main(record_args([logs[1], logs[2]], tmp_path / "from_wrapper", wrapped)) == 0
+    made = [folder_files(tmp_path / r / "track_10min_16mb" / f"{DATE}_Tiny_Mixer") for r in ("from_source", "from_wrapper")]
+    assert made[0] == made[1]
+    assert made[1]["train_gpt.py"] == wrapped.read_bytes() and made[1]["train_gpt_readable.py"] == script.read_bytes()
+
+
+def test_a_log_that_counted_code_another_way_is_refused(tiny_runs, tmp_path, capsys):
+    """A log whose code_bytes is not the wrapper's size (here: the readable file's, as scripts from before
+    PR #1530 counted) is refused naming both numbers, before anything is written."""
+    _, script, logs = tiny_runs
+    size, wrapped = script.stat().st_size, len(tg.self_extracting_wrapper(script.read_bytes()))
+    old = edited_copy(logs[2], tmp_path / "old.txt", r"code_bytes:\d+$", f"code_bytes:{size}")
+    records = tmp_path / "records"
+    assert make_record.main(record_args([logs[1], old], records, script)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {old}: code_bytes is {size:,}, but the self-extracting wrapper of its script is "
+                     f"{wrapped:,} bytes: the log was written by a script that counted its code another way (or with "
+                     f"another lzma); rerun with one that counts its wrapper"]
+    assert not records.exists()
+
+
+def test_a_wrapper_that_would_not_run_the_logged_source_is_refused(tiny_runs, tmp_path, capsys, monkeypatch):
+    _, script, logs = tiny_runs
+    source = script.read_bytes()
+    other = tg.self_extracting_wrapper(source + b"# not the logged source\n")
+    monkeypatch.setattr(make_record, "counted_wrapper", lambda module, src: (other, tg.wrapped_source(other)))
+    records = tmp_path / "records"
+    assert make_record.main(record_args([logs[1], logs[2]], records, script)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    sha = hashlib.sha256(source).hexdigest()
+    assert len(lines) == 1 and re.fullmatch(r"error: the self-extracting wrapper made for the source unpacks to sha256 "
+                                            rf"\w{{12}}\.\.\., not the logs' {sha[:12]}\.\.\.: it would not run "
+                                            r"the script that wrote the logs", lines[0]), lines
+    assert not records.exists()
 
 
 def test_non_record_track_has_no_time_limits_and_copies_requirements(tiny_runs, tmp_path):
@@ -301,6 +362,10 @@ def refusal_case(name, logs, tmp_path, script):
         changed = tmp_path / "train_gpt.py"
         changed.write_bytes(script.read_bytes() + b"# one more line\n")
         return [one, two], changed
+    if name == "wrapper of another source":
+        changed = tmp_path / "train_gpt.py"
+        changed.write_bytes(tg.self_extracting_wrapper(script.read_bytes() + b"# one more line\n"))
+        return [one, two], changed
     if name == "different final lines":
         return [one, edited_copy(two, tmp_path / "b.txt", r"^final_sliding_window.*\n", "")], script
     if name == "duplicate seeds":
@@ -317,6 +382,8 @@ def refusal_case(name, logs, tmp_path, script):
     ("no size line", r"a\.txt: no `Total submission size \.\.\.: N bytes` line"),
     ("different scripts", r"logs from different scripts: .*seed1\.txt has script_sha256 \w+\.\.\., .*b\.txt has 000000"),
     ("script hash mismatch", r"train_gpt\.py has sha256 \w+\.\.\., but the logs were written by a script with sha256"),
+    ("wrapper of another source", r"train_gpt\.py is a self-extracting wrapper whose source has sha256 \w+\.\.\., but "
+                                  r"the logs were written by a script with sha256"),
     ("different final lines", r"scored by different final lines \(seed1\.txt: final_sliding_window_exact, "
                               r"b\.txt: final_plain_exact\)"),
     ("duplicate seeds", r"seed 1 twice: .*seed1\.txt and .*again\.txt"),

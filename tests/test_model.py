@@ -111,7 +111,7 @@ def _write_repetitive_shards(folder, vocab):
 
 def test_tiny_training_run_lowers_the_loss(tmp_path, cpu_runtime):
     _write_repetitive_shards(tmp_path, 64)
-    cfg = tiny_config(data_path=str(tmp_path), iterations=40, warmup_steps=5, warmdown_iters=10,
+    cfg = tiny_config(data_path=str(tmp_path), iterations=40, lr_warmup_steps=5, warmdown_iters=10,
                       max_wallclock_seconds=0, train_log_every=1, matrix_lr=0.04, scalar_lr=0.02,
                       tied_embed_lr=0.05, ema_decay=0.9, grad_accum_steps=2)
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_tiny_training_run_lowers_the_loss(tmp_path, cpu_runtime):
 
 
 def test_lr_schedule_warms_up_and_ends_at_zero():
-    cfg = tiny_config(iterations=100, warmup_steps=10, warmdown_iters=20)
+    cfg = tiny_config(iterations=100, lr_warmup_steps=10, warmdown_iters=20)
     assert tg.lr_scale(0, 0, None, cfg) == pytest.approx(0.1)
     assert tg.lr_scale(50, 0, None, cfg) == 1.0
     assert tg.lr_scale(90, 0, None, cfg) == pytest.approx(0.5)

@@ -273,7 +273,7 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
     ctxs = {n: Counter(g[:-1] for g in grams[n].elements()) for n in (2, 3, 4)}
     checked_inside = checked_outside = 0
     for _ in range(12):  # 12 x 256 tokens: past the oracle's 2,000 into text it never counted
-        batch = loader.next_batch(256, 16, CPU)
+        batch = loader.step_batches(256, 1, 16, CPU)[0]
         probs, valid, prior = tg.oracle_probs_for_batch(oracle, batch.inputs, batch.targets, batch.oracle_run, beta)
         assert (prior is None) == (beta == 0)
         row = torch.cat((batch.inputs, batch.targets[:, -1:]), 1).tolist()
