@@ -11,6 +11,7 @@ logs/<RUN_ID>_preflight.txt. Nothing is kept: no artifact is written, the run's 
 no score line is printed (a slice's scores mean nothing). It lives outside train_gpt.py so that its code
 is not counted in the artifact's bytes.
 """
+import argparse
 import dataclasses
 import math
 import os
@@ -93,9 +94,9 @@ def preflight_step_ms(model: tg.GPT, train_model: nn.Module, cfg: tg.Hyperparame
     return (times[-1] - times[PREFLIGHT_SKIP - 1]) / (len(times) - PREFLIGHT_SKIP), result.recompiles
 
 
-def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log) -> bool:
-    """Runs the checks and measurements described above, logs the table and the verdict; True if every
-    projection is within its budget."""
+def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log, eval_tokens: int = PREFLIGHT_EVAL_TOKENS) -> bool:
+    """Runs the checks and measurements described above, evaluating a slice of at least `eval_tokens`
+    validation tokens; logs the table and the verdict; True if every projection is within its budget."""
     t_start, lines, rows = time.perf_counter(), [], []
 
     def inner(line: str) -> None:  # the measured work's own lines, less those that look like a run's result
@@ -153,7 +154,7 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log) -> bool:
                              train_s, cfg.max_wallclock_seconds or None))
 
     chunk = max(cfg.ngram_chunk_tokens if cfg.ngram_orders else 1, cfg.ttt_chunk_tokens if cfg.ttt_epochs else 1)
-    part = val_tokens[:max(PREFLIGHT_EVAL_TOKENS, 2 * chunk + 1)]  # TTT trains on a chunk at least
+    part = val_tokens[:max(eval_tokens, 2 * chunk + 1)]  # TTT trains on a chunk at least
     phases: dict[str, float] = {}
     tg.evaluate_final(model, token_nll, eval_outputs, part, tables, cfg, rt, inner, ttt_forward, phases)
     full, n = val_tokens.numel() - 1, part.numel() - 1
@@ -185,5 +186,16 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log) -> bool:
     return not over
 
 
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--eval-tokens", type=int, default=PREFLIGHT_EVAL_TOKENS,
+                        help=f"validation tokens the evaluation slice holds at least (default {PREFLIGHT_EVAL_TOKENS:,})")
+    args = parser.parse_args()
+    if args.eval_tokens < 2:
+        parser.error(f"--eval-tokens {args.eval_tokens} is not allowed: at least 2")
+    return tg.main(lambda cfg, rt, log: 0 if preflight(cfg, rt, log, args.eval_tokens) else PREFLIGHT_OVER_STATUS,
+                   "_preflight")
+
+
 if __name__ == "__main__":
-    sys.exit(tg.main(lambda cfg, rt, log: 0 if preflight(cfg, rt, log) else PREFLIGHT_OVER_STATUS, "_preflight"))
+    sys.exit(main())

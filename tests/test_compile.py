@@ -1,6 +1,7 @@
 """The path users run on a GPU, exercised on the CPU: torch.compile (inductor, with the C++ compiler here),
 bf16 autocast and several processes. Compiled runs must give the eager path's final lines, compile
-nothing inside a timed phase, and the model's forward must compile as one graph."""
+nothing inside a timed phase, and the model's forward must compile as one graph. The compiled runs launch
+the self-extracting wrapper, the file a submission ships and runs; the eager ones the readable source."""
 import re
 import sys
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import tiny_config
-from test_end_to_end import TINY_ENV, dataset, failure, run_script  # noqa: F401  (dataset is a fixture)
+from conftest import ROOT, tiny_config
+from test_end_to_end import TINY_ENV, dataset, failure, run_script, wrapper_script  # noqa: F401  (fixtures)
 from test_model import _write_repetitive_shards
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -23,8 +24,8 @@ def finals(log: str) -> dict[str, float]:
     return {name: float(bpb) for name, bpb in FINAL.findall(log)}
 
 
-def logged_run(env, folder, run_id, launcher=(sys.executable,)):
-    proc = run_script(dict(env, RUN_ID=run_id), folder, launcher, timeout=900)
+def logged_run(env, folder, run_id, launcher=(sys.executable,), script=ROOT / "train_gpt.py"):
+    proc = run_script(dict(env, RUN_ID=run_id), folder, launcher, timeout=900, script=script)
     assert proc.returncode == 0, failure(proc)
     return (folder / "logs" / f"{run_id}.txt").read_text()
 
@@ -44,12 +45,13 @@ def assert_same_finals(compiled: dict, eager: dict, tolerance: float):
 
 
 @pytest.fixture(scope="module")
-def one_process_runs(dataset, tmp_path_factory):
+def one_process_runs(dataset, wrapper_script, tmp_path_factory):
     """(folder, compiled log, eager log): one process, fp32, every feature on."""
     data, tok = dataset
     folder = tmp_path_factory.mktemp("compile1")
     env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, MATRIX_LRR="0.5")
-    return folder, logged_run(dict(env, COMPILE="1"), folder, "c1"), logged_run(dict(env, COMPILE="0"), folder, "e1")
+    return (folder, logged_run(dict(env, COMPILE="1"), folder, "c1", script=wrapper_script),
+            logged_run(dict(env, COMPILE="0"), folder, "e1"))
 
 
 def test_compiled_run_gives_the_eager_final_lines(one_process_runs):
@@ -61,13 +63,13 @@ def test_compiled_run_gives_the_eager_final_lines(one_process_runs):
     assert "warning: MATRIX_LRR is not a setting and changes nothing; did you mean MATRIX_LR?" in compiled
 
 
-def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_process_runs, dataset):
+def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_process_runs, dataset, wrapper_script):
     """EVAL_ARTIFACT, as a fresh process on a GPU runs it: bf16 autocast and compile, with TTT."""
     folder, _, _ = one_process_runs
     data, tok = dataset
     env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16="1",
                EVAL_ARTIFACT=str(folder / "artifacts" / "c1.pgqw"))
-    compiled = logged_run(dict(env, COMPILE="1"), folder, "c3")
+    compiled = logged_run(dict(env, COMPILE="1"), folder, "c3", script=wrapper_script)
     eager = logged_run(dict(env, COMPILE="0"), folder, "e3")
     assert "setting BF16=1" in compiled and "train_done" not in compiled
     assert_nothing_compiled_on_the_clocks(compiled, training=False)
@@ -79,7 +81,7 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 @pytest.mark.parametrize("bf16, tolerance, mixer", [("0", 1e-5, {}), ("1", 5e-4, dict(NGRAM_PRIOR_BETA="2"))],
                          ids=["fp32", "bf16_prior"])
-def test_two_processes_compiled_give_the_eager_final_lines(dataset, tmp_path, bf16, tolerance, mixer):
+def test_two_processes_compiled_give_the_eager_final_lines(dataset, wrapper_script, tmp_path, bf16, tolerance, mixer):
     """torchrun, gloo, DDP inside torch.compile with gradient accumulation (micro-steps with and without
     the all-reduce), TTT in lockstep across ranks; in bf16 with the smoothed experts (NGRAM_PRIOR_BETA).
     Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps):
@@ -88,7 +90,7 @@ def test_two_processes_compiled_give_the_eager_final_lines(dataset, tmp_path, bf
     data, tok = dataset
     env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16=bf16, GRAD_ACCUM_STEPS="2",
                TRAIN_BATCH_TOKENS="512", **mixer)
-    compiled = logged_run(dict(env, COMPILE="1"), tmp_path, "c2", TORCHRUN)
+    compiled = logged_run(dict(env, COMPILE="1"), tmp_path, "c2", TORCHRUN, script=wrapper_script)
     eager = logged_run(dict(env, COMPILE="0"), tmp_path, "e2", TORCHRUN)
     assert "world_size:2" in compiled and f"setting BF16={bf16}" in compiled
     assert all(f"setting {name}=" in compiled for name in mixer)

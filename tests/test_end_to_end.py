@@ -88,6 +88,34 @@ def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
     assert final_bpb(log, "final_sliding_window") > 0
 
 
+@pytest.fixture(scope="module")
+def wrapper_script(tmp_path_factory):
+    """The submission's counted train_gpt.py: the self-extracting wrapper of this source."""
+    path = tmp_path_factory.mktemp("wrapper") / "train_gpt.py"
+    path.write_bytes(tg.self_extracting_wrapper((ROOT / "train_gpt.py").read_bytes()))
+    return path
+
+
+def test_the_wrapper_runs_this_source_and_counts_its_own_size(single_run, wrapper_script, dataset, tmp_path):
+    """Code bytes are the self-extracting wrapper's (the records' count since PR #1530): a run of the
+    readable file logs the wrapper's size, and the wrapper, run, logs the readable source's sha256, its
+    own size, and the same final lines."""
+    _, log, _ = single_run
+    data, tok = dataset
+    source = (ROOT / "train_gpt.py").read_bytes()
+    wrapper = wrapper_script.read_bytes()
+    assert tg.wrapped_source(wrapper) == source and tg.self_extracting_wrapper(source) == wrapper
+    assert len(wrapper) < len(source) / 2 and wrapper.count(b"\n") == 1
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="wrapped"), tmp_path,
+                      script=wrapper_script)
+    assert proc.returncode == 0, failure(proc)
+    wrapped = (tmp_path / "logs" / "wrapped.txt").read_text()
+    header = f"script_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(wrapper)}"
+    assert header in log and header in wrapped
+    assert re.search(rf"^Total submission size quantized\+zstd: \d+ bytes \(code {len(wrapper)}, ", wrapped, re.M)
+    assert FINAL_LINE.findall(wrapped) == FINAL_LINE.findall(log) and len(FINAL_LINE.findall(log)) == 3
+
+
 def test_run_scores_the_artifact_it_wrote_and_states_its_size(single_run):
     folder, log, _ = single_run
     artifact = folder / "artifacts" / "single.pgqw"
