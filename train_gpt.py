@@ -1,55 +1,32 @@
 """train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
 
-Trains a language model on FineWeb shards, then evaluates bits per byte (val_bpb)
-on the whole validation split with a sliding window. Every q_t that is scored is
-a full, normalized distribution over the vocabulary that depends on x_<t only
-(../shared/LEGALITY.md).
+Trains on FineWeb shards, then reports bits per byte (val_bpb) on the whole validation split with a
+sliding window. Every scored q_t is a full, normalized distribution over the vocabulary that depends on
+x_<t only (../shared/LEGALITY.md).
 
 Run:
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs
     python3 train_gpt.py                                      # one process; CPU if no CUDA
-Every setting is an environment variable (see Hyperparameters below, and the
-README's table); the resolved settings are printed at the top of the log.
+Every setting is an environment variable (Hyperparameters below, the README's table); the log starts with them.
 
 Techniques, and where they come from:
-- Muon optimizer (Newton-Schulz orthogonalized momentum) for the matrices, from
-  modded-nanogpt (Keller Jordan); AdamW for embeddings, gains and scalars.
-- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a
-  learned per-head gain, zero-initialised output projections, U-Net style skip
-  connections between the first and second half of the layers: the
-  parameter-golf baseline.
-- MLP with LeakyReLU(0.5) squared, 3.5x wide; partial RoPE (ROPE_DIMS); XSA
-  (exclusive self-attention: the output loses its component along the token's
-  own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value
-  embeddings added to V on VE_LAYERS; value residual (ResFormer: every layer's V
-  mixed with the first layer's): the published 11-layer record stacks.
-- Weight decay on Muon (MUON_WD), EMA of the weights (EMA_DECAY), a warm-down
-  that ends with the wall-clock budget: the published record stacks.
-- Sliding-window evaluation (EVAL_STRIDE) that scores each token once with the
-  longest context the window allows.
+- Muon (Newton-Schulz orthogonalized momentum) for the matrices, AdamW for embeddings, gains and
+  scalars: modded-nanogpt (Keller Jordan).
+- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a learned per-head gain,
+  zero-initialised output projections, U-Net skips from the first half of the layers to the second:
+  the parameter-golf baseline.
+- LeakyReLU(0.5)^2 MLP 3.5x wide; partial RoPE (ROPE_DIMS); XSA (the output loses its component along
+  the token's own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value embeddings
+  added to V on VE_LAYERS; value residual (ResFormer: every V mixed with the first layer's); Muon weight
+  decay, an EMA of the weights and a warm-down that ends with the wall-clock budget: the published
+  11-layer record stacks.
+- Sliding-window evaluation (EVAL_STRIDE): each token scored once, with the longest context the window allows.
 """
 
 from __future__ import annotations
 
-import base64
-import bisect
-import contextlib
-import dataclasses
-import difflib
-import functools
-import gc
-import glob
-import hashlib
-import lzma
-import math
-import os
-import platform
-import re
-import resource
-import struct
-import sys
-import time
-import zlib
+import base64, bisect, contextlib, dataclasses, difflib, functools, gc, glob, hashlib, lzma, math, os, platform, re
+import struct, sys, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +42,6 @@ import zstandard
 # =============================================================================
 # HYPERPARAMETERS
 # =============================================================================
-
 
 MIXER_CHOICES = ("learned", "hedge", "none")
 HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigram, bigram and trigram
@@ -96,9 +72,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
     max_wallclock_seconds: float = 600.0
-    # Left of MAX_WALLCLOCK_SECONDS for what still counts as training after the loop: EMA, the
-    # self-generated GPTQ calibration and GPTQ. The log's training_phase line gives the real total.
-    train_reserve_seconds: float = 20.0
+    train_reserve_seconds: float = 20.0  # of the wall clock, for EMA, GPTQ calibration and GPTQ after the loop
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -198,8 +172,8 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
-        """Every setting from `env` (UPPER_SNAKE of the field name), checked. COMPILE and BF16 default to
-        on only where CUDA is (on the CPU both are slower for small models; set to 1, they still apply)."""
+        """Every setting from `env` (UPPER_SNAKE names), checked; COMPILE and BF16 default on with CUDA only
+        (on a CPU both slow small models down)."""
         values = {}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
@@ -226,8 +200,6 @@ class Hyperparameters:
              f"a divisor of NUM_HEADS ({self.num_heads})"),
             (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
              f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
-            (self.mlp_mult > 0, "MLP_MULT", "greater than 0"),
-            (self.rope_base > 0, "ROPE_BASE", "greater than 0"),
             (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
             (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
             (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
@@ -241,14 +213,12 @@ class Hyperparameters:
                                             and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
              "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
             (self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", "selfgen or train"),
-            (self.gptq_damp > 0, "GPTQ_DAMP", "greater than 0"),
             (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
             (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
             (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
              f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
             (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
             (self.ttt_freeze_blocks <= L, "TTT_FREEZE_BLOCKS", f"0..NUM_LAYERS ({L})"),
-            (self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "greater than 0"),
             (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
              "empty (train, then evaluate the new artifact) or the path of an artifact file"),
             (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
@@ -258,6 +228,7 @@ class Hyperparameters:
         checks += [(2 <= getattr(self, name.lower()) <= 8, name, "2..8")
                    for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS")]
         checks += [(0 <= getattr(self, name.lower()) < 1, name, "in [0, 1)") for name in SETTING_FRACTIONS]
+        checks += [(getattr(self, name.lower()) > 0, name, "greater than 0") for name in SETTING_POSITIVE]
         for ok, name, allowed in checks:
             if not ok:
                 value = getattr(self, name.lower())
@@ -268,12 +239,13 @@ class Hyperparameters:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
+            if isinstance(value, (tuple, bool)):
+                value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value)
             lines.append(f"setting {field.name.upper()}={value}")
         return lines
 
 
-# The settings with a least value (0: a count or rate that may be off) and those in [0, 1).
+# The settings with a least value (0: a count or rate that may be off), those in [0, 1), those above 0.
 SETTING_MINIMUMS = {
     0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
@@ -287,6 +259,7 @@ SETTING_MINIMUMS = {
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
                      "TTT_POLYAK")
+SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
 
 
 def parse_setting(name: str, raw: str, like):
@@ -304,29 +277,28 @@ def parse_setting(name: str, raw: str, like):
         raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
 
 
-# Settings that other parameter-golf scripts read and this one does not, with what to use here instead:
-# set out of habit, they would otherwise change nothing and say nothing.
+# Settings of other parameter-golf scripts that this one does not read, and what to use here instead.
 FOREIGN_SETTINGS = {
     "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
     "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
     "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
     "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
-    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY", "LAWA_ENABLED": "EMA_DECAY",
-    "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS", "DATA_DIR": "DATA_PATH and TOKENIZER_PATH",
-    "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS",
-    "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ", "QAT_ENABLED": "CROWN_Q_LAMBDA",
-    "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA", "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS",
-    "EMBED_BITS": "QUANT_EMBED_BITS", "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER",
-    "USE_HEDGE_MIXER": "USE_MIXER=hedge", "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
+    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
+    "LAWA_ENABLED": "EMA_DECAY", "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS",
+    "DATA_DIR": "DATA_PATH and TOKENIZER_PATH", "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS",
+    "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ",
+    "QAT_ENABLED": "CROWN_Q_LAMBDA", "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA",
+    "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS", "EMBED_BITS": "QUANT_EMBED_BITS",
+    "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
+    "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
 RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
 def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None = None) -> list[str]:
-    """One line for each variable of `env` that looks like a setting but is none of this script's: a name
-    of other parameter-golf scripts or an old name of ours, or one within a typo of a setting (MATRIX_LRR);
-    and for WARMUP_STEPS without compiling, where an upstream user still meant the priming but ours may not."""
+    """A line for each variable of `env` that looks like a setting but is not one of ours (another script's,
+    an old name, a typo), and for WARMUP_STEPS without compiling, where it does nothing."""
     known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
     lines = []
     if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
@@ -349,14 +321,10 @@ def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparamet
     """The run's settings, with the paths checked: a missing path stops the run here."""
     hp = Hyperparameters.from_env(env, cuda)
     if not Path(hp.data_path).is_dir():
-        raise ConfigError(
-            f"DATA_PATH={hp.data_path!r} is not a directory: download FineWeb with "
-            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
-            "sample corpus with `python3 scripts/make_sample_data.py`")
+        raise ConfigError(f"DATA_PATH={hp.data_path!r} is not a directory: {HOW_TO_GET_DATA}")
     if not Path(hp.tokenizer_path).is_file():
-        raise ConfigError(
-            f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
-            "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
+                          "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
     return hp
 
 
@@ -371,6 +339,8 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+HOW_TO_GET_DATA = ("download FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "
+                   "N`, or build the sample corpus with `python3 scripts/make_sample_data.py`")
 
 
 class ShardError(ValueError):
@@ -406,29 +376,11 @@ def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Writes a shard atomically: a temporary file in the same folder, then a rename."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > 65535)):
-        raise ShardError(f"{path}: shard tokens must be a 1-D array of ids in 0..65535")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
-
-
 def shard_files(data_path: str | Path, split: str) -> list[str]:
     """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
     files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
     if not files:
-        raise ShardError(
-            f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: download FineWeb with "
-            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
-            "sample corpus with `python3 scripts/make_sample_data.py`")
+        raise ShardError(f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: {HOW_TO_GET_DATA}")
     return files
 
 
@@ -443,9 +395,8 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 
 
 class TokenStream:
-    """An endless stream over the training shards; the shard order is a permutation drawn from the seed,
-    and each pass over the shards draws a new one. Each token also carries its position in the shards
-    read in name order, which is where the n-gram oracle's text comes from."""
+    """An endless stream over the training shards, each pass in a new order drawn from the seed. Each token
+    comes with its position in the shards read in name order, which is where the n-gram oracle's text is."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
         self.files = list(files)
@@ -454,22 +405,18 @@ class TokenStream:
         self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
         self.order: list[int] = []
         self.tokens = np.zeros(0, dtype=np.uint16)
-        self.shard = 0
-        self.pos = 0
-
-    def _next_shard(self) -> None:
-        if not self.order:
-            self.order = list(self.rng.permutation(len(self.files)))
-        self.shard = self.order.pop(0)
-        self.tokens = load_shard(self.files[self.shard], self.vocab_size)
-        self.pos = 0
+        self.shard = self.pos = 0
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n tokens, crossing shard boundaries as needed, and their positions in name order."""
         parts, places, left = [], [], n
         while left > 0:
             if self.pos >= self.tokens.size:
-                self._next_shard()
+                if not self.order:
+                    self.order = list(self.rng.permutation(len(self.files)))
+                self.shard = self.order.pop(0)
+                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+                self.pos = 0
             piece = self.tokens[self.pos:self.pos + left]
             parts.append(piece)
             places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
@@ -497,10 +444,9 @@ class Batch:
 
 
 class DistributedBatchLoader:
-    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens of it and cuts them into
-    WORLD_SIZE x accum pieces (each with one token of overlap for the last target), rank r's micro-step m
-    taking piece r * accum + m. The step's sequences are then the same on 1 GPU and on 8: a 1-GPU trial
-    trains on the 8-GPU run's tokens, and nothing depends on timing."""
+    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens and cuts them into
+    WORLD_SIZE x accum pieces (one token of overlap each), rank r's micro-step m taking piece r * accum + m.
+    A step then trains on the same sequences on 1 GPU and on 8, whatever the timing."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
@@ -525,8 +471,7 @@ class DistributedBatchLoader:
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy on `device` that does not wait: a copy to CUDA from pageable memory blocks the host, so the
-    host tensor is pinned first."""
+    """A copy on `device` that does not block the host (a CUDA copy from pageable memory would: pin first)."""
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -552,8 +497,7 @@ class TokenByteTables:
 
 
 def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
-    """Byte accounting tables for a SentencePiece processor, padded to vocab_size (ids past the
-    tokenizer's size are boundaries with no bytes: the model may have a larger vocabulary)."""
+    """Byte tables for a SentencePiece processor, padded to vocab_size with boundaries of no bytes."""
     if sp.vocab_size() > vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
                           "VOCAB_SIZE must be at least that")
@@ -584,7 +528,6 @@ def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: 
 
 def load_tokenizer(path: str):
     import sentencepiece as spm  # imported here so that the model code imports without it
-
     return spm.SentencePieceProcessor(model_file=path)
 
 

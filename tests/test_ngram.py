@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from make_sample_data import write_shard
 from conftest import perturbed_gpt, tiny_config
 
 CPU = torch.device("cpu")
@@ -261,7 +262,7 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
     vocab = 50
     rng = np.random.default_rng(0)
     train = rng.integers(2, vocab, size=3000).astype(np.uint16)
-    tg.write_shard(tmp_path / "fineweb_train_000000.bin", train)
+    write_shard(tmp_path / "fineweb_train_000000.bin", train)
     cfg = tiny_config(vocab_size=vocab, data_path=str(tmp_path), ngram_oracle_tokens=2000, train_seq_len=16,
                       ngram_min_order=2, ngram_max_order=4)
     rt = tg.Runtime(0, 1, 0, CPU)
