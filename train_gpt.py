@@ -594,14 +594,12 @@ def load_tokenizer(path: str):
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    # In fp32, returned in x's dtype, on every device: CUDA's autocast runs rms_norm in fp32 and returns
-    # fp32 (so bf16 q and k would come out fp32 there), the CPU's returns bf16.
+    # fp32 inside and x's dtype out on every device: CUDA's autocast would return fp32, the CPU's bf16.
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding on the first `dims` channels of each head (partial RoPE: the other
-    channels carry position-free content, which the record stacks found helps at 16 of 64)."""
+    """Partial RoPE: rotary embedding on the first `dims` channels of each head (record stacks: 16 of 64)."""
 
     def __init__(self, head_dim: int, dims: int, base: float):
         super().__init__()
@@ -609,18 +607,11 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recomputed each call: a T x dims/2 outer product is cheap, and a cache mutated inside
-        # forward would break torch.compile's graph.
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
-        return freqs.cos(), freqs.sin()
-
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        # x: (B, H, T, hd) at positions offset .. offset + T - 1
-        cos, sin = self.cos_sin(offset + x.size(2), x.device)
-        cos, sin = cos[offset:].to(x.dtype), sin[offset:].to(x.dtype)
-        rot, rest = x[..., :self.dims], x[..., self.dims:]
-        x1, x2 = rot.chunk(2, dim=-1)
+        # x: (B, H, T, hd) at positions offset .. offset + T - 1; no table cache: it would break torch.compile
+        freqs = torch.outer(torch.arange(offset + x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos()[offset:].to(x.dtype), freqs.sin()[offset:].to(x.dtype)
+        (x1, x2), rest = x[..., :self.dims].chunk(2, dim=-1), x[..., self.dims:]
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
 
@@ -638,23 +629,18 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
-        self.layer = layer
-        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.layer, self.xsa = layer, layer >= cfg.num_layers - cfg.xsa_last_n
         self.mixes_first_value = cfg.value_residual and layer > 0
-        if self.mixes_first_value:
-            # ResFormer: v = a * v + b * v_first, starting as the plain v.
+        if self.mixes_first_value:  # ResFormer: v = a * v + b * v_first, starting as the plain v
             self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
                 cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues the
-        positions it holds, whose keys and values are attended to as well."""
+        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues its positions."""
         B, T, D = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
-        v = self.c_v(x)
-        if value_embed is not None:
-            v = v + value_embed
+        v = self.c_v(x) if value_embed is None else self.c_v(x) + value_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
         raw_v = v
         if self.mixes_first_value and first_value is not None:
@@ -662,26 +648,15 @@ class CausalSelfAttention(nn.Module):
         offset = 0 if cache is None else cache.length
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        k_all, v_all, mask = k, v, None
-        if cache is not None:
-            k_all, v_all = cache.store(self.layer, k, v)
-            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)  # causal, offset
+        k_all, v_all = (k, v) if cache is None else cache.store(self.layer, k, v)
+        mask = None if cache is None else torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
-        if self.xsa:
-            y = self._exclude_own_value(y, v)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.proj(y), raw_v
-
-    def _exclude_own_value(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """XSA: remove from each head's output its component along the token's own value, so attention
-        carries only what other tokens add (the token's own content already rides the residual)."""
-        B, H, T, hd = y.shape
-        group = H // self.num_kv_heads
-        y = y.view(B, self.num_kv_heads, group, T, hd)
-        v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
-        y = y - (y * v_unit).sum(-1, keepdim=True) * v_unit
-        return y.view(B, H, T, hd)
+        if self.xsa:  # XSA: drop the component along the token's own value, which rides the residual
+            y = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
+            y = (y - (y * v_unit).sum(-1, keepdim=True) * v_unit).view(B, self.num_heads, T, self.head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), raw_v
 
 
 class MLP(nn.Module):
@@ -693,9 +668,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike relu^2 (record stacks: ~0.003 bpb).
-        # h * h, not square(): CUDA's autocast runs pow in fp32, an fp32 copy of the widest activation;
-        # the product of two bf16 numbers rounded to bf16 is the same number either way.
+        # LeakyReLU(0.5)^2: a gradient for x < 0 (records: ~0.003 bpb); h * h, as CUDA autocast's pow copies to fp32
         h = F.leaky_relu(self.fc(x), 0.5)
         return self.proj(h * h)
 
@@ -715,19 +688,8 @@ class Block(nn.Module):
         return x, raw_v
 
 
-def bigram_hash_ids(tokens: torch.Tensor, buckets: int) -> torch.Tensor:
-    """A bucket per (previous, current) token pair; position 0, which has no previous token, gets the
-    last bucket of its own. tokens: (B, T) -> (B, T)."""
-    prev = tokens[:, :-1].to(torch.int64)
-    cur = tokens[:, 1:].to(torch.int64)
-    mixed = torch.bitwise_xor(prev * 36313, cur * 27191) % (buckets - 1)
-    first = torch.full_like(tokens[:, :1], buckets - 1, dtype=torch.int64)
-    return torch.cat((first, mixed), dim=1)
-
-
 class BigramHashEmbedding(nn.Module):
-    """Adds an embedding of the hashed (previous, current) token pair: cheap local context the first
-    layer would otherwise spend attention on (record stacks: BigramHash 6144 x 128)."""
+    """Embedding of the hashed (previous, current) token pair: cheap local context (records: 6144 x 128)."""
 
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
@@ -737,16 +699,17 @@ class BigramHashEmbedding(nn.Module):
         self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T); `previous` (B, 1): the token before tokens[:, 0], when there is one."""
+        """tokens (B, T) -> (B, T, D); `previous` (B, 1): the token before tokens[:, 0] (none: the last bucket)."""
+        stream = tokens if previous is None else torch.cat((previous, tokens), dim=1)
+        prev, cur = stream[:, :-1].to(torch.int64), stream[:, 1:].to(torch.int64)
+        bucket = torch.bitwise_xor(prev * 36313, cur * 27191) % (self.buckets - 1)
         if previous is None:
-            return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
-        return self.proj(self.embed(bigram_hash_ids(torch.cat((previous, tokens), dim=1), self.buckets)[:, 1:]))
+            bucket = torch.cat((torch.full_like(tokens[:, :1], self.buckets - 1, dtype=torch.int64), bucket), dim=1)
+        return self.proj(self.embed(bucket))
 
 
 class DecodeCache:
-    """The keys and values (after rotary and value mixing) of the positions already run, per layer, and
-    their last token: GPT.forward_hidden(new_tokens, cache) then runs only the new positions and gives
-    what the full forward gives there, so sampling costs one position per token, not the whole prefix."""
+    """Each layer's keys and values of the positions run so far: forward_hidden then runs new positions only."""
 
     def __init__(self, num_layers: int, capacity: int):
         self.capacity, self.length, self.last_tokens = capacity, 0, None
@@ -764,13 +727,9 @@ class DecodeCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        self.length += tokens.size(1)
-        self.last_tokens = tokens[:, -1:]
-
 
 class GPT(nn.Module):
-    """The one model class: training, evaluation and (later) quantization all use it."""
+    """The one model class: training, evaluation and quantization all use it."""
 
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
@@ -778,55 +737,45 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 1.0)
         self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size else None
-        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
         self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
-        if self.ve_layers:
-            # One table shared by the VE layers, each with its own projection-free scale.
+        if self.ve_layers:  # one table shared by the VE layers, each with its own scale
             self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
             nn.init.normal_(self.value_embed.weight, std=0.01)
-            self.value_embed_proj = nn.Linear(cfg.ve_dim, kv_dim, bias=False)
+            self.value_embed_proj = nn.Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
             self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
         if self.num_skips:
             self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.mixer_head = None
-        if cfg.use_mixer == "learned":
-            # Weights over [neural, order min..max] from the final hidden state. It starts by trusting
-            # the neural model (bias 2 against 0) and learns from the oracle when to trust counts.
+        if cfg.use_mixer == "learned":  # weights over [neural, orders]; trusts the neural model first (bias 2 vs 0)
             self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
             nn.init.zeros_(self.mixer_head.weight)
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
 
     def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
-        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only.
-        With `cache`, tokens continue the positions it holds (and are added to it)."""
+        """Final normalized hidden state (B, T, D) of tokens (B, T), causal; with `cache`, continuing its positions."""
         x = self.tok_emb(tokens)
         if self.bigram is not None:
             x = x + self.bigram(tokens, None if cache is None else cache.last_tokens)
         x = rms_norm(x)
-        value_embeds = {}
-        if self.ve_layers:
-            shared = self.value_embed_proj(self.value_embed(tokens))
-            value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * shared
-                            for i, layer in enumerate(self.ve_layers)}
+        embed = self.value_embed_proj(self.value_embed(tokens)) if self.ve_layers else None
+        value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * embed for i, layer in enumerate(self.ve_layers)}
         skips, first_value = [], None
         for i, block in enumerate(self.blocks):
-            # U-Net: the second half adds back the outputs of the first half, mirrored.
-            if self.num_skips and i >= len(self.blocks) - self.num_skips:
+            if self.num_skips and i >= len(self.blocks) - self.num_skips:  # U-Net: first half's outputs, mirrored
                 x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
             x, raw_v = block(x, value_embeds.get(i), first_value, cache)
-            if first_value is None:
-                first_value = raw_v
+            first_value = raw_v if first_value is None else first_value
             if i < self.num_skips:
                 skips.append(x)
         if cache is not None:
-            cache.advance(tokens)
+            cache.length += tokens.size(1)
+            cache.last_tokens = tokens[:, -1:]
         return rms_norm(x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -836,25 +785,19 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """forward_hidden at `positions` (B, S) only, or at every position: a sliding window scores its
-        last EVAL_STRIDE predictions, and the head, softcap and softmax over the vocabulary need not run
-        on the others (a tenth of the 4-layer, 256-wide model's eager forward on a CPU)."""
+        """forward_hidden at `positions` (B, S) only (the head need not run where nothing is scored), or everywhere."""
         hidden = self.forward_hidden(tokens)
-        if positions is None:
-            return hidden
-        return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+        return hidden if positions is None else hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
 
     def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor,
                   positions: torch.Tensor | None = None) -> torch.Tensor:
-        """-ln q(target) per scored position, (B, S) float32: targets (B, S) follow `positions` (B, S) of
-        tokens (B, T), or every position (S = T)."""
+        """-ln q(target), (B, S) float32, for targets (B, S) at `positions` (B, S) of tokens (B, T), or everywhere."""
         logits = self.logits_from_hidden(self.scored_hidden(tokens, positions))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def eval_outputs(self, tokens: torch.Tensor,
                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log-probabilities over the vocabulary (B, S, V) float32, mixer logits (B, S, 1+K) or None) at
-        `positions` (B, S) of tokens (B, T), or at every position (S = T)."""
+        """(log-probabilities (B, S, V) float32, mixer logits (B, S, 1+K) or None) at `positions`, or everywhere."""
         hidden = self.scored_hidden(tokens, positions)
         logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
@@ -862,19 +805,15 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
                 expert_valid: torch.Tensor | None = None, expert_prior: torch.Tensor | None = None,
                 penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss: mean cross-entropy over all positions (a target of -100 adds 0: padding), plus
-        MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K),
-        validity and (NGRAM_PRIOR_BETA) prior shares are given (fixed inputs: no gradient to counts), plus
-        penalty_scale (a 0-dim tensor, 0 outside the warm-down) times the CROWN-Q penalty: inside the
-        compiled graph, not ~1,300 eager ops."""
+        """Training loss: mean cross-entropy (-100 targets: padding), + MIXER_LOSS_WEIGHT x the mixture's loss on
+        the oracle's (B, T, K) experts, + penalty_scale (0-dim, 0 outside the warm-down) x CROWN-Q's penalty."""
         hidden = self.forward_hidden(tokens)
         logits = self.logits_from_hidden(hidden)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         loss = nll.mean()
         if expert_probs is not None and self.mixer_head is not None:
             weights = mixer_weights(self.mixer_head(hidden), expert_valid)
-            # p_nn(x) is -nll's, not detached, in the smoothed experts too: the q_t scored in evaluation holds
-            # it there as well, so this is the scored loss's own gradient (w_0's term passes one the same way).
+            # p_nn(x) is not detached in the smoothed experts either: the scored q_t's own gradient
             mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)
             loss = loss + self.cfg.mixer_loss_weight * mixed.mean()
         if penalty_scale is not None:
@@ -885,18 +824,10 @@ class GPT(nn.Module):
 # =============================================================================
 # N-GRAM EXPERTS AND MIXER
 # =============================================================================
-# An order-n expert is p_n(v | ctx) = c(ctx, v) / T(ctx), T(ctx) the exact sum of its row of counts,
-# so every expert is a normalized distribution by construction (../shared/LEGALITY.md, rule 2).
-# NGRAM_PRIOR_BETA smooths it towards the neural model, (c(ctx, v) + beta p_nn(v)) / (T(ctx) + beta):
-# still normalized, positive where p_nn is, and no longer sure of a token after one sighting of a context.
-# Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
-# 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
-# per (context bucket, next token): a collision merges two contexts into one distribution, it
-# never breaks normalization. NgramModel holds the frozen oracle (counted from training shards,
-# read-only); the evaluation cache's counts, over the already-scored chunks of the validation split,
-# come from score_first_counts (EVALUATION) with the same context keys.
+# An order-n expert c(ctx, v) / T(ctx), T(ctx) the exact sum of its row, or NGRAM_PRIOR_BETA's (c + beta p_nn(v)) /
+# (T + beta), is normalized by construction (../shared/LEGALITY.md, rule 2). A context is an exact int64 key when
+# it fits in 62 bits (orders up to 7 at vocabulary 1,024), else a hash: a collision merges two contexts' rows into one.
 
-KEY_MASK = (1 << 62) - 1
 NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
 
 
@@ -909,20 +840,9 @@ def context_keys_from(preceding, like: torch.Tensor, order: int, vocab_size: int
         older = preceding(k).to(torch.int64)
         if exact:
             keys.mul_(vocab_size).add_(older)
-        else:
-            # multiply-xor mixing; int64 products wrap, which is all a hash needs
+        else:  # multiply-xor mixing; int64 products wrap, which is all a hash needs
             keys.mul_(0x100000001B3).bitwise_xor_(older + 0x9E3779B97F4A7C15 % (1 << 62))
-    return keys.bitwise_and_(KEY_MASK)
-
-
-def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key of the order-1 tokens ending at each position (the context for predicting the next token),
-    and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
-    width, T = order - 1, tokens.size(-1)
-    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
-    keys = context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, order, vocab_size)
-    positions = torch.arange(tokens.size(-1), device=tokens.device)
-    return keys, (positions >= width - 1).expand(tokens.shape)
+    return keys.bitwise_and_((1 << 62) - 1)
 
 
 def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
@@ -933,10 +853,8 @@ def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
 
 
 class NgramCounts:
-    """Counts of one order: sorted unique context keys with their row totals, and sorted unique
-    (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
-    device; 8 + 4 bytes per distinct context and per distinct (context, token) pair (int32 counts
-    while the stream has fewer than 2^31 tokens)."""
+    """Counts of one order: sorted unique context keys with their row totals, and sorted unique (row * V +
+    token) pair keys with their counts: 12 bytes per distinct context and per pair (int32 counts below 2^31)."""
 
     def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
@@ -944,11 +862,8 @@ class NgramCounts:
         self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts once more each n-gram whose predicted token is tokens[t], start <= t < end, that has its
-        whole context in tokens (t >= order - 1).
-
-        One sort by context and one by (row, token) over the whole range, each temporary dropped as soon
-        as it is used: the peak is ~3 int64 copies of the range, not the ~25 of incremental adds."""
+        """Counts once more each n-gram predicting tokens[t], start <= t < end, with its whole context in
+        tokens. Two sorts over the whole range, temporaries dropped early: a peak of ~3 int64 copies."""
         start, V = max(start, self.order - 1, 1), self.vocab_size
         if end <= start:
             return
@@ -965,13 +880,7 @@ class NgramCounts:
         del pairs
         count_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
         pair_counts = torch.diff(first, append=first.new_tensor([end - start])).to(count_dtype)
-        self._merge(ctx_keys, pair_keys, pair_counts)
-
-    def _merge(self, ctx_keys: torch.Tensor, pair_keys: torch.Tensor, pair_counts: torch.Tensor) -> None:
-        """Adds counts given in this class's layout: rows renumbered over the union of contexts, the counts
-        of equal pairs summed."""
-        V = self.vocab_size
-        if self.ctx_keys.numel():
+        if self.ctx_keys.numel():  # merge: rows renumbered over the union of contexts, equal pairs summed
             union = torch.unique(torch.cat((self.ctx_keys, ctx_keys)))
             pairs = torch.cat([torch.searchsorted(union, c)[p // V] * V + p % V
                                for c, p in ((self.ctx_keys, self.pair_keys), (ctx_keys, pair_keys))])
@@ -982,26 +891,16 @@ class NgramCounts:
         self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
         self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
 
-    def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row index, context seen) for each key."""
-        if self.ctx_keys.numel() == 0:
-            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
-        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
-        return rows, self.ctx_keys[rows] == keys
-
     def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
-        rows, seen = self._rows(keys)
-        totals = torch.where(seen, self.totals[rows].long() if self.totals.numel() else torch.zeros_like(keys), 0)
-        if self.pair_keys.numel() == 0:
-            return torch.zeros_like(keys), totals
+        if self.ctx_keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys)
+        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
+        seen = self.ctx_keys[rows] == keys
         pair = rows * self.vocab_size + next_tokens.to(torch.int64)
         at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
         counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at].long(), 0)
-        return counts, totals
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
+        return counts, torch.where(seen, self.totals[rows].long(), 0)
 
 
 class NgramModel:
@@ -1014,9 +913,7 @@ class NgramModel:
         self.counted_tokens = 0
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts the n-grams whose predicted token is tokens[t], start <= t < end, reading their
-        contexts from tokens[:t] (so contexts may reach back before `start`); one order at a time, so
-        that only one order's temporaries exist at once."""
+        """Counts the n-grams predicting tokens[t], start <= t < end (contexts may start earlier), order by order."""
         for table in self.tables:
             table.add_stream(tokens, start, end)
 
@@ -1026,44 +923,35 @@ class NgramModel:
         return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes() for t in self.tables)
+        return sum(t.numel() * t.element_size() for table in self.tables
+                   for t in (table.ctx_keys, table.totals, table.pair_keys, table.pair_counts))
 
 
 def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per order, the context key at every position of `tokens` (..., T), and which orders have their
-    whole context inside it, (..., T, K)."""
-    pairs = [context_keys(tokens, n, model.vocab_size) for n in model.orders]
-    return [k for k, _ in pairs], torch.stack([a for _, a in pairs], -1)
-
-
-def target_context_keys(model: NgramModel, tokens: torch.Tensor, start: int,
-                        end: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Context keys, per order, for predicting tokens[t], start <= t < end (start >= 1), read from the
-    stream before t; and which orders have their whole context there, (end - start, K)."""
-    lo = max(0, start - max(model.orders) + 1)
-    keys, available = stream_context_keys(model, tokens[lo:end - 1])
-    return [k[start - 1 - lo:] for k in keys], available[start - 1 - lo:]
+    """Per order, the key of the context ending at each position of tokens (..., T); availability (..., T, K)."""
+    T = tokens.size(-1)
+    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
+    keys = [context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, n,
+                              model.vocab_size) for n in model.orders]
+    positions = torch.arange(T, device=tokens.device)
+    return keys, torch.stack([(positions >= n - 2).expand(tokens.shape) for n in model.orders], -1)
 
 
 def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int) -> np.ndarray:
-    """The first `count` tokens of the training shards in name order: the oracle's text. Training
-    positions know their place in this same order, which is what leave-one-out needs."""
-    parts, left = [], count
-    for f in files:
-        if left <= 0:
+    """The oracle's text: the first `count` training tokens in shard name order, as leave-one-out numbers them."""
+    parts = []
+    for path in files:
+        if count <= 0:
             break
-        tokens = load_shard(f, vocab_size)[:left]
-        parts.append(tokens)
-        left -= tokens.size
+        parts.append(load_shard(path, vocab_size)[:count])
+        count -= parts[-1].size
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
 def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the target x, (..., K) float64, 0 where not valid: c(ctx, x) / T(ctx);
-    with beta > 0 (NGRAM_PRIOR_BETA) the neural-prior smoothing (c(ctx, x) + beta p_nn(x)) / (T(ctx) + beta),
-    given as its counts' part c / (T + beta) and the prior's share beta / (T + beta) (the second tensor;
-    None when beta = 0), for mixture_nll to weigh p_nn(x) with. Per target, never per vocabulary."""
+    """Each order's probability of the target, (..., K) float64, 0 where not valid: c / T, or with beta > 0
+    c / (T + beta) and the prior's share beta / (T + beta) (else None) that mixture_nll weighs p_nn(x) with."""
     if beta == 0:
         return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
     denominator = totals.double() + beta
@@ -1072,13 +960,8 @@ def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.
 
 def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
                            beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the true next token, (B, T, K), its context-only validity mask, and
-    the neural prior's shares (None when beta = 0): ngram_expert_probs of the oracle's counts.
-
-    oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
-    in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
-    counted this very occurrence: it is taken out (leave-one-out), so the head learns how often an
-    order is right about text it has not seen, which is what the evaluation cache offers."""
+    """ngram_expert_probs (B, T, K) of the oracle's counts for the targets, and validity. Leave-one-out: where
+    oracle_run (tokens up to the target in the oracle's text) covers the n-gram, its own count goes (unseen text)."""
     keys, available = stream_context_keys(oracle, inputs)
     counts, totals = oracle.target_stats(keys, targets)
     counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
@@ -1089,14 +972,9 @@ def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: to
 
 
 def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax over the neural expert (always valid, column 0) and the n-gram experts whose context
-    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K).
-
-    The neural expert keeps at least NEURAL_WEIGHT_FLOOR: a softmax whose other logits lead by ~104
-    rounds its weight to exactly 0 in float32, and then q_t is 0 wherever the counts are, which rule 2
-    of ../shared/LEGALITY.md forbids. The weights still sum to one."""
-    always = torch.ones_like(valid[..., :1])
-    mask = torch.cat((always, valid), -1)
+    """Softmax (..., 1+K) over the neural expert (column 0) and the n-grams whose context (never target) was seen. The
+    neural one keeps NEURAL_WEIGHT_FLOOR: float32 rounds it to 0 at a lead of ~104, and q_t would be 0 (rule 2)."""
+    mask = torch.cat((torch.ones_like(valid[..., :1]), valid), -1)
     weights = torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
     floor = F.pad(torch.full_like(weights[..., :1], NEURAL_WEIGHT_FLOOR), (0, weights.size(-1) - 1))
     return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
@@ -1104,34 +982,28 @@ def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
                 expert_prior: torch.Tensor | None = None) -> torch.Tensor:
-    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K), or
-    with the prior's shares b_n (..., K) of ngram_expert_probs, p_n(x) = expert_probs_n + b_n p_nn(x).
-    Since the w sum to one and every p is a distribution, this is the target's entry of one."""
+    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K),
+    or with the prior's shares b_n (..., K), p_n(x) = expert_probs_n + b_n p_nn(x)."""
     expert_terms = weights[..., 1:] * expert_probs
     positive = expert_terms > 0
     # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
     log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
     neural_weight = weights[..., 0]  # >= NEURAL_WEIGHT_FLOOR > 0
-    if expert_prior is not None:
-        # each expert's p_nn(x) joins the neural term: exact, with no exp of a log-probability to underflow
+    if expert_prior is not None:  # p_nn(x) joins the neural term: exact, no exp of a log-probability
         neural_weight = neural_weight + (weights[..., 1:] * expert_prior).sum(-1)
     log_neural = neural_logprob + neural_weight.log()
     return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
 
 
 def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Hedge's experts with add-alpha smoothing, (c(ctx, x) + a) / (T(ctx) + a V): normalized, positive
-    (so Hedge's log-losses stay finite) and a function of counts alone, so every rank can compute the
-    losses of chunks that other ranks scored. counts, totals: (..., K) -> (..., K) float64."""
+    """Hedge's experts (c + a) / (T + a V), (..., K) float64: positive, and any rank can compute them from counts."""
     return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
 
 
 def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Tensor:
-    """Hedge's starting weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-gram
-    experts, whose first chunk faces an empty cache."""
-    w = torch.full((num_experts,), (1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1), dtype=torch.float64, device=device)
-    w[0] = HEDGE_PRIOR_NEURAL
-    return w.log()
+    """Hedge's starting log-weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams."""
+    rest = [(1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1)] * (num_experts - 1)
+    return torch.tensor([HEDGE_PRIOR_NEURAL] + rest, dtype=torch.float64, device=device).log()
 
 
 # =============================================================================
@@ -1145,8 +1017,7 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
     transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    x = x.T if transposed else x
     x = x / (x.norm() + 1e-7)
     for _ in range(steps):
         gram = x @ x.T
@@ -1155,27 +1026,22 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int) -> torch.Tensor:
-    """Muon's update of one matrix: the momentum buffer `buf` takes the gradient in place, and the
-    Nesterov direction is orthogonalized, scaled so that its RMS does not shrink for tall matrices."""
+    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall."""
     buf.mul_(momentum).add_(grad)
     update = newton_schulz_orthogonalize(grad + momentum * buf, steps)
     return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then the update orthogonalized; decoupled weight decay.
-
-    Under DDP the gradients are already averaged; rank r orthogonalizes parameters r, r+W, ...
-    and one all-reduce of a flat buffer gives every rank every update, so the Newton-Schulz work is
-    split W ways and all ranks keep identical weights."""
+    """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
+    r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, compile: bool = False):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+        super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
-        # Compiled, each matrix's update (momentum, ~25 Newton-Schulz ops, scale) is a few fused kernels:
-        # one graph per matrix shape (four in the 11-layer model), built by compile_shapes before the clock.
+        # Compiled: a few fused kernels per matrix, one graph per shape, built by compile_shapes before the clock.
         self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update
 
     @torch.no_grad()
@@ -1192,14 +1058,11 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            if not params:
-                continue
             if "flat" not in group:  # one buffer for the all-reduce, and each matrix's view of it, kept
                 group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
                 group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
                                                                   params)]
-                # a tensor, so that the compiled update is not rebuilt as the momentum warms up; kept and
-                # filled, since a new one would be a blocking copy from the host every step
+                # a tensor, or the compiled update is rebuilt as momentum warms up; filled, not new: no host copy
                 group["momentum_tensor"] = torch.zeros((), device=params[0].device)
             flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
             flat.zero_()
@@ -1217,17 +1080,14 @@ class Muon(torch.optim.Optimizer):
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Parameters by optimizer: 2-D weights inside blocks and projections go to Muon; embedding tables,
-    the untied head, and every gain, scale and vector to AdamW."""
+    """Muon takes the 2-D weights of blocks and projections ("matrix"); AdamW embeddings, untied head, vectors."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
     for name, p in model.named_parameters():
         if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif name.startswith("mixer_head."):
-            groups["scalar"].append(p)  # 7 x 512: too small and too special for Muon
-        elif p.ndim == 2:
+        elif p.ndim == 2 and not name.startswith("mixer_head."):  # the 7 x 512 mixer head is too small for Muon
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -1242,12 +1102,9 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: in
     if groups["head"]:
         adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
     # fused: one kernel for all parameters, and no host sync for the step count (the CPU has it too)
-    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd,
-                             fused=True)
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd, fused=True)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rank, world_size=world_size, compile=cfg.compile)
-    for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
     return [adam, muon]
 
 

@@ -16,6 +16,12 @@ from conftest import perturbed_gpt, tiny_config
 CPU = torch.device("cpu")
 
 
+def target_context_keys(model, tokens):
+    """Per order, the context keys for predicting tokens[1:], read from the stream before each target, and
+    which orders have their whole context there, (T - 1, K)."""
+    return tg.stream_context_keys(model, tokens[:-1])
+
+
 def brute_counts(tokens, order):
     """Every n-gram whose last token is a target (position 1 on: position 0 is never predicted)."""
     return Counter(tuple(tokens[t - order + 1:t + 1]) for t in range(max(1, order - 1), len(tokens)))
@@ -28,7 +34,7 @@ def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
     model = tg.NgramModel(orders, vocab, CPU)
     for lo, hi in ((1, 57), (57, 58), (58, 300), (300, 400)):  # incremental adds, one of a single token
         model.add_stream(tokens, lo, hi)
-    keys, available = tg.target_context_keys(model, tokens, 1, 400)
+    keys, available = target_context_keys(model, tokens)
     counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(orders):
@@ -51,7 +57,7 @@ def test_streams_shorter_than_the_context_count_nothing_and_do_not_fail(step):
     model = tg.NgramModel((2, 3, 5, 7), 5, CPU)
     for lo in range(1, 40, step):
         model.add_stream(tokens, lo, min(lo + step, 40))
-    keys, available = tg.target_context_keys(model, tokens, 1, 40)
+    keys, available = target_context_keys(model, tokens)
     counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(model.orders):
