@@ -1594,23 +1594,19 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
 # =============================================================================
 # QUANTIZATION AND PACKING
 # =============================================================================
-# The artifact is the model's weights as integers, packed and zstd-compressed; code + artifact must fit
-# TARGET_BYTES. Each matrix is stored as signed integers with one fp16 step per row: the MLP at
-# QUANT_MLP_BITS, attention and the other projections at QUANT_ATTN_BITS, embedding tables and the head
-# at QUANT_EMBED_BITS. GPTQ (Frantar et al. 2022) rounds one input column at a time and moves each
-# column's rounding error onto the columns not yet rounded, through the inverse Hessian H = E[x x^T] of
-# the layer's inputs, so that the layer's output x W^T changes least; round-to-nearest (GPTQ=0) is the
-# baseline with the same per-row steps.
+# The artifact is the weights as integers, packed and zstd-compressed; code + artifact must fit TARGET_BYTES.
+# Each matrix is stored as signed integers with one fp16 step per row, at QUANT_MLP_BITS (MLP), QUANT_ATTN_BITS
+# (attention and other projections) or QUANT_EMBED_BITS (embeddings, head). GPTQ (Frantar et al. 2022) rounds
+# one input column at a time and moves its rounding error onto the columns not yet rounded, through the inverse
+# Hessian H = E[x x^T] of the layer's inputs, so that x W^T changes least; GPTQ=0 rounds to nearest.
 
 EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
 GPTQ_BLOCK = 128
 PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
 
-# Format 2: one zstd frame per tensor. Frames compress in parallel threads, a tensor that did not change
-# between size-fitting tries keeps its frame, and each keeps the smaller of its FAST_ZSTD_LEVEL and
-# ZSTD_LEVEL compressions. (Format 1 compressed one body per layout at ZSTD_LEVEL: for the 11-layer model,
-# level 22 took 1-5 minutes per layout per try on one thread, and came out 6% larger than these frames.)
+# One zstd frame per tensor: compressed in parallel, reused across size-fitting tries, each the smaller of its
+# FAST_ZSTD_LEVEL and ZSTD_LEVEL frames (vs one level-22 body per layout: minutes less per try, 6% smaller).
 ARTIFACT_MAGIC = b"PGQW"
 ARTIFACT_VERSION = 2
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
@@ -1628,24 +1624,21 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One state-dict entry as stored. bits > 0: `values` int8 (rows, cols) in [-qmax, qmax] with a
-    per-row fp16 `scale` (the step). bits == 0: `values` is the tensor itself in fp16, `scale` None."""
+    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,) the step of each row.
+    bits == 0: `values` the tensor itself (fp16), `scale` None."""
     bits: int
     values: torch.Tensor
     scale: torch.Tensor | None = None
 
 
 def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
-    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' for a tensor kept in fp16: not a
-    matrix, or fewer than `min_numel` values (QUANT_MIN_NUMEL: gains, scales and the mixer head, well
-    under 1% of the bytes at the default size)."""
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and for matrices under
+    `min_numel` values (QUANT_MIN_NUMEL: gains, scales, the mixer head; under 1% of the bytes)."""
     if tensor.ndim != 2 or tensor.numel() < min_numel:
         return "raw"
     if name in EMBED_TENSOR_NAMES:
         return "embed"
-    if name.startswith("blocks.") and ".mlp." in name:
-        return "mlp"
-    return "attn"  # attention, and the bigram and value-embedding projections
+    return "mlp" if name.startswith("blocks.") and ".mlp." in name else "attn"  # attn: also bigram, VE projections
 
 
 def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
@@ -1660,24 +1653,21 @@ def qmax_for(bits: int) -> int:
 
 
 def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row step (fp16 values, as float32) choosing, per row, the clip ratio of max |w| with the least
-    squared rounding error; errors weighted by `col_weight` (diag H: how much signal each input column
-    carries) when given. Clipping a few outliers buys a finer step for all the other weights."""
-    qmax = qmax_for(bits)
-    w = w.float()
+    """Per-row step (fp16 values, as float32) at the clip ratio of the row's max |w| with the least squared error,
+    weighted by `col_weight` (diag H) if given: clipping a few outliers buys a finer step for the rest."""
+    qmax, w = qmax_for(bits), w.float()
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for ratio in CLIP_RATIOS:
-        # The fp16 rounding happens before the error is measured: the stored step is the one searched.
+        # Rounded to fp16 before the error is measured: the stored step is the one searched.
         scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (w - q * scale[:, None]).square()
         err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
         if best_scale is None:
             best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        better = err < best_err
+        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
     return best_scale
 
 
@@ -1689,12 +1679,9 @@ def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Its rows give, in one pass, the
-    error-compensation weights GPTQ would get by removing each rounded column from H^-1 in turn.
-    A Hessian that is not positive definite even so (a rank-deficient calibration set) gets 10x the
-    damping until it is."""
-    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
-    mean_diag = h.diagonal().mean()
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, whose rows are GPTQ's error-compensation weights;
+    10x the damping, up to 5 times, while H is not positive definite (a rank-deficient calibration set)."""
+    eye, mean_diag = torch.eye(h.size(0), device=h.device, dtype=h.dtype), h.diagonal().mean()
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
         if int(info) == 0:
@@ -1704,13 +1691,10 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
                        block_size: int) -> torch.Tensor:
-    """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
-    divided by its pivot, is subtracted from the later columns of its block at once and from the rest
-    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w).
-    Per column only what depends on the previous one runs (a dozen ops: on a GPU, a dozen launches):
-    the rounding of the whole block and its errors are recomputed from the block once it is done."""
-    w = w.clone()
-    q = torch.zeros_like(w)
+    """Integer values (float) for w (rows, cols), rounded column by column, each column's error moved onto the
+    later columns of its block at once and onto the rest once per block (GPTQ's lazy batch updates). Per column
+    only what depends on the previous column runs (a dozen GPU launches); the block is re-rounded at its end."""
+    w, q = w.clone(), torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
         block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
@@ -1719,8 +1703,7 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
             column = block[:, j]  # its value when rounded: later columns' updates never touch it
             error = (column - torch.clamp(torch.round(column / scale), -qmax, qmax) * scale) / pivot
             block -= error[:, None] * later[j]
-        q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
-        q[:, start:end] = q_block
+        q[:, start:end] = q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
         errors = (block - q_block * scale[:, None]) / h_block.diagonal()
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
     return q
@@ -1746,30 +1729,26 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
 @torch.no_grad()
 def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
                                bos_id: int = 1) -> torch.Tensor:
-    """(num_seqs, seq_len) int64 token sequences the model samples itself, from BOS at temperature 1.
-    Calibration from the model alone needs no data after training ends, and the inputs GPTQ sees are
-    those the model produces. A DecodeCache runs each position once: cost linear in seq_len."""
+    """(num_seqs, seq_len) int64 sequences the model samples from BOS at temperature 1: no data needed after
+    training, and GPTQ sees the inputs the model produces. A DecodeCache runs each position once."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
+    was_training, batches = model.training, []
     model.eval()
-    batches = []
     for start in range(0, num_seqs, batch_seqs):
         seqs = torch.full((min(batch_seqs, num_seqs - start), seq_len), bos_id, dtype=torch.int64, device=device)
         cache = DecodeCache(len(model.blocks), seq_len)
         for t in range(1, seq_len):
             logits = model.logits_from_hidden(model.forward_hidden(seqs[:, t - 1:t], cache)[:, -1])  # (B, V)
-            probs = torch.softmax(logits.float(), dim=-1)
-            seqs[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            seqs[:, t] = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)[:, 0]
         batches.append(seqs)
     model.train(was_training)
     return torch.cat(batches)
 
 
 def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """GPTQ_CALIB_SEQS sequences of GPTQ_CALIB_SEQ_LEN tokens for the Hessians: generated by the model
-    (GPTQ_CALIB=selfgen) or the first tokens of `train_tokens` (GPTQ_CALIB=train, a 1-D tensor the
-    caller read from the training shards). Never validation tokens: the score would see them."""
+    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens for the Hessians: sampled from the model (GPTQ_CALIB=selfgen)
+    or the first of `train_tokens` (GPTQ_CALIB=train, 1-D). Never validation tokens: the score would see them."""
     if cfg.gptq_calib == "selfgen":
         return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
     need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
@@ -1781,28 +1760,23 @@ def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Ten
 
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = mean of x x^T over the calibration tokens, for the input x of every nn.Linear the forward pass
-    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN.
-    Layers called in a row on the same tensor (c_q, c_k, c_v) share one H, computed once."""
-    sums, counts, handles, shared, last = {}, {}, [], {}, [None, None]  # last: (input, name) of the last call
+    """H = mean of x x^T over the calibration tokens for the input x of every nn.Linear, keyed by its weight's name
+    (the untied head, an F.linear, has none: RTN). Layers called in a row on one tensor (c_q, c_k, c_v) share one H."""
+    sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
 
-    def accumulate(name):
-        def hook(module, inputs, output):
-            if inputs[0] is last[0]:
-                shared[name] = last[1]
-                return
-            last[:] = inputs[0], name
-            x = inputs[0].detach().flatten(0, -2).float()  # (tokens, in_features)
-            if name not in sums:
-                sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
-                counts[name] = 0
-            sums[name].addmm_(x.T, x)
-            counts[name] += x.size(0)
-        return hook
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            shared[name] = last[1]
+            return
+        last[:] = x, name
+        x = x.detach().flatten(0, -2).float()  # (tokens, in_features)
+        if name not in sums:
+            sums[name], counts[name] = torch.zeros(x.size(1), x.size(1), device=x.device), 0
+        sums[name].addmm_(x.T, x)
+        counts[name] += x.size(0)
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(accumulate(f"{name}.weight")))
+    handles = [module.register_forward_hook(lambda _, inputs, out, name=f"{name}.weight": accumulate(name, inputs[0]))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     device = next(model.parameters()).device
     try:
         for start in range(0, calib_tokens.size(0), batch_seqs):
@@ -1817,11 +1791,9 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
-    """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
-    GPTQ is on and the matrix has a Hessian, else round-to-nearest. Matrices sharing one Hessian (c_q,
-    c_k, c_v) and a width go through GPTQ as one matrix of their stacked rows: rows are rounded
-    independently, so the result is theirs, with a third of the column steps. `cache` maps (name, bits)
-    to an earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    """Every state-dict entry as stored, on the CPU: GPTQ if on and the matrix has a Hessian, else RTN. Matrices
+    sharing a Hessian and a width (c_q, c_k, c_v) go through GPTQ stacked: rows round independently, so this is
+    their result with a third of the column steps. `cache` maps (name, bits) to an earlier result."""
     state, tensors, gptq_groups = {}, model.state_dict(), {}
     for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
@@ -1845,34 +1817,26 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
     return state
 
 
-def dequantized_tensor(quantized: QuantizedTensor) -> torch.Tensor:
-    if quantized.bits == 0:
-        return quantized.values.float()
-    return quantized.values.float() * quantized.scale.float()[:, None]
-
-
 @torch.no_grad()
 def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
     """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
     if expected != stored:
-        differing = sorted(set(expected.items()) ^ set(stored.items()))[0]
-        raise ArtifactError(f"artifact does not match the model built from these settings: {differing[0]} "
-                            f"is {stored.get(differing[0])} in the artifact, {expected.get(differing[0])} in the model")
-    model.load_state_dict({name: dequantized_tensor(q) for name, q in quantized_state.items()})
+        name = sorted(set(expected.items()) ^ set(stored.items()))[0][0]
+        raise ArtifactError(f"artifact does not match the model built from these settings: {name} "
+                            f"is {stored.get(name)} in the artifact, {expected.get(name)} in the model")
+    model.load_state_dict({name: q.values.float() * q.scale.float()[:, None] if q.bits else q.values.float()
+                           for name, q in quantized_state.items()})
     return model
 
 
 def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
-    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's
-    step at its bit width (detached). delta^2/12 is the variance of rounding noise of step delta; its
-    gradient acts as a weight decay as strong as the row's squared step, so the rows that will be
-    rounded coarsest are pulled in hardest during the warm-down."""
+    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's detached
+    step, delta^2/12 the rounding noise's variance: a weight decay pulling the rows rounded coarsest in hardest."""
     terms = []
     for name, p in model.named_parameters():
-        bits = quant_bits(name, p, cfg)
-        if bits:
+        if bits := quant_bits(name, p, cfg):
             delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
             terms.append((p.float().square() * delta.square()).mean() / 12)
     if not terms:
@@ -1881,69 +1845,38 @@ def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
 
 
 def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
-    """A copy where `fraction` of all values of the MLP and attention matrices, chosen among the nonzero
-    ones by the smallest |q| * step (the error that zeroing adds), are set to 0: long runs of zeros are
-    what zstd compresses best, and these cost the least error. Embeddings are left alone."""
-    names = [name for name, q in quantized_state.items()
-             if q.bits and tensor_class(name, q.values) in ("mlp", "attn")]
-    total = sum(quantized_state[name].values.numel() for name in names)
-    if not names or int(fraction * total) == 0:
+    """A copy with `fraction` of all MLP and attention values set to 0, the nonzero ones of least |q| * step (the
+    error zeroing adds): long runs of zeros are what zstd compresses best."""
+    prunable = {name: q for name, q in quantized_state.items()
+                if q.bits and tensor_class(name, q.values) in ("mlp", "attn")}
+    sizes = [q.values.numel() for q in prunable.values()]
+    if int(fraction * sum(sizes)) == 0:
         return dict(quantized_state)
-    cost = torch.cat([(quantized_state[name].values.float().abs()
-                       * quantized_state[name].scale.float()[:, None]).flatten() for name in names])
+    cost = torch.cat([(q.values.float().abs() * q.scale.float()[:, None]).flatten() for q in prunable.values()])
     cost[cost == 0] = float("inf")  # already zero: nothing to gain
-    k = min(int(fraction * total), int(torch.isfinite(cost).sum()))
+    k = min(int(fraction * sum(sizes)), int(torch.isfinite(cost).sum()))
     zero = torch.zeros(cost.numel(), dtype=torch.bool)
     zero[torch.topk(cost, k, largest=False).indices] = True
-    pruned, offset = dict(quantized_state), 0
-    for name in names:
-        q = quantized_state[name]
-        mask = zero[offset:offset + q.values.numel()].view_as(q.values)
-        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask, 0), q.scale)
-        offset += q.values.numel()
+    pruned = dict(quantized_state)
+    for (name, q), mask in zip(prunable.items(), zero.split(sizes)):
+        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask.view_as(q.values), 0), q.scale)
     return pruned
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Values in [-qmax, qmax] as `bits`-bit unsigned fields (value + qmax), most significant bit
-    first, the last byte zero-padded."""
-    fields = (values.astype(np.int16).ravel() + qmax_for(bits)).astype(np.uint8)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
-    return np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
-    return (fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)
-
-
-def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(value bytes, scale bytes) of a tensor's record."""
-    count = math.prod(shape)
-    if layout == LAYOUT_RAW:
-        return count * torch.finfo(dtype).bits // 8, 0
-    value_bytes = count if layout == LAYOUT_BYTES else (count * bits + 7) // 8
-    return value_bytes, shape[0] * torch.finfo(dtype).bits // 8
-
-
 def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
-    """What one tensor's frame holds, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0),
-    then its per-row steps."""
+    """One tensor's frame, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0), then its steps.
+    LAYOUT_BITS: `bits`-bit fields (value + qmax), the last byte zero-padded."""
     if q.bits == 0:
         return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
     if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
         raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
-    values = q.values.numpy()
-    packed = values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits)
+    if layout == LAYOUT_BYTES:
+        packed = q.values.numpy().tobytes()
+    else:
+        fields = (q.values.numpy().astype(np.int16).ravel() + qmax_for(q.bits)).astype(np.uint8)
+        shifts = np.arange(q.bits - 1, -1, -1, dtype=np.uint8)  # most significant bit first
+        packed = np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
     return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def tensor_head(name: str, q: QuantizedTensor, layout: int, frame_bytes: int) -> bytes:
-    name_bytes, shape = name.encode(), tuple(q.values.shape)
-    dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
-    return (TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, frame_bytes) + name_bytes
-            + struct.pack(f"<{len(shape)}I", *shape))
 
 
 def compression_workers() -> int:
@@ -1952,10 +1885,8 @@ def compression_workers() -> int:
 
 
 def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
-    """Each record as its own zstd frame at `level`, compressed by `workers` threads (0: one per CPU this
-    process may use; zstandard releases the GIL). No frame depends on another, so the bytes are the
-    same for any number of threads. `cache` maps (level, sha256 of a record) to a frame made before:
-    size fitting recompresses only the records that changed."""
+    """Each record as its own zstd frame, by `workers` threads (0: one per usable CPU), the same bytes for any
+    number. `cache` maps (level, sha256 of a record) to its frame: size fitting recompresses only what changed."""
     cache = {} if cache is None else cache
     keys = [(level, hashlib.sha256(record).digest()) for record in records]
     todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
@@ -1969,8 +1900,7 @@ def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None,
 
 @dataclass(frozen=True)
 class Packing:
-    """Per tensor, in state order: the layout kept (LAYOUT_BYTES or LAYOUT_BITS, LAYOUT_RAW for raw
-    tensors), its record, and that record's frame at FAST_ZSTD_LEVEL."""
+    """Per tensor, in state order: its layout (LAYOUT_RAW if raw), its record, that record's FAST_ZSTD_LEVEL frame."""
     layouts: list[int]
     records: list[bytes]
     fast_frames: list[bytes]
@@ -1996,13 +1926,16 @@ def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None
     return Packing(*map(list, zip(*best.values())))
 
 
-def artifact_blob(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int], frames: Sequence[bytes]) -> bytes:
-    """Frame (magic, version, crc32 and length of the payload), then the payload: the length of the
-    compressed head table (u32), that table (tensor count, then per tensor its name, shape, bits, layout,
-    dtype and frame length), then every tensor's frame in the same order."""
+def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int],
+                     frames: Sequence[bytes]) -> bytes:
+    """The artifact around the tensors' frames: ARTIFACT_FRAME, then the payload: the zstd-compressed head table's
+    length (u32), that table (tensor count; per tensor TENSOR_HEAD, name, shape), the frames in state order."""
     heads = [struct.pack("<I", len(quantized_state))]
-    heads += [tensor_head(name, q, layout, len(frame))
-              for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames)]
+    for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames):
+        name_bytes, shape = name.encode(), tuple(q.values.shape)
+        dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
+        heads += [TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, len(frame)), name_bytes,
+                  struct.pack(f"<{len(shape)}I", *shape)]
     head_frame = zstandard.ZstdCompressor(level=FAST_ZSTD_LEVEL).compress(b"".join(heads))
     payload = b"".join([struct.pack("<I", len(head_frame)), head_frame, *frames])
     return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
@@ -2010,29 +1943,12 @@ def artifact_blob(quantized_state: dict[str, QuantizedTensor], layouts: Sequence
 
 def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
                   layout: int | None = None, packing: Packing | None = None) -> bytes:
-    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the
-    smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
+    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the smaller of
+    its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
     packing = packing or fast_packing(quantized_state, cache, layout)
     final = zstd_frames(packing.records, zstd_level, cache)
     frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
-    return artifact_blob(quantized_state, packing.layouts, frames)
-
-
-def artifact_payload(blob: bytes) -> bytes:
-    """The payload, once magic, version, length and checksum are all right."""
-    if len(blob) < ARTIFACT_FRAME.size:
-        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
-    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
-    if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
-    payload = blob[ARTIFACT_FRAME.size:]
-    if len(payload) != length:
-        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
-    if zlib.crc32(payload) != crc:
-        raise ArtifactError("artifact corrupted: payload checksum does not match")
-    return payload
+    return blob_from_frames(quantized_state, packing.layouts, frames)
 
 
 def read_tensor_heads(table: bytes) -> list[tuple]:
@@ -2057,23 +1973,37 @@ def read_tensor_heads(table: bytes) -> list[tuple]:
 
 def tensor_from_record(name: str, shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype,
                        record: bytes) -> QuantizedTensor:
-    value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
-    if len(record) != value_bytes + scale_bytes:
-        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says "
-                            f"{value_bytes + scale_bytes}")
+    count, dtype_bytes = math.prod(shape), torch.finfo(dtype).bits // 8
+    value_bytes = {LAYOUT_RAW: count * dtype_bytes, LAYOUT_BYTES: count, LAYOUT_BITS: (count * bits + 7) // 8}[layout]
+    expected = value_bytes + (0 if layout == LAYOUT_RAW else shape[0] * dtype_bytes)
+    if len(record) != expected:
+        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says {expected}")
     raw = record[:value_bytes]
     if layout == LAYOUT_RAW:
         return QuantizedTensor(0, torch.frombuffer(bytearray(raw), dtype=dtype).view(shape))
     if layout == LAYOUT_BYTES:
         values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
     else:
-        values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
+        fields = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count * bits).reshape(count, bits)
+        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
+        values = torch.from_numpy((fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)).view(shape)
     return QuantizedTensor(bits, values, torch.frombuffer(bytearray(record[value_bytes:]), dtype=dtype))
 
 
 def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
-    payload = artifact_payload(blob)
+    if len(blob) < ARTIFACT_FRAME.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
+    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
+    payload = blob[ARTIFACT_FRAME.size:]
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
+    if len(payload) != length:
+        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: payload checksum does not match")
     decompress = zstandard.ZstdDecompressor().decompress
     try:
         (table_len,) = struct.unpack_from("<I", payload)
@@ -2095,47 +2025,34 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
 class ArtifactSummary:
     artifact_bytes: int
     code_bytes: int
+    total_bytes: int
     mlp_bits: int
     attn_bits: int
     embed_bits: int
     prune_fraction: float
     layout: str  # the integer tensors' layouts: "int8" (one byte per value), "bitpacked", or both
 
-    @property
-    def total_bytes(self) -> int:
-        return self.code_bytes + self.artifact_bytes
 
-
-def shrink_schedule(cfg: Hyperparameters) -> Iterator[tuple[Hyperparameters, float]]:
-    """(settings, prune fraction) to try, in order, until the artifact fits: the configured widths with
-    PRUNE_FRACTION raised in steps of PRUNE_STEP; then the same ramp with the MLP one bit narrower
-    (the most values, and the most tolerant of rounding); then with attention one bit narrower too."""
-    narrower = [cfg, dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))]
-    narrower.append(dataclasses.replace(narrower[1], quant_attn_bits=max(2, cfg.quant_attn_bits - 1)))
-    for widths in narrower:
-        for step in range(PRUNE_STEPS + 1):
-            yield widths, min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
-
-
-def distinct_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
-    """`shrink_schedule` without repeats: a width already at its floor would give the same try again."""
+def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
+    """(settings, prune fraction) to try in order, none twice: PRUNE_FRACTION raised in PRUNE_STEPs at the configured
+    widths, then with the MLP (most values, most tolerant) one bit narrower, then attention too."""
+    mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
+    both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
     entries = {}
-    for widths, prune in shrink_schedule(cfg):
-        entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
+    for widths in (cfg, mlp_narrower, both_narrower):
+        for step in range(PRUNE_STEPS + 1):
+            prune = min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
+            entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
     return list(entries.values())
 
 
 class ScheduleEntries:
-    """The entries of `distinct_schedule`, each quantized, pruned and packed at FAST_ZSTD_LEVEL when first
-    asked for; quantized tensors and frames that recur between entries are reused."""
+    """`shrink_schedule`'s entries, quantized, pruned and fast-packed when first asked for, reusing what recurs."""
 
     def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
         self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
-        self.entries = distinct_schedule(cfg)
+        self.entries = shrink_schedule(cfg)
         self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def runs(self, lo: int, hi: int) -> list[range]:
         """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
@@ -2147,45 +2064,43 @@ class ScheduleEntries:
         return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
                 f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
 
-    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing]:
-        """Entry i's quantized state and fast packing. Only the last one is kept: it is the one usually
-        compressed next, and every one holds a copy of the model."""
+    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
+        """Entry i's quantized state, fast packing and their times; only the last entry's (each holds the model)."""
         if self.last is None or self.last[0] != i:
             widths, prune = self.entries[i]
             t0 = time.perf_counter()
             quantized = prune_smallest(quantize_state(self.model, widths, self.hessians, self.quant_cache), prune)
             t1 = time.perf_counter()
             packing = fast_packing(quantized, self.frame_cache)
-            self.last = i, quantized, packing, f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
-        return self.last[1], self.last[2]
+            times = f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
+            self.last = i, quantized, packing, times
+        return self.last[1:]
 
     def fast_bytes(self, i: int) -> int:
         """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged (artifact_estimate) once."""
         if i not in self.fast_sizes:
-            quantized, packing = self.packed(i)
-            self.fast_sizes[i] = len(artifact_blob(quantized, packing.layouts, packing.fast_frames))
-            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{self.fast_sizes[i]} "
-                     f"total_bytes:{self.code_bytes + self.fast_sizes[i]} target_bytes:{self.cfg.target_bytes} "
-                     f"{self.last[3]}")
+            quantized, packing, times = self.packed(i)
+            size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
+            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{size} "
+                     f"total_bytes:{self.code_bytes + size} target_bytes:{self.cfg.target_bytes} {times}")
         return self.fast_sizes[i]
 
     def final_blob(self, i: int) -> bytes:
         """Entry i's artifact at ZSTD_LEVEL, logged (artifact_try)."""
         t0, frames_before = time.perf_counter(), len(self.frame_cache)
-        quantized, packing = self.packed(i)
+        quantized, packing, _ = self.packed(i)
         blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
         total = self.code_bytes + len(blob)
         self.log(f"artifact_try {self.describe(i)} level:{self.cfg.zstd_level} layout:{packing.layout} "
-                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} artifact_bytes:{len(blob)} "
-                 f"total_bytes:{total} target_bytes:{self.cfg.target_bytes} fits:{int(total <= self.cfg.target_bytes)} "
-                 f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} "
+                 f"artifact_bytes:{len(blob)} total_bytes:{total} target_bytes:{self.cfg.target_bytes} "
+                 f"fits:{int(total <= self.cfg.target_bytes)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
         return blob
 
 
 def first_fit(runs: Sequence[range], fits) -> int | None:
-    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run (more pruning),
-    so a run whose first entry fits is done, one whose last entry does not is skipped, and the others
-    are bisected. In a run that fits at once, one question; in a run that never fits, two."""
+    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run, so a run whose
+    first entry fits is done, one whose last does not is skipped, and the others are bisected."""
     for run in runs:
         if fits(run[0]):
             return run[0]
@@ -2201,12 +2116,10 @@ def first_fit(runs: Sequence[range], fits) -> int | None:
 
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
                  calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
-    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES with the first entry of
-    `shrink_schedule` that fits; ArtifactError when even the last does not. Sizes at FAST_ZSTD_LEVEL pick
-    the entry to compress at ZSTD_LEVEL (found by `first_fit`): no frame is larger than its fast one, so the
-    first entry whose fast size fits does fit; the final size's ratio to the fast size then predicts the
-    earlier entries, and one predicted to fit as well is tried. `calib_tokens` (from `calibration_tokens`)
-    are needed when GPTQ is on."""
+    """The artifact of the first `shrink_schedule` entry with code + artifact <= TARGET_BYTES, and its summary
+    (ArtifactError if none). No frame exceeds its fast one, so fast sizes that fit do fit: they pick the entry to
+    compress at ZSTD_LEVEL, then its final/fast ratio predicts earlier entries, and one is tried. `calib_tokens`
+    (from `calibration_tokens`) are needed when GPTQ is on."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -2216,7 +2129,7 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
             f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
-    ratio, lo, hi, best = 1.0, 0, len(entries), None
+    ratio, lo, hi, best = 1.0, 0, len(entries.entries), None
     while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
         i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
         if i is None and best is None:
@@ -2231,13 +2144,12 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
             lo = i + 1
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
-                            f"setting tried ({entries.describe(len(entries) - 1)}), over TARGET_BYTES={cfg.target_bytes}")
+                            f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
     i, blob, layout = best
     widths, prune = entries.entries[i]
-    summary = ArtifactSummary(len(blob), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
-                              widths.quant_embed_bits, prune, layout)
-    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
-        f"(code {code_bytes}, artifact {summary.artifact_bytes})")
+    summary = ArtifactSummary(len(blob), code_bytes, code_bytes + len(blob), widths.quant_mlp_bits,
+                              widths.quant_attn_bits, widths.quant_embed_bits, prune, layout)
+    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes (code {code_bytes}, artifact {len(blob)})")
     return blob, summary
 
 
