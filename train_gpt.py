@@ -1,55 +1,32 @@
 """train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
 
-Trains a language model on FineWeb shards, then evaluates bits per byte (val_bpb)
-on the whole validation split with a sliding window. Every q_t that is scored is
-a full, normalized distribution over the vocabulary that depends on x_<t only
-(../shared/LEGALITY.md).
+Trains on FineWeb shards, then reports bits per byte (val_bpb) on the whole validation split with a
+sliding window. Every scored q_t is a full, normalized distribution over the vocabulary that depends on
+x_<t only (../shared/LEGALITY.md).
 
 Run:
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs
     python3 train_gpt.py                                      # one process; CPU if no CUDA
-Every setting is an environment variable (see Hyperparameters below, and the
-README's table); the resolved settings are printed at the top of the log.
+Every setting is an environment variable (Hyperparameters below, the README's table); the log starts with them.
 
 Techniques, and where they come from:
-- Muon optimizer (Newton-Schulz orthogonalized momentum) for the matrices, from
-  modded-nanogpt (Keller Jordan); AdamW for embeddings, gains and scalars.
-- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a
-  learned per-head gain, zero-initialised output projections, U-Net style skip
-  connections between the first and second half of the layers: the
-  parameter-golf baseline.
-- MLP with LeakyReLU(0.5) squared, 3.5x wide; partial RoPE (ROPE_DIMS); XSA
-  (exclusive self-attention: the output loses its component along the token's
-  own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value
-  embeddings added to V on VE_LAYERS; value residual (ResFormer: every layer's V
-  mixed with the first layer's): the published 11-layer record stacks.
-- Weight decay on Muon (MUON_WD), EMA of the weights (EMA_DECAY), a warm-down
-  that ends with the wall-clock budget: the published record stacks.
-- Sliding-window evaluation (EVAL_STRIDE) that scores each token once with the
-  longest context the window allows.
+- Muon (Newton-Schulz orthogonalized momentum) for the matrices, AdamW for embeddings, gains and
+  scalars: modded-nanogpt (Keller Jordan).
+- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a learned per-head gain,
+  zero-initialised output projections, U-Net skips from the first half of the layers to the second:
+  the parameter-golf baseline.
+- LeakyReLU(0.5)^2 MLP 3.5x wide; partial RoPE (ROPE_DIMS); XSA (the output loses its component along
+  the token's own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value embeddings
+  added to V on VE_LAYERS; value residual (ResFormer: every V mixed with the first layer's); Muon weight
+  decay, an EMA of the weights and a warm-down that ends with the wall-clock budget: the published
+  11-layer record stacks.
+- Sliding-window evaluation (EVAL_STRIDE): each token scored once, with the longest context the window allows.
 """
 
 from __future__ import annotations
 
-import base64
-import bisect
-import contextlib
-import dataclasses
-import difflib
-import functools
-import gc
-import glob
-import hashlib
-import lzma
-import math
-import os
-import platform
-import re
-import resource
-import struct
-import sys
-import time
-import zlib
+import base64, bisect, contextlib, dataclasses, difflib, functools, gc, glob, hashlib, lzma, math, os, platform, re
+import struct, sys, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +42,6 @@ import zstandard
 # =============================================================================
 # HYPERPARAMETERS
 # =============================================================================
-
 
 MIXER_CHOICES = ("learned", "hedge", "none")
 HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigram, bigram and trigram
@@ -96,9 +72,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
     max_wallclock_seconds: float = 600.0
-    # Left of MAX_WALLCLOCK_SECONDS for what still counts as training after the loop: EMA, the
-    # self-generated GPTQ calibration and GPTQ. The log's training_phase line gives the real total.
-    train_reserve_seconds: float = 20.0
+    train_reserve_seconds: float = 20.0  # of the wall clock, for EMA, GPTQ calibration and GPTQ after the loop
     # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
@@ -198,8 +172,8 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
-        """Every setting from `env` (UPPER_SNAKE of the field name), checked. COMPILE and BF16 default to
-        on only where CUDA is (on the CPU both are slower for small models; set to 1, they still apply)."""
+        """Every setting from `env` (UPPER_SNAKE names), checked; COMPILE and BF16 default on with CUDA only
+        (on a CPU both slow small models down)."""
         values = {}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
@@ -226,8 +200,6 @@ class Hyperparameters:
              f"a divisor of NUM_HEADS ({self.num_heads})"),
             (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
              f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
-            (self.mlp_mult > 0, "MLP_MULT", "greater than 0"),
-            (self.rope_base > 0, "ROPE_BASE", "greater than 0"),
             (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
             (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
             (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
@@ -241,14 +213,12 @@ class Hyperparameters:
                                             and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
              "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
             (self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", "selfgen or train"),
-            (self.gptq_damp > 0, "GPTQ_DAMP", "greater than 0"),
             (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
             (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
             (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
              f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
             (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
             (self.ttt_freeze_blocks <= L, "TTT_FREEZE_BLOCKS", f"0..NUM_LAYERS ({L})"),
-            (self.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS", "greater than 0"),
             (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
              "empty (train, then evaluate the new artifact) or the path of an artifact file"),
             (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
@@ -258,6 +228,7 @@ class Hyperparameters:
         checks += [(2 <= getattr(self, name.lower()) <= 8, name, "2..8")
                    for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS")]
         checks += [(0 <= getattr(self, name.lower()) < 1, name, "in [0, 1)") for name in SETTING_FRACTIONS]
+        checks += [(getattr(self, name.lower()) > 0, name, "greater than 0") for name in SETTING_POSITIVE]
         for ok, name, allowed in checks:
             if not ok:
                 value = getattr(self, name.lower())
@@ -268,12 +239,13 @@ class Hyperparameters:
         lines = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
+            if isinstance(value, (tuple, bool)):
+                value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value)
             lines.append(f"setting {field.name.upper()}={value}")
         return lines
 
 
-# The settings with a least value (0: a count or rate that may be off) and those in [0, 1).
+# The settings with a least value (0: a count or rate that may be off), those in [0, 1), those above 0.
 SETTING_MINIMUMS = {
     0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
@@ -287,6 +259,7 @@ SETTING_MINIMUMS = {
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
                      "TTT_POLYAK")
+SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
 
 
 def parse_setting(name: str, raw: str, like):
@@ -304,29 +277,28 @@ def parse_setting(name: str, raw: str, like):
         raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
 
 
-# Settings that other parameter-golf scripts read and this one does not, with what to use here instead:
-# set out of habit, they would otherwise change nothing and say nothing.
+# Settings of other parameter-golf scripts that this one does not read, and what to use here instead.
 FOREIGN_SETTINGS = {
     "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
     "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
     "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
     "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
-    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY", "LAWA_ENABLED": "EMA_DECAY",
-    "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS", "DATA_DIR": "DATA_PATH and TOKENIZER_PATH",
-    "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS",
-    "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ", "QAT_ENABLED": "CROWN_Q_LAMBDA",
-    "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA", "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS",
-    "EMBED_BITS": "QUANT_EMBED_BITS", "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER",
-    "USE_HEDGE_MIXER": "USE_MIXER=hedge", "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
+    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
+    "LAWA_ENABLED": "EMA_DECAY", "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS",
+    "DATA_DIR": "DATA_PATH and TOKENIZER_PATH", "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS",
+    "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ",
+    "QAT_ENABLED": "CROWN_Q_LAMBDA", "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA",
+    "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS", "EMBED_BITS": "QUANT_EMBED_BITS",
+    "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
+    "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
 RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
 def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None = None) -> list[str]:
-    """One line for each variable of `env` that looks like a setting but is none of this script's: a name
-    of other parameter-golf scripts or an old name of ours, or one within a typo of a setting (MATRIX_LRR);
-    and for WARMUP_STEPS without compiling, where an upstream user still meant the priming but ours may not."""
+    """A line for each variable of `env` that looks like a setting but is not one of ours (another script's,
+    an old name, a typo), and for WARMUP_STEPS without compiling, where it does nothing."""
     known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
     lines = []
     if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
@@ -349,14 +321,10 @@ def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparamet
     """The run's settings, with the paths checked: a missing path stops the run here."""
     hp = Hyperparameters.from_env(env, cuda)
     if not Path(hp.data_path).is_dir():
-        raise ConfigError(
-            f"DATA_PATH={hp.data_path!r} is not a directory: download FineWeb with "
-            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
-            "sample corpus with `python3 scripts/make_sample_data.py`")
+        raise ConfigError(f"DATA_PATH={hp.data_path!r} is not a directory: {HOW_TO_GET_DATA}")
     if not Path(hp.tokenizer_path).is_file():
-        raise ConfigError(
-            f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
-            "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
+                          "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
     return hp
 
 
@@ -371,6 +339,8 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+HOW_TO_GET_DATA = ("download FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "
+                   "N`, or build the sample corpus with `python3 scripts/make_sample_data.py`")
 
 
 class ShardError(ValueError):
@@ -406,29 +376,11 @@ def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
     return tokens.astype(np.uint16, copy=False)
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Writes a shard atomically: a temporary file in the same folder, then a rename."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > 65535)):
-        raise ShardError(f"{path}: shard tokens must be a 1-D array of ids in 0..65535")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
-
-
 def shard_files(data_path: str | Path, split: str) -> list[str]:
     """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
     files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
     if not files:
-        raise ShardError(
-            f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: download FineWeb with "
-            "`python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards N`, or build the "
-            "sample corpus with `python3 scripts/make_sample_data.py`")
+        raise ShardError(f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: {HOW_TO_GET_DATA}")
     return files
 
 
@@ -443,9 +395,8 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 
 
 class TokenStream:
-    """An endless stream over the training shards; the shard order is a permutation drawn from the seed,
-    and each pass over the shards draws a new one. Each token also carries its position in the shards
-    read in name order, which is where the n-gram oracle's text comes from."""
+    """An endless stream over the training shards, each pass in a new order drawn from the seed. Each token
+    comes with its position in the shards read in name order, which is where the n-gram oracle's text is."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
         self.files = list(files)
@@ -454,22 +405,18 @@ class TokenStream:
         self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
         self.order: list[int] = []
         self.tokens = np.zeros(0, dtype=np.uint16)
-        self.shard = 0
-        self.pos = 0
-
-    def _next_shard(self) -> None:
-        if not self.order:
-            self.order = list(self.rng.permutation(len(self.files)))
-        self.shard = self.order.pop(0)
-        self.tokens = load_shard(self.files[self.shard], self.vocab_size)
-        self.pos = 0
+        self.shard = self.pos = 0
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next n tokens, crossing shard boundaries as needed, and their positions in name order."""
         parts, places, left = [], [], n
         while left > 0:
             if self.pos >= self.tokens.size:
-                self._next_shard()
+                if not self.order:
+                    self.order = list(self.rng.permutation(len(self.files)))
+                self.shard = self.order.pop(0)
+                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+                self.pos = 0
             piece = self.tokens[self.pos:self.pos + left]
             parts.append(piece)
             places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
@@ -497,10 +444,9 @@ class Batch:
 
 
 class DistributedBatchLoader:
-    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens of it and cuts them into
-    WORLD_SIZE x accum pieces (each with one token of overlap for the last target), rank r's micro-step m
-    taking piece r * accum + m. The step's sequences are then the same on 1 GPU and on 8: a 1-GPU trial
-    trains on the 8-GPU run's tokens, and nothing depends on timing."""
+    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens and cuts them into
+    WORLD_SIZE x accum pieces (one token of overlap each), rank r's micro-step m taking piece r * accum + m.
+    A step then trains on the same sequences on 1 GPU and on 8, whatever the timing."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
@@ -525,8 +471,7 @@ class DistributedBatchLoader:
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy on `device` that does not wait: a copy to CUDA from pageable memory blocks the host, so the
-    host tensor is pinned first."""
+    """A copy on `device` that does not block the host (a CUDA copy from pageable memory would: pin first)."""
     if device.type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
@@ -552,8 +497,7 @@ class TokenByteTables:
 
 
 def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
-    """Byte accounting tables for a SentencePiece processor, padded to vocab_size (ids past the
-    tokenizer's size are boundaries with no bytes: the model may have a larger vocabulary)."""
+    """Byte tables for a SentencePiece processor, padded to vocab_size with boundaries of no bytes."""
     if sp.vocab_size() > vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
                           "VOCAB_SIZE must be at least that")
@@ -584,7 +528,6 @@ def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: 
 
 def load_tokenizer(path: str):
     import sentencepiece as spm  # imported here so that the model code imports without it
-
     return spm.SentencePieceProcessor(model_file=path)
 
 
@@ -594,14 +537,12 @@ def load_tokenizer(path: str):
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    # In fp32, returned in x's dtype, on every device: CUDA's autocast runs rms_norm in fp32 and returns
-    # fp32 (so bf16 q and k would come out fp32 there), the CPU's returns bf16.
+    # fp32 inside and x's dtype out on every device: CUDA's autocast would return fp32, the CPU's bf16.
     return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding on the first `dims` channels of each head (partial RoPE: the other
-    channels carry position-free content, which the record stacks found helps at 16 of 64)."""
+    """Partial RoPE: rotary embedding on the first `dims` channels of each head (record stacks: 16 of 64)."""
 
     def __init__(self, head_dim: int, dims: int, base: float):
         super().__init__()
@@ -609,18 +550,11 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # Recomputed each call: a T x dims/2 outer product is cheap, and a cache mutated inside
-        # forward would break torch.compile's graph.
-        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq)
-        return freqs.cos(), freqs.sin()
-
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        # x: (B, H, T, hd) at positions offset .. offset + T - 1
-        cos, sin = self.cos_sin(offset + x.size(2), x.device)
-        cos, sin = cos[offset:].to(x.dtype), sin[offset:].to(x.dtype)
-        rot, rest = x[..., :self.dims], x[..., self.dims:]
-        x1, x2 = rot.chunk(2, dim=-1)
+        # x: (B, H, T, hd) at positions offset .. offset + T - 1; no table cache: it would break torch.compile
+        freqs = torch.outer(torch.arange(offset + x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos()[offset:].to(x.dtype), freqs.sin()[offset:].to(x.dtype)
+        (x1, x2), rest = x[..., :self.dims].chunk(2, dim=-1), x[..., self.dims:]
         rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
 
@@ -638,23 +572,18 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
-        self.layer = layer
-        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.layer, self.xsa = layer, layer >= cfg.num_layers - cfg.xsa_last_n
         self.mixes_first_value = cfg.value_residual and layer > 0
-        if self.mixes_first_value:
-            # ResFormer: v = a * v + b * v_first, starting as the plain v.
+        if self.mixes_first_value:  # ResFormer: v = a * v + b * v_first, starting as the plain v
             self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
                 cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues the
-        positions it holds, whose keys and values are attended to as well."""
+        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues its positions."""
         B, T, D = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
-        v = self.c_v(x)
-        if value_embed is not None:
-            v = v + value_embed
+        v = self.c_v(x) if value_embed is None else self.c_v(x) + value_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
         raw_v = v
         if self.mixes_first_value and first_value is not None:
@@ -662,26 +591,15 @@ class CausalSelfAttention(nn.Module):
         offset = 0 if cache is None else cache.length
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        k_all, v_all, mask = k, v, None
-        if cache is not None:
-            k_all, v_all = cache.store(self.layer, k, v)
-            mask = torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)  # causal, offset
+        k_all, v_all = (k, v) if cache is None else cache.store(self.layer, k, v)
+        mask = None if cache is None else torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
-        if self.xsa:
-            y = self._exclude_own_value(y, v)
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.proj(y), raw_v
-
-    def _exclude_own_value(self, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """XSA: remove from each head's output its component along the token's own value, so attention
-        carries only what other tokens add (the token's own content already rides the residual)."""
-        B, H, T, hd = y.shape
-        group = H // self.num_kv_heads
-        y = y.view(B, self.num_kv_heads, group, T, hd)
-        v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
-        y = y - (y * v_unit).sum(-1, keepdim=True) * v_unit
-        return y.view(B, H, T, hd)
+        if self.xsa:  # XSA: drop the component along the token's own value, which rides the residual
+            y = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
+            y = (y - (y * v_unit).sum(-1, keepdim=True) * v_unit).view(B, self.num_heads, T, self.head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), raw_v
 
 
 class MLP(nn.Module):
@@ -693,9 +611,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # LeakyReLU(0.5)^2 keeps a gradient for negative inputs, unlike relu^2 (record stacks: ~0.003 bpb).
-        # h * h, not square(): CUDA's autocast runs pow in fp32, an fp32 copy of the widest activation;
-        # the product of two bf16 numbers rounded to bf16 is the same number either way.
+        # LeakyReLU(0.5)^2: a gradient for x < 0 (records: ~0.003 bpb); h * h, as CUDA autocast's pow copies to fp32
         h = F.leaky_relu(self.fc(x), 0.5)
         return self.proj(h * h)
 
@@ -715,19 +631,8 @@ class Block(nn.Module):
         return x, raw_v
 
 
-def bigram_hash_ids(tokens: torch.Tensor, buckets: int) -> torch.Tensor:
-    """A bucket per (previous, current) token pair; position 0, which has no previous token, gets the
-    last bucket of its own. tokens: (B, T) -> (B, T)."""
-    prev = tokens[:, :-1].to(torch.int64)
-    cur = tokens[:, 1:].to(torch.int64)
-    mixed = torch.bitwise_xor(prev * 36313, cur * 27191) % (buckets - 1)
-    first = torch.full_like(tokens[:, :1], buckets - 1, dtype=torch.int64)
-    return torch.cat((first, mixed), dim=1)
-
-
 class BigramHashEmbedding(nn.Module):
-    """Adds an embedding of the hashed (previous, current) token pair: cheap local context the first
-    layer would otherwise spend attention on (record stacks: BigramHash 6144 x 128)."""
+    """Embedding of the hashed (previous, current) token pair: cheap local context (records: 6144 x 128)."""
 
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
@@ -737,16 +642,17 @@ class BigramHashEmbedding(nn.Module):
         self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T); `previous` (B, 1): the token before tokens[:, 0], when there is one."""
+        """tokens (B, T) -> (B, T, D); `previous` (B, 1): the token before tokens[:, 0] (none: the last bucket)."""
+        stream = tokens if previous is None else torch.cat((previous, tokens), dim=1)
+        prev, cur = stream[:, :-1].to(torch.int64), stream[:, 1:].to(torch.int64)
+        bucket = torch.bitwise_xor(prev * 36313, cur * 27191) % (self.buckets - 1)
         if previous is None:
-            return self.proj(self.embed(bigram_hash_ids(tokens, self.buckets)))
-        return self.proj(self.embed(bigram_hash_ids(torch.cat((previous, tokens), dim=1), self.buckets)[:, 1:]))
+            bucket = torch.cat((torch.full_like(tokens[:, :1], self.buckets - 1, dtype=torch.int64), bucket), dim=1)
+        return self.proj(self.embed(bucket))
 
 
 class DecodeCache:
-    """The keys and values (after rotary and value mixing) of the positions already run, per layer, and
-    their last token: GPT.forward_hidden(new_tokens, cache) then runs only the new positions and gives
-    what the full forward gives there, so sampling costs one position per token, not the whole prefix."""
+    """Each layer's keys and values of the positions run so far: forward_hidden then runs new positions only."""
 
     def __init__(self, num_layers: int, capacity: int):
         self.capacity, self.length, self.last_tokens = capacity, 0, None
@@ -764,13 +670,9 @@ class DecodeCache:
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
-    def advance(self, tokens: torch.Tensor) -> None:
-        self.length += tokens.size(1)
-        self.last_tokens = tokens[:, -1:]
-
 
 class GPT(nn.Module):
-    """The one model class: training, evaluation and (later) quantization all use it."""
+    """The one model class: training, evaluation and quantization all use it."""
 
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
@@ -778,55 +680,45 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 1.0)
         self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size else None
-        kv_dim = cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
         self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
-        if self.ve_layers:
-            # One table shared by the VE layers, each with its own projection-free scale.
+        if self.ve_layers:  # one table shared by the VE layers, each with its own scale
             self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
             nn.init.normal_(self.value_embed.weight, std=0.01)
-            self.value_embed_proj = nn.Linear(cfg.ve_dim, kv_dim, bias=False)
+            self.value_embed_proj = nn.Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
             self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
         if self.num_skips:
             self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
-        self.lm_head = None
-        if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.mixer_head = None
-        if cfg.use_mixer == "learned":
-            # Weights over [neural, order min..max] from the final hidden state. It starts by trusting
-            # the neural model (bias 2 against 0) and learns from the oracle when to trust counts.
+        if cfg.use_mixer == "learned":  # weights over [neural, orders]; trusts the neural model first (bias 2 vs 0)
             self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
             nn.init.zeros_(self.mixer_head.weight)
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
 
     def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
-        """Final normalized hidden state (B, T, D) for tokens (B, T): position t sees tokens[:, :t+1] only.
-        With `cache`, tokens continue the positions it holds (and are added to it)."""
+        """Final normalized hidden state (B, T, D) of tokens (B, T), causal; with `cache`, continuing its positions."""
         x = self.tok_emb(tokens)
         if self.bigram is not None:
             x = x + self.bigram(tokens, None if cache is None else cache.last_tokens)
         x = rms_norm(x)
-        value_embeds = {}
-        if self.ve_layers:
-            shared = self.value_embed_proj(self.value_embed(tokens))
-            value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * shared
-                            for i, layer in enumerate(self.ve_layers)}
+        embed = self.value_embed_proj(self.value_embed(tokens)) if self.ve_layers else None
+        value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * embed for i, layer in enumerate(self.ve_layers)}
         skips, first_value = [], None
         for i, block in enumerate(self.blocks):
-            # U-Net: the second half adds back the outputs of the first half, mirrored.
-            if self.num_skips and i >= len(self.blocks) - self.num_skips:
+            if self.num_skips and i >= len(self.blocks) - self.num_skips:  # U-Net: first half's outputs, mirrored
                 x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
             x, raw_v = block(x, value_embeds.get(i), first_value, cache)
-            if first_value is None:
-                first_value = raw_v
+            first_value = raw_v if first_value is None else first_value
             if i < self.num_skips:
                 skips.append(x)
         if cache is not None:
-            cache.advance(tokens)
+            cache.length += tokens.size(1)
+            cache.last_tokens = tokens[:, -1:]
         return rms_norm(x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -836,25 +728,19 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """forward_hidden at `positions` (B, S) only, or at every position: a sliding window scores its
-        last EVAL_STRIDE predictions, and the head, softcap and softmax over the vocabulary need not run
-        on the others (a tenth of the 4-layer, 256-wide model's eager forward on a CPU)."""
+        """forward_hidden at `positions` (B, S) only (the head need not run where nothing is scored), or everywhere."""
         hidden = self.forward_hidden(tokens)
-        if positions is None:
-            return hidden
-        return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+        return hidden if positions is None else hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
 
     def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor,
                   positions: torch.Tensor | None = None) -> torch.Tensor:
-        """-ln q(target) per scored position, (B, S) float32: targets (B, S) follow `positions` (B, S) of
-        tokens (B, T), or every position (S = T)."""
+        """-ln q(target), (B, S) float32, for targets (B, S) at `positions` (B, S) of tokens (B, T), or everywhere."""
         logits = self.logits_from_hidden(self.scored_hidden(tokens, positions))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def eval_outputs(self, tokens: torch.Tensor,
                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(log-probabilities over the vocabulary (B, S, V) float32, mixer logits (B, S, 1+K) or None) at
-        `positions` (B, S) of tokens (B, T), or at every position (S = T)."""
+        """(log-probabilities (B, S, V) float32, mixer logits (B, S, 1+K) or None) at `positions`, or everywhere."""
         hidden = self.scored_hidden(tokens, positions)
         logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
@@ -862,19 +748,15 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
                 expert_valid: torch.Tensor | None = None, expert_prior: torch.Tensor | None = None,
                 penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """The training loss: mean cross-entropy over all positions (a target of -100 adds 0: padding), plus
-        MIXER_LOSS_WEIGHT times the mixture's loss when the oracle's target probabilities (B, T, K),
-        validity and (NGRAM_PRIOR_BETA) prior shares are given (fixed inputs: no gradient to counts), plus
-        penalty_scale (a 0-dim tensor, 0 outside the warm-down) times the CROWN-Q penalty: inside the
-        compiled graph, not ~1,300 eager ops."""
+        """Training loss: mean cross-entropy (-100 targets: padding), + MIXER_LOSS_WEIGHT x the mixture's loss on
+        the oracle's (B, T, K) experts, + penalty_scale (0-dim, 0 outside the warm-down) x CROWN-Q's penalty."""
         hidden = self.forward_hidden(tokens)
         logits = self.logits_from_hidden(hidden)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         loss = nll.mean()
         if expert_probs is not None and self.mixer_head is not None:
             weights = mixer_weights(self.mixer_head(hidden), expert_valid)
-            # p_nn(x) is -nll's, not detached, in the smoothed experts too: the q_t scored in evaluation holds
-            # it there as well, so this is the scored loss's own gradient (w_0's term passes one the same way).
+            # p_nn(x) is not detached in the smoothed experts either: the scored q_t's own gradient
             mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)
             loss = loss + self.cfg.mixer_loss_weight * mixed.mean()
         if penalty_scale is not None:
@@ -885,18 +767,10 @@ class GPT(nn.Module):
 # =============================================================================
 # N-GRAM EXPERTS AND MIXER
 # =============================================================================
-# An order-n expert is p_n(v | ctx) = c(ctx, v) / T(ctx), T(ctx) the exact sum of its row of counts,
-# so every expert is a normalized distribution by construction (../shared/LEGALITY.md, rule 2).
-# NGRAM_PRIOR_BETA smooths it towards the neural model, (c(ctx, v) + beta p_nn(v)) / (T(ctx) + beta):
-# still normalized, positive where p_nn is, and no longer sure of a token after one sighting of a context.
-# Contexts of n-1 tokens are packed exactly into an int64 key when they fit in 62 bits (orders up to
-# 7 at a 1,024-token vocabulary); otherwise only the context is hashed, and exact counts are kept
-# per (context bucket, next token): a collision merges two contexts into one distribution, it
-# never breaks normalization. NgramModel holds the frozen oracle (counted from training shards,
-# read-only); the evaluation cache's counts, over the already-scored chunks of the validation split,
-# come from score_first_counts (EVALUATION) with the same context keys.
+# An order-n expert c(ctx, v) / T(ctx), T(ctx) the exact sum of its row, or NGRAM_PRIOR_BETA's (c + beta p_nn(v)) /
+# (T + beta), is normalized by construction (../shared/LEGALITY.md, rule 2). A context is an exact int64 key when
+# it fits in 62 bits (orders up to 7 at vocabulary 1,024), else a hash: a collision merges two contexts' rows into one.
 
-KEY_MASK = (1 << 62) - 1
 NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
 
 
@@ -909,20 +783,9 @@ def context_keys_from(preceding, like: torch.Tensor, order: int, vocab_size: int
         older = preceding(k).to(torch.int64)
         if exact:
             keys.mul_(vocab_size).add_(older)
-        else:
-            # multiply-xor mixing; int64 products wrap, which is all a hash needs
+        else:  # multiply-xor mixing; int64 products wrap, which is all a hash needs
             keys.mul_(0x100000001B3).bitwise_xor_(older + 0x9E3779B97F4A7C15 % (1 << 62))
-    return keys.bitwise_and_(KEY_MASK)
-
-
-def context_keys(tokens: torch.Tensor, order: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key of the order-1 tokens ending at each position (the context for predicting the next token),
-    and whether that many tokens exist. tokens: (..., T) -> keys, available: (..., T)."""
-    width, T = order - 1, tokens.size(-1)
-    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
-    keys = context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, order, vocab_size)
-    positions = torch.arange(tokens.size(-1), device=tokens.device)
-    return keys, (positions >= width - 1).expand(tokens.shape)
+    return keys.bitwise_and_((1 << 62) - 1)
 
 
 def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
@@ -933,10 +796,8 @@ def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
 
 
 class NgramCounts:
-    """Counts of one order: sorted unique context keys with their row totals, and sorted unique
-    (row * V + token) pair keys with their counts. Vectorized sort/unique/searchsorted on the run's
-    device; 8 + 4 bytes per distinct context and per distinct (context, token) pair (int32 counts
-    while the stream has fewer than 2^31 tokens)."""
+    """Counts of one order: sorted unique context keys with their row totals, and sorted unique (row * V +
+    token) pair keys with their counts: 12 bytes per distinct context and per pair (int32 counts below 2^31)."""
 
     def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
@@ -944,11 +805,8 @@ class NgramCounts:
         self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts once more each n-gram whose predicted token is tokens[t], start <= t < end, that has its
-        whole context in tokens (t >= order - 1).
-
-        One sort by context and one by (row, token) over the whole range, each temporary dropped as soon
-        as it is used: the peak is ~3 int64 copies of the range, not the ~25 of incremental adds."""
+        """Counts once more each n-gram predicting tokens[t], start <= t < end, with its whole context in
+        tokens. Two sorts over the whole range, temporaries dropped early: a peak of ~3 int64 copies."""
         start, V = max(start, self.order - 1, 1), self.vocab_size
         if end <= start:
             return
@@ -965,13 +823,7 @@ class NgramCounts:
         del pairs
         count_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
         pair_counts = torch.diff(first, append=first.new_tensor([end - start])).to(count_dtype)
-        self._merge(ctx_keys, pair_keys, pair_counts)
-
-    def _merge(self, ctx_keys: torch.Tensor, pair_keys: torch.Tensor, pair_counts: torch.Tensor) -> None:
-        """Adds counts given in this class's layout: rows renumbered over the union of contexts, the counts
-        of equal pairs summed."""
-        V = self.vocab_size
-        if self.ctx_keys.numel():
+        if self.ctx_keys.numel():  # merge: rows renumbered over the union of contexts, equal pairs summed
             union = torch.unique(torch.cat((self.ctx_keys, ctx_keys)))
             pairs = torch.cat([torch.searchsorted(union, c)[p // V] * V + p % V
                                for c, p in ((self.ctx_keys, self.pair_keys), (ctx_keys, pair_keys))])
@@ -982,26 +834,16 @@ class NgramCounts:
         self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
         self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
 
-    def _rows(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row index, context seen) for each key."""
-        if self.ctx_keys.numel() == 0:
-            return torch.zeros_like(keys), torch.zeros_like(keys, dtype=torch.bool)
-        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
-        return rows, self.ctx_keys[rows] == keys
-
     def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
-        rows, seen = self._rows(keys)
-        totals = torch.where(seen, self.totals[rows].long() if self.totals.numel() else torch.zeros_like(keys), 0)
-        if self.pair_keys.numel() == 0:
-            return torch.zeros_like(keys), totals
+        if self.ctx_keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys)
+        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
+        seen = self.ctx_keys[rows] == keys
         pair = rows * self.vocab_size + next_tokens.to(torch.int64)
         at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
         counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at].long(), 0)
-        return counts, totals
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.ctx_keys, self.totals, self.pair_keys, self.pair_counts))
+        return counts, torch.where(seen, self.totals[rows].long(), 0)
 
 
 class NgramModel:
@@ -1014,9 +856,7 @@ class NgramModel:
         self.counted_tokens = 0
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts the n-grams whose predicted token is tokens[t], start <= t < end, reading their
-        contexts from tokens[:t] (so contexts may reach back before `start`); one order at a time, so
-        that only one order's temporaries exist at once."""
+        """Counts the n-grams predicting tokens[t], start <= t < end (contexts may start earlier), order by order."""
         for table in self.tables:
             table.add_stream(tokens, start, end)
 
@@ -1026,44 +866,35 @@ class NgramModel:
         return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
 
     def nbytes(self) -> int:
-        return sum(t.nbytes() for t in self.tables)
+        return sum(t.numel() * t.element_size() for table in self.tables
+                   for t in (table.ctx_keys, table.totals, table.pair_keys, table.pair_counts))
 
 
 def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per order, the context key at every position of `tokens` (..., T), and which orders have their
-    whole context inside it, (..., T, K)."""
-    pairs = [context_keys(tokens, n, model.vocab_size) for n in model.orders]
-    return [k for k, _ in pairs], torch.stack([a for _, a in pairs], -1)
-
-
-def target_context_keys(model: NgramModel, tokens: torch.Tensor, start: int,
-                        end: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Context keys, per order, for predicting tokens[t], start <= t < end (start >= 1), read from the
-    stream before t; and which orders have their whole context there, (end - start, K)."""
-    lo = max(0, start - max(model.orders) + 1)
-    keys, available = stream_context_keys(model, tokens[lo:end - 1])
-    return [k[start - 1 - lo:] for k in keys], available[start - 1 - lo:]
+    """Per order, the key of the context ending at each position of tokens (..., T); availability (..., T, K)."""
+    T = tokens.size(-1)
+    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
+    keys = [context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, n,
+                              model.vocab_size) for n in model.orders]
+    positions = torch.arange(T, device=tokens.device)
+    return keys, torch.stack([(positions >= n - 2).expand(tokens.shape) for n in model.orders], -1)
 
 
 def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int) -> np.ndarray:
-    """The first `count` tokens of the training shards in name order: the oracle's text. Training
-    positions know their place in this same order, which is what leave-one-out needs."""
-    parts, left = [], count
-    for f in files:
-        if left <= 0:
+    """The oracle's text: the first `count` training tokens in shard name order, as leave-one-out numbers them."""
+    parts = []
+    for path in files:
+        if count <= 0:
             break
-        tokens = load_shard(f, vocab_size)[:left]
-        parts.append(tokens)
-        left -= tokens.size
+        parts.append(load_shard(path, vocab_size)[:count])
+        count -= parts[-1].size
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
 
 
 def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the target x, (..., K) float64, 0 where not valid: c(ctx, x) / T(ctx);
-    with beta > 0 (NGRAM_PRIOR_BETA) the neural-prior smoothing (c(ctx, x) + beta p_nn(x)) / (T(ctx) + beta),
-    given as its counts' part c / (T + beta) and the prior's share beta / (T + beta) (the second tensor;
-    None when beta = 0), for mixture_nll to weigh p_nn(x) with. Per target, never per vocabulary."""
+    """Each order's probability of the target, (..., K) float64, 0 where not valid: c / T, or with beta > 0
+    c / (T + beta) and the prior's share beta / (T + beta) (else None) that mixture_nll weighs p_nn(x) with."""
     if beta == 0:
         return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
     denominator = totals.double() + beta
@@ -1072,13 +903,8 @@ def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.
 
 def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
                            beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the true next token, (B, T, K), its context-only validity mask, and
-    the neural prior's shares (None when beta = 0): ngram_expert_probs of the oracle's counts.
-
-    oracle_run[b, j] counts how many stream tokens up to targets[b, j] (inclusive) lie contiguously
-    in the oracle's text. Where the order-n n-gram ending at the target is that long, the oracle
-    counted this very occurrence: it is taken out (leave-one-out), so the head learns how often an
-    order is right about text it has not seen, which is what the evaluation cache offers."""
+    """ngram_expert_probs (B, T, K) of the oracle's counts for the targets, and validity. Leave-one-out: where
+    oracle_run (tokens up to the target in the oracle's text) covers the n-gram, its own count goes (unseen text)."""
     keys, available = stream_context_keys(oracle, inputs)
     counts, totals = oracle.target_stats(keys, targets)
     counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
@@ -1089,14 +915,9 @@ def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: to
 
 
 def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax over the neural expert (always valid, column 0) and the n-gram experts whose context
-    was seen; the mask looks at contexts only, never at the target. (..., 1+K) -> (..., 1+K).
-
-    The neural expert keeps at least NEURAL_WEIGHT_FLOOR: a softmax whose other logits lead by ~104
-    rounds its weight to exactly 0 in float32, and then q_t is 0 wherever the counts are, which rule 2
-    of ../shared/LEGALITY.md forbids. The weights still sum to one."""
-    always = torch.ones_like(valid[..., :1])
-    mask = torch.cat((always, valid), -1)
+    """Softmax (..., 1+K) over the neural expert (column 0) and the n-grams whose context (never target) was seen. The
+    neural one keeps NEURAL_WEIGHT_FLOOR: float32 rounds it to 0 at a lead of ~104, and q_t would be 0 (rule 2)."""
+    mask = torch.cat((torch.ones_like(valid[..., :1]), valid), -1)
     weights = torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
     floor = F.pad(torch.full_like(weights[..., :1], NEURAL_WEIGHT_FLOOR), (0, weights.size(-1) - 1))
     return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
@@ -1104,34 +925,28 @@ def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
                 expert_prior: torch.Tensor | None = None) -> torch.Tensor:
-    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K), or
-    with the prior's shares b_n (..., K) of ngram_expert_probs, p_n(x) = expert_probs_n + b_n p_nn(x).
-    Since the w sum to one and every p is a distribution, this is the target's entry of one."""
+    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K),
+    or with the prior's shares b_n (..., K), p_n(x) = expert_probs_n + b_n p_nn(x)."""
     expert_terms = weights[..., 1:] * expert_probs
     positive = expert_terms > 0
     # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
     log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
     neural_weight = weights[..., 0]  # >= NEURAL_WEIGHT_FLOOR > 0
-    if expert_prior is not None:
-        # each expert's p_nn(x) joins the neural term: exact, with no exp of a log-probability to underflow
+    if expert_prior is not None:  # p_nn(x) joins the neural term: exact, no exp of a log-probability
         neural_weight = neural_weight + (weights[..., 1:] * expert_prior).sum(-1)
     log_neural = neural_logprob + neural_weight.log()
     return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
 
 
 def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Hedge's experts with add-alpha smoothing, (c(ctx, x) + a) / (T(ctx) + a V): normalized, positive
-    (so Hedge's log-losses stay finite) and a function of counts alone, so every rank can compute the
-    losses of chunks that other ranks scored. counts, totals: (..., K) -> (..., K) float64."""
+    """Hedge's experts (c + a) / (T + a V), (..., K) float64: positive, and any rank can compute them from counts."""
     return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
 
 
 def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Tensor:
-    """Hedge's starting weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-gram
-    experts, whose first chunk faces an empty cache."""
-    w = torch.full((num_experts,), (1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1), dtype=torch.float64, device=device)
-    w[0] = HEDGE_PRIOR_NEURAL
-    return w.log()
+    """Hedge's starting log-weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams."""
+    rest = [(1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1)] * (num_experts - 1)
+    return torch.tensor([HEDGE_PRIOR_NEURAL] + rest, dtype=torch.float64, device=device).log()
 
 
 # =============================================================================
@@ -1145,8 +960,7 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
     transposed = x.size(0) > x.size(1)
-    if transposed:
-        x = x.T
+    x = x.T if transposed else x
     x = x / (x.norm() + 1e-7)
     for _ in range(steps):
         gram = x @ x.T
@@ -1155,27 +969,22 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int) -> torch.Tensor:
-    """Muon's update of one matrix: the momentum buffer `buf` takes the gradient in place, and the
-    Nesterov direction is orthogonalized, scaled so that its RMS does not shrink for tall matrices."""
+    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall."""
     buf.mul_(momentum).add_(grad)
     update = newton_schulz_orthogonalize(grad + momentum * buf, steps)
     return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then the update orthogonalized; decoupled weight decay.
-
-    Under DDP the gradients are already averaged; rank r orthogonalizes parameters r, r+W, ...
-    and one all-reduce of a flat buffer gives every rank every update, so the Newton-Schulz work is
-    split W ways and all ranks keep identical weights."""
+    """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
+    r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, compile: bool = False):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+        super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
-        # Compiled, each matrix's update (momentum, ~25 Newton-Schulz ops, scale) is a few fused kernels:
-        # one graph per matrix shape (four in the 11-layer model), built by compile_shapes before the clock.
+        # Compiled: a few fused kernels per matrix, one graph per shape, built by compile_shapes before the clock.
         self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update
 
     @torch.no_grad()
@@ -1192,14 +1001,11 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            if not params:
-                continue
             if "flat" not in group:  # one buffer for the all-reduce, and each matrix's view of it, kept
                 group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
                 group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
                                                                   params)]
-                # a tensor, so that the compiled update is not rebuilt as the momentum warms up; kept and
-                # filled, since a new one would be a blocking copy from the host every step
+                # a tensor, or the compiled update is rebuilt as momentum warms up; filled, not new: no host copy
                 group["momentum_tensor"] = torch.zeros((), device=params[0].device)
             flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
             flat.zero_()
@@ -1217,17 +1023,14 @@ class Muon(torch.optim.Optimizer):
 
 
 def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
-    """Parameters by optimizer: 2-D weights inside blocks and projections go to Muon; embedding tables,
-    the untied head, and every gain, scale and vector to AdamW."""
+    """Muon takes the 2-D weights of blocks and projections ("matrix"); AdamW embeddings, untied head, vectors."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
     for name, p in model.named_parameters():
         if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif name.startswith("mixer_head."):
-            groups["scalar"].append(p)  # 7 x 512: too small and too special for Muon
-        elif p.ndim == 2:
+        elif p.ndim == 2 and not name.startswith("mixer_head."):  # the 7 x 512 mixer head is too small for Muon
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -1242,12 +1045,9 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: in
     if groups["head"]:
         adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
     # fused: one kernel for all parameters, and no host sync for the step count (the CPU has it too)
-    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd,
-                             fused=True)
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd, fused=True)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
                 weight_decay=cfg.muon_wd, rank=rank, world_size=world_size, compile=cfg.compile)
-    for group in muon.param_groups:
-        group["base_lr"] = cfg.matrix_lr
     return [adam, muon]
 
 
@@ -1594,23 +1394,19 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
 # =============================================================================
 # QUANTIZATION AND PACKING
 # =============================================================================
-# The artifact is the model's weights as integers, packed and zstd-compressed; code + artifact must fit
-# TARGET_BYTES. Each matrix is stored as signed integers with one fp16 step per row: the MLP at
-# QUANT_MLP_BITS, attention and the other projections at QUANT_ATTN_BITS, embedding tables and the head
-# at QUANT_EMBED_BITS. GPTQ (Frantar et al. 2022) rounds one input column at a time and moves each
-# column's rounding error onto the columns not yet rounded, through the inverse Hessian H = E[x x^T] of
-# the layer's inputs, so that the layer's output x W^T changes least; round-to-nearest (GPTQ=0) is the
-# baseline with the same per-row steps.
+# The artifact is the weights as integers, packed and zstd-compressed; code + artifact must fit TARGET_BYTES.
+# Each matrix is stored as signed integers with one fp16 step per row, at QUANT_MLP_BITS (MLP), QUANT_ATTN_BITS
+# (attention and other projections) or QUANT_EMBED_BITS (embeddings, head). GPTQ (Frantar et al. 2022) rounds
+# one input column at a time and moves its rounding error onto the columns not yet rounded, through the inverse
+# Hessian H = E[x x^T] of the layer's inputs, so that x W^T changes least; GPTQ=0 rounds to nearest.
 
 EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
 GPTQ_BLOCK = 128
 PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
 
-# Format 2: one zstd frame per tensor. Frames compress in parallel threads, a tensor that did not change
-# between size-fitting tries keeps its frame, and each keeps the smaller of its FAST_ZSTD_LEVEL and
-# ZSTD_LEVEL compressions. (Format 1 compressed one body per layout at ZSTD_LEVEL: for the 11-layer model,
-# level 22 took 1-5 minutes per layout per try on one thread, and came out 6% larger than these frames.)
+# One zstd frame per tensor: compressed in parallel, reused across size-fitting tries, each the smaller of its
+# FAST_ZSTD_LEVEL and ZSTD_LEVEL frames (vs one level-22 body per layout: minutes less per try, 6% smaller).
 ARTIFACT_MAGIC = b"PGQW"
 ARTIFACT_VERSION = 2
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
@@ -1628,24 +1424,21 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One state-dict entry as stored. bits > 0: `values` int8 (rows, cols) in [-qmax, qmax] with a
-    per-row fp16 `scale` (the step). bits == 0: `values` is the tensor itself in fp16, `scale` None."""
+    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,) the step of each row.
+    bits == 0: `values` the tensor itself (fp16), `scale` None."""
     bits: int
     values: torch.Tensor
     scale: torch.Tensor | None = None
 
 
 def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
-    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' for a tensor kept in fp16: not a
-    matrix, or fewer than `min_numel` values (QUANT_MIN_NUMEL: gains, scales and the mixer head, well
-    under 1% of the bytes at the default size)."""
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and for matrices under
+    `min_numel` values (QUANT_MIN_NUMEL: gains, scales, the mixer head; under 1% of the bytes)."""
     if tensor.ndim != 2 or tensor.numel() < min_numel:
         return "raw"
     if name in EMBED_TENSOR_NAMES:
         return "embed"
-    if name.startswith("blocks.") and ".mlp." in name:
-        return "mlp"
-    return "attn"  # attention, and the bigram and value-embedding projections
+    return "mlp" if name.startswith("blocks.") and ".mlp." in name else "attn"  # attn: also bigram, VE projections
 
 
 def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
@@ -1660,24 +1453,21 @@ def qmax_for(bits: int) -> int:
 
 
 def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row step (fp16 values, as float32) choosing, per row, the clip ratio of max |w| with the least
-    squared rounding error; errors weighted by `col_weight` (diag H: how much signal each input column
-    carries) when given. Clipping a few outliers buys a finer step for all the other weights."""
-    qmax = qmax_for(bits)
-    w = w.float()
+    """Per-row step (fp16 values, as float32) at the clip ratio of the row's max |w| with the least squared error,
+    weighted by `col_weight` (diag H) if given: clipping a few outliers buys a finer step for the rest."""
+    qmax, w = qmax_for(bits), w.float()
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for ratio in CLIP_RATIOS:
-        # The fp16 rounding happens before the error is measured: the stored step is the one searched.
+        # Rounded to fp16 before the error is measured: the stored step is the one searched.
         scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (w - q * scale[:, None]).square()
         err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
         if best_scale is None:
             best_scale, best_err = scale, err
-        else:
-            better = err < best_err
-            best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+        better = err < best_err
+        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
     return best_scale
 
 
@@ -1689,12 +1479,9 @@ def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Its rows give, in one pass, the
-    error-compensation weights GPTQ would get by removing each rounded column from H^-1 in turn.
-    A Hessian that is not positive definite even so (a rank-deficient calibration set) gets 10x the
-    damping until it is."""
-    eye = torch.eye(h.size(0), device=h.device, dtype=h.dtype)
-    mean_diag = h.diagonal().mean()
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, whose rows are GPTQ's error-compensation weights;
+    10x the damping, up to 5 times, while H is not positive definite (a rank-deficient calibration set)."""
+    eye, mean_diag = torch.eye(h.size(0), device=h.device, dtype=h.dtype), h.diagonal().mean()
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
         if int(info) == 0:
@@ -1704,13 +1491,10 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
                        block_size: int) -> torch.Tensor:
-    """Integer values (float) for w (rows, cols), rounding column by column. Each column's error,
-    divided by its pivot, is subtracted from the later columns of its block at once and from the rest
-    of the matrix once per block (GPTQ's lazy batch updates: the same result, far fewer passes over w).
-    Per column only what depends on the previous one runs (a dozen ops: on a GPU, a dozen launches):
-    the rounding of the whole block and its errors are recomputed from the block once it is done."""
-    w = w.clone()
-    q = torch.zeros_like(w)
+    """Integer values (float) for w (rows, cols), rounded column by column, each column's error moved onto the
+    later columns of its block at once and onto the rest once per block (GPTQ's lazy batch updates). Per column
+    only what depends on the previous column runs (a dozen GPU launches); the block is re-rounded at its end."""
+    w, q = w.clone(), torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
         block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
@@ -1719,8 +1503,7 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
             column = block[:, j]  # its value when rounded: later columns' updates never touch it
             error = (column - torch.clamp(torch.round(column / scale), -qmax, qmax) * scale) / pivot
             block -= error[:, None] * later[j]
-        q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
-        q[:, start:end] = q_block
+        q[:, start:end] = q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
         errors = (block - q_block * scale[:, None]) / h_block.diagonal()
         w[:, end:] -= errors @ hinv_upper[start:end, end:]
     return q
@@ -1746,30 +1529,26 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
 @torch.no_grad()
 def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
                                bos_id: int = 1) -> torch.Tensor:
-    """(num_seqs, seq_len) int64 token sequences the model samples itself, from BOS at temperature 1.
-    Calibration from the model alone needs no data after training ends, and the inputs GPTQ sees are
-    those the model produces. A DecodeCache runs each position once: cost linear in seq_len."""
+    """(num_seqs, seq_len) int64 sequences the model samples from BOS at temperature 1: no data needed after
+    training, and GPTQ sees the inputs the model produces. A DecodeCache runs each position once."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
+    was_training, batches = model.training, []
     model.eval()
-    batches = []
     for start in range(0, num_seqs, batch_seqs):
         seqs = torch.full((min(batch_seqs, num_seqs - start), seq_len), bos_id, dtype=torch.int64, device=device)
         cache = DecodeCache(len(model.blocks), seq_len)
         for t in range(1, seq_len):
             logits = model.logits_from_hidden(model.forward_hidden(seqs[:, t - 1:t], cache)[:, -1])  # (B, V)
-            probs = torch.softmax(logits.float(), dim=-1)
-            seqs[:, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            seqs[:, t] = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)[:, 0]
         batches.append(seqs)
     model.train(was_training)
     return torch.cat(batches)
 
 
 def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """GPTQ_CALIB_SEQS sequences of GPTQ_CALIB_SEQ_LEN tokens for the Hessians: generated by the model
-    (GPTQ_CALIB=selfgen) or the first tokens of `train_tokens` (GPTQ_CALIB=train, a 1-D tensor the
-    caller read from the training shards). Never validation tokens: the score would see them."""
+    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens for the Hessians: sampled from the model (GPTQ_CALIB=selfgen)
+    or the first of `train_tokens` (GPTQ_CALIB=train, 1-D). Never validation tokens: the score would see them."""
     if cfg.gptq_calib == "selfgen":
         return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
     need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
@@ -1781,28 +1560,23 @@ def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Ten
 
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = mean of x x^T over the calibration tokens, for the input x of every nn.Linear the forward pass
-    calls, keyed by its weight's name. The untied head, applied with F.linear, has none and gets RTN.
-    Layers called in a row on the same tensor (c_q, c_k, c_v) share one H, computed once."""
-    sums, counts, handles, shared, last = {}, {}, [], {}, [None, None]  # last: (input, name) of the last call
+    """H = mean of x x^T over the calibration tokens for the input x of every nn.Linear, keyed by its weight's name
+    (the untied head, an F.linear, has none: RTN). Layers called in a row on one tensor (c_q, c_k, c_v) share one H."""
+    sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
 
-    def accumulate(name):
-        def hook(module, inputs, output):
-            if inputs[0] is last[0]:
-                shared[name] = last[1]
-                return
-            last[:] = inputs[0], name
-            x = inputs[0].detach().flatten(0, -2).float()  # (tokens, in_features)
-            if name not in sums:
-                sums[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
-                counts[name] = 0
-            sums[name].addmm_(x.T, x)
-            counts[name] += x.size(0)
-        return hook
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            shared[name] = last[1]
+            return
+        last[:] = x, name
+        x = x.detach().flatten(0, -2).float()  # (tokens, in_features)
+        if name not in sums:
+            sums[name], counts[name] = torch.zeros(x.size(1), x.size(1), device=x.device), 0
+        sums[name].addmm_(x.T, x)
+        counts[name] += x.size(0)
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(accumulate(f"{name}.weight")))
+    handles = [module.register_forward_hook(lambda _, inputs, out, name=f"{name}.weight": accumulate(name, inputs[0]))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     device = next(model.parameters()).device
     try:
         for start in range(0, calib_tokens.size(0), batch_seqs):
@@ -1817,11 +1591,9 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
-    """Every state-dict entry of `model` as stored, on the CPU, at the widths `cfg` gives: GPTQ where
-    GPTQ is on and the matrix has a Hessian, else round-to-nearest. Matrices sharing one Hessian (c_q,
-    c_k, c_v) and a width go through GPTQ as one matrix of their stacked rows: rows are rounded
-    independently, so the result is theirs, with a third of the column steps. `cache` maps (name, bits)
-    to an earlier result, so that size fitting re-rounds only the tensors whose width it lowers."""
+    """Every state-dict entry as stored, on the CPU: GPTQ if on and the matrix has a Hessian, else RTN. Matrices
+    sharing a Hessian and a width (c_q, c_k, c_v) go through GPTQ stacked: rows round independently, so this is
+    their result with a third of the column steps. `cache` maps (name, bits) to an earlier result."""
     state, tensors, gptq_groups = {}, model.state_dict(), {}
     for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
@@ -1845,34 +1617,26 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
     return state
 
 
-def dequantized_tensor(quantized: QuantizedTensor) -> torch.Tensor:
-    if quantized.bits == 0:
-        return quantized.values.float()
-    return quantized.values.float() * quantized.scale.float()[:, None]
-
-
 @torch.no_grad()
 def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
     """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
     if expected != stored:
-        differing = sorted(set(expected.items()) ^ set(stored.items()))[0]
-        raise ArtifactError(f"artifact does not match the model built from these settings: {differing[0]} "
-                            f"is {stored.get(differing[0])} in the artifact, {expected.get(differing[0])} in the model")
-    model.load_state_dict({name: dequantized_tensor(q) for name, q in quantized_state.items()})
+        name = sorted(set(expected.items()) ^ set(stored.items()))[0][0]
+        raise ArtifactError(f"artifact does not match the model built from these settings: {name} "
+                            f"is {stored.get(name)} in the artifact, {expected.get(name)} in the model")
+    model.load_state_dict({name: q.values.float() * q.scale.float()[:, None] if q.bits else q.values.float()
+                           for name, q in quantized_state.items()})
     return model
 
 
 def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
-    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's
-    step at its bit width (detached). delta^2/12 is the variance of rounding noise of step delta; its
-    gradient acts as a weight decay as strong as the row's squared step, so the rows that will be
-    rounded coarsest are pulled in hardest during the warm-down."""
+    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's detached
+    step, delta^2/12 the rounding noise's variance: a weight decay pulling the rows rounded coarsest in hardest."""
     terms = []
     for name, p in model.named_parameters():
-        bits = quant_bits(name, p, cfg)
-        if bits:
+        if bits := quant_bits(name, p, cfg):
             delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
             terms.append((p.float().square() * delta.square()).mean() / 12)
     if not terms:
@@ -1881,69 +1645,38 @@ def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
 
 
 def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
-    """A copy where `fraction` of all values of the MLP and attention matrices, chosen among the nonzero
-    ones by the smallest |q| * step (the error that zeroing adds), are set to 0: long runs of zeros are
-    what zstd compresses best, and these cost the least error. Embeddings are left alone."""
-    names = [name for name, q in quantized_state.items()
-             if q.bits and tensor_class(name, q.values) in ("mlp", "attn")]
-    total = sum(quantized_state[name].values.numel() for name in names)
-    if not names or int(fraction * total) == 0:
+    """A copy with `fraction` of all MLP and attention values set to 0, the nonzero ones of least |q| * step (the
+    error zeroing adds): long runs of zeros are what zstd compresses best."""
+    prunable = {name: q for name, q in quantized_state.items()
+                if q.bits and tensor_class(name, q.values) in ("mlp", "attn")}
+    sizes = [q.values.numel() for q in prunable.values()]
+    if int(fraction * sum(sizes)) == 0:
         return dict(quantized_state)
-    cost = torch.cat([(quantized_state[name].values.float().abs()
-                       * quantized_state[name].scale.float()[:, None]).flatten() for name in names])
+    cost = torch.cat([(q.values.float().abs() * q.scale.float()[:, None]).flatten() for q in prunable.values()])
     cost[cost == 0] = float("inf")  # already zero: nothing to gain
-    k = min(int(fraction * total), int(torch.isfinite(cost).sum()))
+    k = min(int(fraction * sum(sizes)), int(torch.isfinite(cost).sum()))
     zero = torch.zeros(cost.numel(), dtype=torch.bool)
     zero[torch.topk(cost, k, largest=False).indices] = True
-    pruned, offset = dict(quantized_state), 0
-    for name in names:
-        q = quantized_state[name]
-        mask = zero[offset:offset + q.values.numel()].view_as(q.values)
-        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask, 0), q.scale)
-        offset += q.values.numel()
+    pruned = dict(quantized_state)
+    for (name, q), mask in zip(prunable.items(), zero.split(sizes)):
+        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask.view_as(q.values), 0), q.scale)
     return pruned
 
 
-def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """Values in [-qmax, qmax] as `bits`-bit unsigned fields (value + qmax), most significant bit
-    first, the last byte zero-padded."""
-    fields = (values.astype(np.int16).ravel() + qmax_for(bits)).astype(np.uint8)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
-    return np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
-
-
-def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
-    fields = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits).reshape(count, bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
-    return (fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)
-
-
-def tensor_data_bytes(shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(value bytes, scale bytes) of a tensor's record."""
-    count = math.prod(shape)
-    if layout == LAYOUT_RAW:
-        return count * torch.finfo(dtype).bits // 8, 0
-    value_bytes = count if layout == LAYOUT_BYTES else (count * bits + 7) // 8
-    return value_bytes, shape[0] * torch.finfo(dtype).bits // 8
-
-
 def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
-    """What one tensor's frame holds, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0),
-    then its per-row steps."""
+    """One tensor's frame, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0), then its steps.
+    LAYOUT_BITS: `bits`-bit fields (value + qmax), the last byte zero-padded."""
     if q.bits == 0:
         return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
     if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
         raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
-    values = q.values.numpy()
-    packed = values.tobytes() if layout == LAYOUT_BYTES else pack_bits(values, q.bits)
+    if layout == LAYOUT_BYTES:
+        packed = q.values.numpy().tobytes()
+    else:
+        fields = (q.values.numpy().astype(np.int16).ravel() + qmax_for(q.bits)).astype(np.uint8)
+        shifts = np.arange(q.bits - 1, -1, -1, dtype=np.uint8)  # most significant bit first
+        packed = np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
     return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def tensor_head(name: str, q: QuantizedTensor, layout: int, frame_bytes: int) -> bytes:
-    name_bytes, shape = name.encode(), tuple(q.values.shape)
-    dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
-    return (TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, frame_bytes) + name_bytes
-            + struct.pack(f"<{len(shape)}I", *shape))
 
 
 def compression_workers() -> int:
@@ -1952,10 +1685,8 @@ def compression_workers() -> int:
 
 
 def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
-    """Each record as its own zstd frame at `level`, compressed by `workers` threads (0: one per CPU this
-    process may use; zstandard releases the GIL). No frame depends on another, so the bytes are the
-    same for any number of threads. `cache` maps (level, sha256 of a record) to a frame made before:
-    size fitting recompresses only the records that changed."""
+    """Each record as its own zstd frame, by `workers` threads (0: one per usable CPU), the same bytes for any
+    number. `cache` maps (level, sha256 of a record) to its frame: size fitting recompresses only what changed."""
     cache = {} if cache is None else cache
     keys = [(level, hashlib.sha256(record).digest()) for record in records]
     todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
@@ -1969,8 +1700,7 @@ def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None,
 
 @dataclass(frozen=True)
 class Packing:
-    """Per tensor, in state order: the layout kept (LAYOUT_BYTES or LAYOUT_BITS, LAYOUT_RAW for raw
-    tensors), its record, and that record's frame at FAST_ZSTD_LEVEL."""
+    """Per tensor, in state order: its layout (LAYOUT_RAW if raw), its record, that record's FAST_ZSTD_LEVEL frame."""
     layouts: list[int]
     records: list[bytes]
     fast_frames: list[bytes]
@@ -1996,13 +1726,16 @@ def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None
     return Packing(*map(list, zip(*best.values())))
 
 
-def artifact_blob(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int], frames: Sequence[bytes]) -> bytes:
-    """Frame (magic, version, crc32 and length of the payload), then the payload: the length of the
-    compressed head table (u32), that table (tensor count, then per tensor its name, shape, bits, layout,
-    dtype and frame length), then every tensor's frame in the same order."""
+def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int],
+                     frames: Sequence[bytes]) -> bytes:
+    """The artifact around the tensors' frames: ARTIFACT_FRAME, then the payload: the zstd-compressed head table's
+    length (u32), that table (tensor count; per tensor TENSOR_HEAD, name, shape), the frames in state order."""
     heads = [struct.pack("<I", len(quantized_state))]
-    heads += [tensor_head(name, q, layout, len(frame))
-              for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames)]
+    for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames):
+        name_bytes, shape = name.encode(), tuple(q.values.shape)
+        dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
+        heads += [TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, len(frame)), name_bytes,
+                  struct.pack(f"<{len(shape)}I", *shape)]
     head_frame = zstandard.ZstdCompressor(level=FAST_ZSTD_LEVEL).compress(b"".join(heads))
     payload = b"".join([struct.pack("<I", len(head_frame)), head_frame, *frames])
     return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
@@ -2010,29 +1743,12 @@ def artifact_blob(quantized_state: dict[str, QuantizedTensor], layouts: Sequence
 
 def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
                   layout: int | None = None, packing: Packing | None = None) -> bytes:
-    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the
-    smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
+    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the smaller of
+    its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
     packing = packing or fast_packing(quantized_state, cache, layout)
     final = zstd_frames(packing.records, zstd_level, cache)
     frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
-    return artifact_blob(quantized_state, packing.layouts, frames)
-
-
-def artifact_payload(blob: bytes) -> bytes:
-    """The payload, once magic, version, length and checksum are all right."""
-    if len(blob) < ARTIFACT_FRAME.size:
-        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
-    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
-    if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
-    if version != ARTIFACT_VERSION:
-        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
-    payload = blob[ARTIFACT_FRAME.size:]
-    if len(payload) != length:
-        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
-    if zlib.crc32(payload) != crc:
-        raise ArtifactError("artifact corrupted: payload checksum does not match")
-    return payload
+    return blob_from_frames(quantized_state, packing.layouts, frames)
 
 
 def read_tensor_heads(table: bytes) -> list[tuple]:
@@ -2057,23 +1773,37 @@ def read_tensor_heads(table: bytes) -> list[tuple]:
 
 def tensor_from_record(name: str, shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype,
                        record: bytes) -> QuantizedTensor:
-    value_bytes, scale_bytes = tensor_data_bytes(shape, bits, layout, dtype)
-    if len(record) != value_bytes + scale_bytes:
-        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says "
-                            f"{value_bytes + scale_bytes}")
+    count, dtype_bytes = math.prod(shape), torch.finfo(dtype).bits // 8
+    value_bytes = {LAYOUT_RAW: count * dtype_bytes, LAYOUT_BYTES: count, LAYOUT_BITS: (count * bits + 7) // 8}[layout]
+    expected = value_bytes + (0 if layout == LAYOUT_RAW else shape[0] * dtype_bytes)
+    if len(record) != expected:
+        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says {expected}")
     raw = record[:value_bytes]
     if layout == LAYOUT_RAW:
         return QuantizedTensor(0, torch.frombuffer(bytearray(raw), dtype=dtype).view(shape))
     if layout == LAYOUT_BYTES:
         values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
     else:
-        values = torch.from_numpy(unpack_bits(raw, bits, math.prod(shape))).view(shape)
+        fields = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count * bits).reshape(count, bits)
+        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
+        values = torch.from_numpy((fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)).view(shape)
     return QuantizedTensor(bits, values, torch.frombuffer(bytearray(record[value_bytes:]), dtype=dtype))
 
 
 def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
-    payload = artifact_payload(blob)
+    if len(blob) < ARTIFACT_FRAME.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
+    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
+    payload = blob[ARTIFACT_FRAME.size:]
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
+    if len(payload) != length:
+        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: payload checksum does not match")
     decompress = zstandard.ZstdDecompressor().decompress
     try:
         (table_len,) = struct.unpack_from("<I", payload)
@@ -2095,47 +1825,34 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
 class ArtifactSummary:
     artifact_bytes: int
     code_bytes: int
+    total_bytes: int
     mlp_bits: int
     attn_bits: int
     embed_bits: int
     prune_fraction: float
     layout: str  # the integer tensors' layouts: "int8" (one byte per value), "bitpacked", or both
 
-    @property
-    def total_bytes(self) -> int:
-        return self.code_bytes + self.artifact_bytes
 
-
-def shrink_schedule(cfg: Hyperparameters) -> Iterator[tuple[Hyperparameters, float]]:
-    """(settings, prune fraction) to try, in order, until the artifact fits: the configured widths with
-    PRUNE_FRACTION raised in steps of PRUNE_STEP; then the same ramp with the MLP one bit narrower
-    (the most values, and the most tolerant of rounding); then with attention one bit narrower too."""
-    narrower = [cfg, dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))]
-    narrower.append(dataclasses.replace(narrower[1], quant_attn_bits=max(2, cfg.quant_attn_bits - 1)))
-    for widths in narrower:
-        for step in range(PRUNE_STEPS + 1):
-            yield widths, min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
-
-
-def distinct_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
-    """`shrink_schedule` without repeats: a width already at its floor would give the same try again."""
+def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
+    """(settings, prune fraction) to try in order, none twice: PRUNE_FRACTION raised in PRUNE_STEPs at the configured
+    widths, then with the MLP (most values, most tolerant) one bit narrower, then attention too."""
+    mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
+    both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
     entries = {}
-    for widths, prune in shrink_schedule(cfg):
-        entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
+    for widths in (cfg, mlp_narrower, both_narrower):
+        for step in range(PRUNE_STEPS + 1):
+            prune = min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
+            entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
     return list(entries.values())
 
 
 class ScheduleEntries:
-    """The entries of `distinct_schedule`, each quantized, pruned and packed at FAST_ZSTD_LEVEL when first
-    asked for; quantized tensors and frames that recur between entries are reused."""
+    """`shrink_schedule`'s entries, quantized, pruned and fast-packed when first asked for, reusing what recurs."""
 
     def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
         self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
-        self.entries = distinct_schedule(cfg)
+        self.entries = shrink_schedule(cfg)
         self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
-
-    def __len__(self) -> int:
-        return len(self.entries)
 
     def runs(self, lo: int, hi: int) -> list[range]:
         """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
@@ -2147,45 +1864,43 @@ class ScheduleEntries:
         return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
                 f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
 
-    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing]:
-        """Entry i's quantized state and fast packing. Only the last one is kept: it is the one usually
-        compressed next, and every one holds a copy of the model."""
+    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
+        """Entry i's quantized state, fast packing and their times; only the last entry's (each holds the model)."""
         if self.last is None or self.last[0] != i:
             widths, prune = self.entries[i]
             t0 = time.perf_counter()
             quantized = prune_smallest(quantize_state(self.model, widths, self.hessians, self.quant_cache), prune)
             t1 = time.perf_counter()
             packing = fast_packing(quantized, self.frame_cache)
-            self.last = i, quantized, packing, f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
-        return self.last[1], self.last[2]
+            times = f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
+            self.last = i, quantized, packing, times
+        return self.last[1:]
 
     def fast_bytes(self, i: int) -> int:
         """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged (artifact_estimate) once."""
         if i not in self.fast_sizes:
-            quantized, packing = self.packed(i)
-            self.fast_sizes[i] = len(artifact_blob(quantized, packing.layouts, packing.fast_frames))
-            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{self.fast_sizes[i]} "
-                     f"total_bytes:{self.code_bytes + self.fast_sizes[i]} target_bytes:{self.cfg.target_bytes} "
-                     f"{self.last[3]}")
+            quantized, packing, times = self.packed(i)
+            size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
+            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{size} "
+                     f"total_bytes:{self.code_bytes + size} target_bytes:{self.cfg.target_bytes} {times}")
         return self.fast_sizes[i]
 
     def final_blob(self, i: int) -> bytes:
         """Entry i's artifact at ZSTD_LEVEL, logged (artifact_try)."""
         t0, frames_before = time.perf_counter(), len(self.frame_cache)
-        quantized, packing = self.packed(i)
+        quantized, packing, _ = self.packed(i)
         blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
         total = self.code_bytes + len(blob)
         self.log(f"artifact_try {self.describe(i)} level:{self.cfg.zstd_level} layout:{packing.layout} "
-                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} artifact_bytes:{len(blob)} "
-                 f"total_bytes:{total} target_bytes:{self.cfg.target_bytes} fits:{int(total <= self.cfg.target_bytes)} "
-                 f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} "
+                 f"artifact_bytes:{len(blob)} total_bytes:{total} target_bytes:{self.cfg.target_bytes} "
+                 f"fits:{int(total <= self.cfg.target_bytes)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
         return blob
 
 
 def first_fit(runs: Sequence[range], fits) -> int | None:
-    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run (more pruning),
-    so a run whose first entry fits is done, one whose last entry does not is skipped, and the others
-    are bisected. In a run that fits at once, one question; in a run that never fits, two."""
+    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run, so a run whose
+    first entry fits is done, one whose last does not is skipped, and the others are bisected."""
     for run in runs:
         if fits(run[0]):
             return run[0]
@@ -2201,12 +1916,10 @@ def first_fit(runs: Sequence[range], fits) -> int | None:
 
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
                  calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
-    """Quantizes and packs `model` so that code_bytes + artifact <= TARGET_BYTES with the first entry of
-    `shrink_schedule` that fits; ArtifactError when even the last does not. Sizes at FAST_ZSTD_LEVEL pick
-    the entry to compress at ZSTD_LEVEL (found by `first_fit`): no frame is larger than its fast one, so the
-    first entry whose fast size fits does fit; the final size's ratio to the fast size then predicts the
-    earlier entries, and one predicted to fit as well is tried. `calib_tokens` (from `calibration_tokens`)
-    are needed when GPTQ is on."""
+    """The artifact of the first `shrink_schedule` entry with code + artifact <= TARGET_BYTES, and its summary
+    (ArtifactError if none). No frame exceeds its fast one, so fast sizes that fit do fit: they pick the entry to
+    compress at ZSTD_LEVEL, then its final/fast ratio predicts earlier entries, and one is tried. `calib_tokens`
+    (from `calibration_tokens`) are needed when GPTQ is on."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -2216,7 +1929,7 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
             f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
-    ratio, lo, hi, best = 1.0, 0, len(entries), None
+    ratio, lo, hi, best = 1.0, 0, len(entries.entries), None
     while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
         i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
         if i is None and best is None:
@@ -2231,13 +1944,12 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
             lo = i + 1
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
-                            f"setting tried ({entries.describe(len(entries) - 1)}), over TARGET_BYTES={cfg.target_bytes}")
+                            f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
     i, blob, layout = best
     widths, prune = entries.entries[i]
-    summary = ArtifactSummary(len(blob), code_bytes, widths.quant_mlp_bits, widths.quant_attn_bits,
-                              widths.quant_embed_bits, prune, layout)
-    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes "
-        f"(code {code_bytes}, artifact {summary.artifact_bytes})")
+    summary = ArtifactSummary(len(blob), code_bytes, code_bytes + len(blob), widths.quant_mlp_bits,
+                              widths.quant_attn_bits, widths.quant_embed_bits, prune, layout)
+    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes (code {code_bytes}, artifact {len(blob)})")
     return blob, summary
 
 

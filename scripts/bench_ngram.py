@@ -62,6 +62,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402  (main() swaps in --script's version)
+from make_sample_data import write_shard  # noqa: E402
 
 DEMO_SCRIPT = REPO / "scripts" / "run_demo.sh"
 SHARD_TOKENS = 4_000_000  # synthetic shards this long: a prefix read over-reads at most one shard
@@ -171,7 +172,7 @@ def text_like_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
 def write_synthetic_shards(folder: Path, n: int, vocab: int, seed: int) -> None:
     tokens = text_like_tokens(n, vocab, seed)
     for i in range(0, n, SHARD_TOKENS):
-        tg.write_shard(folder / f"fineweb_train_{i // SHARD_TOKENS:06d}.bin", tokens[i:i + SHARD_TOKENS])
+        write_shard(folder / f"fineweb_train_{i // SHARD_TOKENS:06d}.bin", tokens[i:i + SHARD_TOKENS])
 
 
 # --- prefill ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_ngram import load_script  # noqa: E402  (scripts/ is on sys.path when a script runs)
+from make_sample_data import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::unique", "aten::_unique", "aten::_unique2",
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as data:
         tokens = np.random.default_rng(0).integers(0, 1024, size=200_000)
-        tg.write_shard(Path(data) / "fineweb_train_000000.bin", tokens)
+        write_shard(Path(data) / "fineweb_train_000000.bin", tokens)
         runs = {}
         rt = tg.Runtime(0, 1, 0, torch.device("cpu"))
         model = train_model = None

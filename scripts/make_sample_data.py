@@ -18,7 +18,7 @@ machine, so that train_gpt.py can be run end to end on a CPU in a few minutes:
   U+2581, which decodes as a space.
 - shards: each document is its BOS id followed by its tokens; the train and val token streams
   are cut into fineweb_{train,val}_NNNNNN.bin files of at most --shard-tokens tokens, written
-  by train_gpt.write_shard.
+  by write_shard below.
 
 Run (from anywhere; the default outputs are under the repository root):
     python3 scripts/make_sample_data.py
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train_gpt import shard_token_count, write_shard  # noqa: E402  (needs ROOT on sys.path)
+from train_gpt import SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError, shard_token_count  # noqa: E402
 
 DEFAULT_OUT = ROOT / "data" / "datasets" / "sample_sp1024"
 DEFAULT_TOKENIZER = ROOT / "data" / "tokenizers" / "sample_1024_bpe.model"
@@ -203,6 +203,16 @@ def encode_documents(sp, texts: list[str]) -> np.ndarray:
 
 def shard_path(out_dir: Path, split: str, index: int) -> Path:
     return out_dir / f"fineweb_{split}_{index:06d}.bin"
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Writes `tokens` (ids in 0..65535) as a FineWeb shard, atomically; train_gpt.load_shard reads it."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or (tokens.size and (tokens.min() < 0 or tokens.max() > 65535)):
+        raise ShardError(f"{path}: shard tokens must be a 1-D array of ids in 0..65535")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    write_atomically(Path(path), header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def write_split_shards(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int) -> list[Path]:

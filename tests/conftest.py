@@ -1,10 +1,11 @@
-"""Tests import train_gpt.py and the scripts from the repository root."""
+"""Tests import train_gpt.py from the repository root, and the scripts (write_shard) from scripts/."""
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for folder in (ROOT, ROOT / "scripts"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import numpy as np
 import pytest

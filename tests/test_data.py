@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import train_gpt as tg
+from make_sample_data import write_shard
 from conftest import stdlib_documents
 
 
 def test_shard_round_trip(tmp_path):
     tokens = np.arange(1000, dtype=np.uint16) % 300
-    tg.write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
+    write_shard(tmp_path / "fineweb_train_000000.bin", tokens)
     assert tg.shard_token_count(tmp_path / "fineweb_train_000000.bin") == 1000
     np.testing.assert_array_equal(tg.load_shard(tmp_path / "fineweb_train_000000.bin", 300), tokens)
     assert not list(tmp_path.glob("*.tmp"))
@@ -40,7 +41,7 @@ def test_bad_shards_are_refused_with_their_name(tmp_path, content, message):
 
 def test_token_id_outside_vocabulary_is_refused(tmp_path):
     path = tmp_path / "fineweb_val_000000.bin"
-    tg.write_shard(path, np.array([1, 5, 1024, 3], dtype=np.uint16))
+    write_shard(path, np.array([1, 5, 1024, 3], dtype=np.uint16))
     with pytest.raises(tg.ShardError, match=r"token id 1024 at position 2 .*VOCAB_SIZE=1024"):
         tg.load_shard(path, 1024)
 
@@ -51,16 +52,16 @@ def test_missing_shards_say_how_to_get_data(tmp_path):
 
 
 def test_validation_split_is_every_val_file_in_order(tmp_path):
-    tg.write_shard(tmp_path / "fineweb_val_000001.bin", np.array([7, 8], dtype=np.uint16))
-    tg.write_shard(tmp_path / "fineweb_val_000000.bin", np.array([4, 5, 6], dtype=np.uint16))
-    tg.write_shard(tmp_path / "fineweb_train_000000.bin", np.array([9, 9], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_000001.bin", np.array([7, 8], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.array([4, 5, 6], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.array([9, 9], dtype=np.uint16))
     assert tg.load_validation_tokens(tmp_path, 16).tolist() == [4, 5, 6, 7, 8]
 
 
 def _write_train_shards(folder, sizes):
     start = 0
     for i, size in enumerate(sizes):
-        tg.write_shard(folder / f"fineweb_train_{i:06d}.bin", (np.arange(start, start + size) % 60000).astype(np.uint16))
+        write_shard(folder / f"fineweb_train_{i:06d}.bin", (np.arange(start, start + size) % 60000).astype(np.uint16))
         start += size
 
 

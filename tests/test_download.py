@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
+from make_sample_data import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,7 @@ def fake_fetch(calls: list, bad: str | None = None):
         if remote == bad:
             destination.write_bytes(b"\0" * 100)
         elif remote.endswith(".bin"):
-            tg.write_shard(destination, np.arange(10, dtype=np.uint16))
+            write_shard(destination, np.arange(10, dtype=np.uint16))
         else:
             destination.write_bytes(b"tokenizer " + remote.encode())
     return fetch
@@ -78,8 +79,8 @@ def test_files_to_fetch_skips_complete_files_and_refetches_truncated_shards(tmp_
     wanted = dl.remote_files("sp1024", 3)
     shard_dir = tmp_path / "datasets" / "fineweb10B_sp1024"
     shard_dir.mkdir(parents=True)
-    tg.write_shard(shard_dir / "fineweb_val_000000.bin", np.arange(50, dtype=np.uint16))
-    tg.write_shard(shard_dir / "fineweb_train_000000.bin", np.arange(20, dtype=np.uint16))
+    write_shard(shard_dir / "fineweb_val_000000.bin", np.arange(50, dtype=np.uint16))
+    write_shard(shard_dir / "fineweb_train_000000.bin", np.arange(20, dtype=np.uint16))
     # A download cut short: the header promises 100 tokens, the file holds 10.
     header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
     header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, 100)
@@ -144,7 +145,7 @@ def test_missing_huggingface_hub_is_one_line_and_exit_2(tmp_path, monkeypatch, c
 def test_hub_fetch_asks_the_dataset_repo_and_copies_the_cached_file(tmp_path, monkeypatch):
     cached = tmp_path / "cache" / "blob"
     cached.parent.mkdir()
-    tg.write_shard(cached, np.arange(5, dtype=np.uint16))
+    write_shard(cached, np.arange(5, dtype=np.uint16))
     asked = {}
 
     def hf_hub_download(**kwargs):

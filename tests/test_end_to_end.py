@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import train_gpt as tg
+from make_sample_data import write_shard
 from conftest import ROOT, stdlib_documents
 
 TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2",
@@ -27,7 +28,7 @@ def dataset(real_text_tokenizer, tmp_path_factory):
     docs = stdlib_documents(50)
     for split, part in (("train", docs[:45]), ("val", docs[45:47])):
         ids = np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]).astype(np.uint16)
-        tg.write_shard(folder / f"fineweb_{split}_000000.bin", ids[:6000] if split == "val" else ids)
+        write_shard(folder / f"fineweb_{split}_000000.bin", ids[:6000] if split == "val" else ids)
     return folder, model_path
 
 

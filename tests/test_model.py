@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import train_gpt as tg
+from make_sample_data import write_shard
 from conftest import tiny_config
 
 OPTIONS = {
@@ -105,8 +106,8 @@ def _write_repetitive_shards(folder, vocab):
     rng = np.random.default_rng(0)
     phrases = [rng.integers(4, vocab, size=rng.integers(3, 9)) for _ in range(12)]
     stream = np.concatenate([phrases[i] for i in rng.integers(0, 12, size=6000)]).astype(np.uint16)
-    tg.write_shard(folder / "fineweb_train_000000.bin", stream[:-4000])
-    tg.write_shard(folder / "fineweb_val_000000.bin", stream[-4000:])
+    write_shard(folder / "fineweb_train_000000.bin", stream[:-4000])
+    write_shard(folder / "fineweb_val_000000.bin", stream[-4000:])
 
 
 def test_tiny_training_run_lowers_the_loss(tmp_path, cpu_runtime):

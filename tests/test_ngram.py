@@ -11,9 +11,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as tg
+from make_sample_data import write_shard
 from conftest import perturbed_gpt, tiny_config
 
 CPU = torch.device("cpu")
+
+
+def target_context_keys(model, tokens):
+    """Per order, the context keys for predicting tokens[1:], read from the stream before each target, and
+    which orders have their whole context there, (T - 1, K)."""
+    return tg.stream_context_keys(model, tokens[:-1])
 
 
 def brute_counts(tokens, order):
@@ -28,7 +35,7 @@ def test_counts_match_brute_force_and_rows_sum_to_totals(vocab, orders):
     model = tg.NgramModel(orders, vocab, CPU)
     for lo, hi in ((1, 57), (57, 58), (58, 300), (300, 400)):  # incremental adds, one of a single token
         model.add_stream(tokens, lo, hi)
-    keys, available = tg.target_context_keys(model, tokens, 1, 400)
+    keys, available = target_context_keys(model, tokens)
     counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(orders):
@@ -51,7 +58,7 @@ def test_streams_shorter_than_the_context_count_nothing_and_do_not_fail(step):
     model = tg.NgramModel((2, 3, 5, 7), 5, CPU)
     for lo in range(1, 40, step):
         model.add_stream(tokens, lo, min(lo + step, 40))
-    keys, available = tg.target_context_keys(model, tokens, 1, 40)
+    keys, available = target_context_keys(model, tokens)
     counts, totals = model.target_stats(keys, tokens[1:])
     seq = tokens.tolist()
     for i, n in enumerate(model.orders):
@@ -261,7 +268,7 @@ def test_oracle_leaves_out_the_occurrence_it_is_asked_about(tmp_path, beta):
     vocab = 50
     rng = np.random.default_rng(0)
     train = rng.integers(2, vocab, size=3000).astype(np.uint16)
-    tg.write_shard(tmp_path / "fineweb_train_000000.bin", train)
+    write_shard(tmp_path / "fineweb_train_000000.bin", train)
     cfg = tiny_config(vocab_size=vocab, data_path=str(tmp_path), ngram_oracle_tokens=2000, train_seq_len=16,
                       ngram_min_order=2, ngram_max_order=4)
     rt = tg.Runtime(0, 1, 0, CPU)

@@ -129,7 +129,7 @@ def test_no_frame_is_larger_than_at_the_fast_level():
     the smaller frame, so its size never exceeds the fast estimate that fit_artifact predicts from."""
     state = random_quantized_state([5, 6, 8]) | layouts_test_state()
     packing = tg.fast_packing(state)
-    fast_blob = tg.artifact_blob(state, packing.layouts, packing.fast_frames)
+    fast_blob = tg.blob_from_frames(state, packing.layouts, packing.fast_frames)
     for level in (1, 2, 3, 19):
         assert len(tg.pack_artifact(state, level)) <= len(fast_blob)
 
@@ -331,7 +331,7 @@ def entry_of(fields: dict) -> tuple[int, int, float]:
 def final_sizes_in_schedule_order(model, cfg, hessians) -> list[tuple[tuple[int, int, float], int]]:
     """Every entry of the shrink schedule packed at ZSTD_LEVEL, the slow way."""
     sizes = []
-    for widths, prune in tg.distinct_schedule(cfg):
+    for widths, prune in tg.shrink_schedule(cfg):
         quantized = tg.prune_smallest(tg.quantize_state(model, widths, hessians), prune)
         sizes.append(((widths.quant_mlp_bits, widths.quant_attn_bits, round(prune, 2)),
                       len(tg.pack_artifact(quantized, cfg.zstd_level))))
@@ -403,7 +403,7 @@ def artifact_with_frame(blob: bytes, index: int, frame: bytes | None) -> bytes:
     state = {name: tg.QuantizedTensor(bits, torch.zeros(shape, dtype=torch.int8 if bits else dtype),
                                       torch.zeros(shape[0], dtype=dtype) if bits else None)
              for name, shape, bits, layout, dtype, _ in heads}
-    return tg.artifact_blob(state, [head[3] for head in heads], frames)
+    return tg.blob_from_frames(state, [head[3] for head in heads], frames)
 
 
 def test_damaged_artifacts_are_refused():

@@ -206,7 +206,7 @@ def test_existing_outputs_are_kept_and_partial_or_forced_ones_rebuilt(corpus, tm
 def test_stale_and_foreign_shards(corpus, tmp_path, capsys):
     foreign = tmp_path / "data" / "fineweb_train_000007.bin"
     foreign.parent.mkdir()
-    tg.write_shard(foreign, np.arange(10, dtype=np.uint16))
+    msd.write_shard(foreign, np.arange(10, dtype=np.uint16))
     code, _, err = run(capsys, *build_args(corpus, tmp_path))
     assert code == 2 and "--out=" in err and foreign.exists()
 
