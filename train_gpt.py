@@ -1066,13 +1066,8 @@ class Runtime:
     bf16: bool = False  # BF16
     local_world_size: int = 1  # processes on this machine (they share its memory)
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    distributed = property(lambda self: self.world_size > 1)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -1080,6 +1075,11 @@ class Runtime:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def synced_time(self) -> float:
+        """time.perf_counter() once the device has finished the work queued so far."""
+        self.synchronize()
+        return time.perf_counter()
 
 
 class RunLog:
@@ -1092,11 +1092,10 @@ class RunLog:
             path.write_text("")
 
     def __call__(self, line: str) -> None:
-        if self.path is None:
-            return
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
+        if self.path is not None:
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
 
 
 def accum_steps(cfg: Hyperparameters, world_size: int) -> int:
@@ -1121,45 +1120,26 @@ def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
 
 
 def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_STEPS, then a linear warm-down to zero that ends where training ends:
-    at ITERATIONS, or at the wall-clock stop if that comes first (its length is WARMDOWN_ITERS steps at
-    the average step time so far)."""
+    """Linear warm-up over LR_WARMUP_STEPS, then a linear warm-down to zero ending at ITERATIONS or at the
+    wall-clock stop if sooner (there, WARMDOWN_ITERS steps at the average step time so far)."""
     scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters:
-        steps_left = cfg.iterations - step
-        scale = min(scale, steps_left / cfg.warmdown_iters)
+        scale = min(scale, (cfg.iterations - step) / cfg.warmdown_iters)
         if stop_ms is not None and step > 0:
-            warmdown_ms = cfg.warmdown_iters * elapsed_ms / step
-            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / warmdown_ms)
+            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / (cfg.warmdown_iters * elapsed_ms / step))
     return max(scale, 0.0)
 
 
-def training_eta_ms(step: int, steps_ms: float, elapsed_ms: float, stop_ms: float | None,
-                    cfg: Hyperparameters) -> float:
-    """Time left until training ends: the steps left to ITERATIONS at the pace of the steps so far
-    (`steps_ms` over `step` steps, the oracle's prefill not included), or the wall-clock stop if sooner."""
-    eta = (cfg.iterations - step) * steps_ms / max(step, 1)
-    return eta if stop_ms is None else max(0.0, min(eta, stop_ms - elapsed_ms))
-
-
 def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
-    if cfg.muon_momentum_warmup_steps == 0:
-        return cfg.muon_momentum
-    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
 
 
 class WeightEMA:
     """An fp32 exponential moving average of the weights, copied into the model at the end of training
-    (record stacks: decay 0.997, worth ~0.002-0.005 bpb after the warm-down).
-
-    With ramp=True the decay of update t is min(decay, (1 + t) / (3 + t)): until that reaches `decay`
-    (step 664 at 0.997) the average weighs step s by s + 1, spanning about the last half of the steps taken
-    (TensorFlow's num_updates ramp is (1 + t) / (10 + t), the last ninth). Without a ramp, a 200-step run
-    at 0.997 ends with 55% of its average on the random initialization; a record-length run ends with
-    the same average either way. On the demo model at 200 steps (val_bpb, one run, several averages):
-    last weights 2.996, this ramp 2.314, /(10 + t) 2.723, plain 0.997 2.667, plain 0.98 2.423.
-    TTT's Polyak average starts from trained weights and needs no ramp."""
+    (records: decay 0.997, ~0.002-0.005 bpb). ramp=True decays update t by min(decay, (1 + t) / (3 + t)):
+    unramped, a 200-step demo run keeps 55% of its average on the initialization (val_bpb 2.667, ramped
+    2.314). TTT's Polyak average starts from trained weights and needs no ramp."""
 
     def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
         self.decay, self.ramp, self.updates = decay, ramp, 0
@@ -1191,9 +1171,8 @@ class WeightEMA:
 
 
 def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
-    """The largest of each value over ranks. A decision taken from a clock or a measured time must be
-    taken from these on every rank: taken from its own clock, one rank stops while another goes on to
-    a collective that never completes (NCCL hangs until its watchdog kills the job)."""
+    """The largest of each value over ranks. Decisions taken from a clock use these: from its own clock one
+    rank stops while another waits in a collective until NCCL's watchdog kills the job."""
     if not rt.distributed:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=rt.device)
@@ -1201,22 +1180,22 @@ def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
-CLOCK_READ_EVERY = 10  # steps between wall-clock readings: each is a host sync and an all-reduce
+# The training clock is read every CLOCK_READ_EVERY steps (each a host sync and an all-reduce) as the maximum
+# over ranks, and extrapolated in between at the average step time: every rank takes the same warm-down and
+# stop decisions without a host sync per step.
+CLOCK_READ_EVERY = 10
 
 
 def compile_count() -> int:
-    """Graphs torch.compile has built in this process so far: one built inside a timed phase is compile
-    time on its clock (logged as recompiles: on train_done and eval_done)."""
+    """Graphs torch.compile has built in this process (one built in a timed phase is time on its clock)."""
     from torch._dynamo.utils import counters
-
     return counters["frames"]["total"]
 
 
 def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scale: torch.Tensor | None,
                rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the
-    oracle's expert inputs (None: no mixer). Under DDP the gradients are all-reduced only on the step's
-    last micro-batch (`sync`)."""
+    """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the oracle's
+    expert inputs (None: no mixer). DDP all-reduces only on the step's last micro-batch (`sync`)."""
     experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
@@ -1228,13 +1207,12 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scal
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
                oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimizer step over TRAIN_BATCH_TOKENS; returns the mean training loss (this rank's) as a
-    tensor: reading it would make the host wait for the device, so only logged steps do."""
+    """One optimizer step over TRAIN_BATCH_TOKENS; returns this rank's mean training loss as a tensor
+    (reading it makes the host wait for the device, so only logged steps do)."""
     total = torch.zeros((), device=rt.device)
-    for micro, batch in enumerate(loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len,
-                                                      rt.device)):
-        total += micro_step(train_model, batch, oracle_lookup, penalty_scale, rt, accum_steps,
-                            micro == accum_steps - 1)
+    batches = loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len, rt.device)
+    for micro, batch in enumerate(batches):
+        total += micro_step(train_model, batch, oracle_lookup, penalty_scale, rt, accum_steps, micro == accum_steps - 1)
     total /= accum_steps
     for opt in optimizers:
         for group in opt.param_groups:
@@ -1270,57 +1248,54 @@ def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> Ngr
     return oracle
 
 
+def training_oracle(model: GPT, cfg: Hyperparameters, rt: Runtime, files: Sequence[str],
+                    oracle: NgramModel | None, log) -> tuple:
+    """(oracle, `batch -> its expert inputs` for micro_step): `oracle` if given, else counted here when the
+    model has a mixer head; (None, None) with neither. Compiled, the lookup's ~230 ops (keys, searchsorted,
+    leave-one-out) are one graph."""
+    if model.mixer_head is not None and oracle is None:
+        t0 = rt.synced_time()
+        oracle = build_oracle(cfg, rt, files)
+        log(f"ngram_oracle tokens:{oracle.counted_tokens} orders:{','.join(map(str, oracle.orders))} "
+            f"bytes:{oracle.nbytes()} time:{1000 * (rt.synced_time() - t0):.0f}ms")
+    if oracle is None:
+        return None, None
+    lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
+    return oracle, lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run, cfg.ngram_prior_beta)
+
+
 def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
           evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
     """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the work after training). The oracle's counting is training time; validation is not. An
-    `oracle` given is used as it is (the preflight counts its own).
-
-    The clock is read every CLOCK_READ_EVERY steps, as the maximum over ranks; between readings the
-    elapsed time is extrapolated from the last reading at the average step time. The warm-down and the
-    stop are taken from these agreed figures, so every rank takes the same decisions without a host sync
-    per step."""
+    kept for the artifact). Counting the oracle is training time, validation is not; a given `oracle` is
+    used as it is (the preflight counts its own)."""
     accum_steps = grad_accum_steps_for(cfg, rt.world_size)
     files = shard_files(cfg.data_path, "train")
-    rt.synchronize()
-    t0 = time.perf_counter()
-    if model.mixer_head is not None and oracle is None:
-        oracle = build_oracle(cfg, rt, files)
-        rt.synchronize()
-        log(f"ngram_oracle tokens:{oracle.counted_tokens} "
-            f"orders:{','.join(map(str, oracle.orders))} bytes:{oracle.nbytes()} "
-            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    t0 = rt.synced_time()
+    oracle, oracle_lookup = training_oracle(model, cfg, rt, files, oracle, log)
     train_ms = 1000 * (time.perf_counter() - t0)
-    oracle_tokens = 0 if oracle is None else oracle.counted_tokens
-    oracle_lookup = None
-    if oracle is not None:
-        # Compiled, the lookup's ~230 ops (keys, searchsorted, leave-one-out) are one graph.
-        lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
-        oracle_lookup = lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run,
-                                             cfg.ngram_prior_beta)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
     if cfg.compile and cfg.warmup_steps:
         warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
-    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size, oracle_tokens)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
+                                    0 if oracle is None else oracle.counted_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
     step, stopped_early, reading, start_ms = 0, False, None, train_ms
     compiles = compile_count()
-    rt.synchronize()
-    t0 = time.perf_counter()
+    t0 = rt.synced_time()
     while step < cfg.iterations:
         if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
-            rt.synchronize()
-            reading = (step, agreed_max([train_ms + 1000 * (time.perf_counter() - t0)], rt)[0])
+            reading = (step, agreed_max([train_ms + 1000 * (rt.synced_time() - t0)], rt)[0])
         step_ms = (reading[1] - start_ms) / reading[0] if reading[0] else 0.0
         elapsed = reading[1] + (step - reading[0]) * step_ms
-        if stop_ms is not None and elapsed >= stop_ms:
-            stopped_early = True
+        stopped_early = stop_ms is not None and elapsed >= stop_ms
+        if stopped_early:
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
-        # CROWN-Q acts during the warm-down only, where the weights settle where they will be rounded. The
-        # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops when it is 0.
+        # CROWN-Q acts in the warm-down only, where the weights settle where they will be rounded. The
+        # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops at 0.
         warming_down = step >= cfg.lr_warmup_steps and scale < 1.0
         if penalty_scale is not None:
             penalty_scale.fill_(float(warming_down))
@@ -1330,22 +1305,20 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
             ema.update(model)
         step += 1
         if cfg.train_log_every and (step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations):
-            rt.synchronize()
-            now = train_ms + 1000 * (time.perf_counter() - t0)
+            now = train_ms + 1000 * (rt.synced_time() - t0)
+            eta = (cfg.iterations - step) * (now - start_ms) / step  # at the steps' pace, no oracle prefill
+            eta = eta if stop_ms is None else max(0.0, min(eta, stop_ms - now))
             log(f"step:{step}/{cfg.iterations} train_loss:{float(loss):.4f} train_time:{now:.0f}ms "
-                f"step_avg:{now / step:.2f}ms eta:{training_eta_ms(step, now - start_ms, now, stop_ms, cfg):.0f}ms")
+                f"step_avg:{now / step:.2f}ms eta:{eta:.0f}ms")
         if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
-            rt.synchronize()
-            train_ms += 1000 * (time.perf_counter() - t0)
+            train_ms += 1000 * (rt.synced_time() - t0)
             paused = compile_count()
             val = evaluate_val()
             compiles += compile_count() - paused  # compiled while the clock was stopped
             log(f"step:{step}/{cfg.iterations} val_loss:{val.val_loss:.4f} val_bpb:{val.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
-            rt.synchronize()
-            t0, reading = time.perf_counter(), None
-    rt.synchronize()
-    train_ms += 1000 * (time.perf_counter() - t0)
+            t0, reading = rt.synced_time(), None
+    train_ms += 1000 * (rt.synced_time() - t0)
     if stopped_early:
         log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
     if ema is not None:
@@ -1354,22 +1327,12 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     return TrainResult(step, train_ms, stopped_early, compile_count() - compiles)
 
 
-def synthetic_tokens(shape: tuple[int, ...], cfg: Hyperparameters, device: torch.device,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Random token ids: what compiling and warming run on, never real data. Callers lay them out as
-    the real batches are (shape and strides), or the compiled graph would not be the one used."""
-    return torch.randint(0, cfg.vocab_size, shape, generator=generator).to(device)
-
-
 def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], cfg: Hyperparameters,
                      rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None,
                      log) -> None:
-    """Compiles the training step before the clock starts (../shared/CONVENTIONS.md, "What the clocks
-    count"): WARMUP_STEPS steps' forward and backward passes, every micro-batch of them (under DDP
-    those that all-reduce and those that do not), on synthetic tokens, with the oracle's lookups and the
-    CROWN-Q penalty, and Muon's orthogonalization for every matrix shape. It leaves no trace: no optimizer
-    step is taken, the gradients are dropped, and the data stream, the optimizers' state, the EMA and the
-    global random stream are not touched."""
+    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count"):
+    WARMUP_STEPS steps of every micro-batch on synthetic tokens, oracle lookups, CROWN-Q and Muon's shapes.
+    No trace: no optimizer step, gradients dropped; data stream, optimizers, EMA and global RNG untouched."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
@@ -1377,8 +1340,8 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
     steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)
     for _ in range(steps):
         for micro in range(accum_steps):
-            # laid out as DistributedBatchLoader's batches: views of one stream, offset by one
-            stream = synthetic_tokens((rows * cfg.train_seq_len + 1,), cfg, rt.device, generator)
+            # laid out as DistributedBatchLoader's batches (views of one stream, offset by one): the same graph
+            stream = torch.randint(cfg.vocab_size, (rows * cfg.train_seq_len + 1,), generator=generator).to(rt.device)
             run = torch.zeros_like(stream)[1:].view(rows, -1)  # no leave-one-out
             micro_step(train_model, Batch(stream[:-1].view(rows, -1), stream[1:].view(rows, -1), run), oracle_lookup,
                        penalty_scale, rt, accum_steps, micro == accum_steps - 1)
@@ -1386,9 +1349,8 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
     for opt in optimizers:
         if isinstance(opt, Muon):
             opt.compile_shapes()
-    rt.synchronize()
     log(f"compile_warmup phase:train steps:{steps} graphs:{compile_count() - compiles} "
-        f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
 
 
 # =============================================================================
@@ -2664,10 +2626,6 @@ def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
         log(line)
 
 
-def artifact_path(cfg: Hyperparameters) -> Path:
-    return Path("artifacts") / f"{cfg.run_id}.pgqw"
-
-
 def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
     """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing."""
     calib, t0 = None, time.perf_counter()
@@ -2675,19 +2633,18 @@ def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
         train_tokens = None
         if cfg.gptq_calib == "train":
             stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size, cfg.seed)
-            train_tokens = torch.from_numpy(stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
+            train_tokens = torch.from_numpy(
+                stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
         with rt.autocast():
             calib = calibration_tokens(model, cfg, train_tokens)
-        rt.synchronize()
         log(f"gptq_calibration source:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
-            f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
+            f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
     return fit_artifact(model, cfg, script_identity()[1], log, calib)[0]
 
 
 def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
-    """The artifact's bytes on every rank, built by rank 0 alone: calibration, GPTQ, size fitting and zstd on
-    all the node's cores, not the same work 8 times over on shared cores. The other ranks wait for the
-    outcome, so an ArtifactError stops every rank with rank 0's message instead of leaving them waiting."""
+    """The artifact's bytes on every rank, built by rank 0 alone (zstd on all the node's cores, not the same
+    work 8 times over). The others wait for the outcome, so an ArtifactError stops every rank."""
     outcome = [None, None]  # blob, error
     if rt.is_main:
         try:
@@ -2701,60 +2658,53 @@ def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
     return outcome[0]
 
 
-def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> tuple[Path, float]:
-    """Builds and writes the artifact; returns its path and the seconds it took."""
-    t0, path = time.perf_counter(), artifact_path(cfg)
+def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: float) -> Path:
+    """Builds and writes artifacts/<RUN_ID>.pgqw; returns its path. The artifact is part of training: its
+    time counts against MAX_WALLCLOCK_SECONDS, which TRAIN_RESERVE_SECONDS must leave room for."""
+    t0, path = time.perf_counter(), Path("artifacts") / f"{cfg.run_id}.pgqw"
     blob = rank0_artifact(model, cfg, rt, log)
     if rt.is_main:
         write_artifact(path, blob)
     if rt.distributed:
         dist.barrier()
-    seconds = time.perf_counter() - t0
-    log(f"artifact_saved path:{path} bytes:{len(blob)} time:{1000 * seconds:.0f}ms")
-    return path, seconds
-
-
-def load_artifact(model: GPT, path: str | Path, log) -> GPT:
-    """Overwrites every weight of `model` with the artifact's dequantized values: what is evaluated is
-    the artifact alone (dequantize_into refuses an artifact whose tensors differ from the model's)."""
-    blob = Path(path).read_bytes()
-    dequantize_into(model, unpack_artifact(blob))
-    log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
-    return model
+    artifact_ms = 1000 * (time.perf_counter() - t0)
+    log(f"artifact_saved path:{path} bytes:{len(blob)} time:{artifact_ms:.0f}ms")
+    phase_ms = train_ms + artifact_ms
+    log(f"training_phase train_time:{train_ms:.0f}ms artifact_time:{artifact_ms:.0f}ms total:{phase_ms:.0f}ms")
+    if cfg.max_wallclock_seconds and phase_ms > 1000 * cfg.max_wallclock_seconds:
+        log(f"warning: training and artifact took {phase_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+            f"{cfg.max_wallclock_seconds:g}: raise TRAIN_RESERVE_SECONDS")
+    return path
 
 
 def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
     """(training module, TTT's forward, token_nll, eval_outputs): compiled with COMPILE=1, the training
-    module wrapped in DDP when there are several ranks."""
+    module wrapped in DDP when there are several ranks. TTT trains through the model itself: it sums its
+    gradients over ranks in its own way."""
     compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
-    train_model = model
-    if rt.distributed:
-        # DDP inside compile, not around it: torch.compile then splits the backward at DDP's bucket
-        # boundaries (its DDPOptimizer), so each bucket's all-reduce runs while the rest of the backward
-        # is computed; wrapped around a compiled module, DDP waits for the whole backward. The only
-        # buffer is the constant rotary table: nothing to broadcast each step. Gradients live in DDP's
-        # buckets (no copy into them).
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
-            gradient_as_bucket_view=True)
-    # TTT trains through the model itself: it sums its gradients over ranks in its own way.
+    # DDP inside compile: torch.compile then splits the backward at DDP's buckets (DDPOptimizer), so each
+    # bucket's all-reduce overlaps the rest of the backward. The rotary table is the only buffer, constant.
+    train_model = model if not rt.distributed else nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
     return compiled(train_model), compiled(model), compiled(model.token_nll), compiled(model.eval_outputs)
 
 
 def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
+    """Trains and writes the artifact (or takes EVAL_ARTIFACT's), then scores the artifact alone."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
     val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
     log(f"val_tokens:{val_tokens.numel()}")
-
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
 
     def plain_val() -> EvalResult:
         model.eval()
-        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
+        batch_tokens = eval_batch_tokens(cfg, rt.world_size)
+        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
         model.train()
         return result
 
@@ -2766,87 +2716,71 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
             f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms recompiles:{result.recompiles}")
         prequant = plain_val()
         log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
-        path, artifact_s = save_artifact(model, cfg, rt, log)
-        # The artifact is part of training: its time counts against MAX_WALLCLOCK_SECONDS, which
-        # TRAIN_RESERVE_SECONDS must leave room for.
-        phase_ms = result.train_time_ms + 1000 * artifact_s
-        log(f"training_phase train_time:{result.train_time_ms:.0f}ms artifact_time:{1000 * artifact_s:.0f}ms "
-            f"total:{phase_ms:.0f}ms")
-        if cfg.max_wallclock_seconds and phase_ms > 1000 * cfg.max_wallclock_seconds:
-            log(f"warning: training and artifact took {phase_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
-                f"{cfg.max_wallclock_seconds:g}: raise TRAIN_RESERVE_SECONDS")
-    load_artifact(model, path, log)
+        path = save_artifact(model, cfg, rt, log, result.train_time_ms)
+    blob = Path(path).read_bytes()
+    dequantize_into(model, unpack_artifact(blob))  # every weight: what is evaluated is the artifact alone
+    log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
     if cfg.eval_artifact:  # the size line a training run prints, for this artifact and this script
-        artifact_bytes, code_bytes = Path(path).stat().st_size, script_identity()[1]
-        log(f"Total submission size quantized+zstd: {code_bytes + artifact_bytes} bytes "
-            f"(code {code_bytes}, artifact {artifact_bytes})")
+        code_bytes = script_identity()[1]
+        log(f"Total submission size quantized+zstd: {code_bytes + len(blob)} bytes "
+            f"(code {code_bytes}, artifact {len(blob)})")
     return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, ttt_forward)
 
 
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                    cfg: Hyperparameters, rt: Runtime, log, train_forward=None,
                    phases: dict[str, float] | None = None) -> EvalResult:
-    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0), and (with a
-    mixer) sliding window mixed with the n-gram cache, which is then the run's score, last in the log;
-    then `eval_phases`, where the time went (each phase the slowest rank's). `train_forward(inputs,
-    targets) -> loss` is what TTT trains through (default: the model itself). `phases`, when given, is
-    filled with those milliseconds."""
+    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0) and, with a
+    mixer, the sliding window mixed with the n-gram cache, then the run's score, last; then `eval_phases`,
+    each phase's milliseconds on the slowest rank (also put in `phases` if given). `train_forward(inputs,
+    targets) -> loss` is what TTT trains through (default: the model itself)."""
     train_forward = model if train_forward is None else train_forward
     phases = {} if phases is None else phases
     phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
     if cfg.compile:
-        t0 = time.perf_counter()
-        warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
-        phases["compile_warmup"] = 1000 * (time.perf_counter() - t0)
+        phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
     model.eval()
     rt.synchronize()
     compiles = compile_count()
-    start = t0 = time.perf_counter()
-    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
-    rt.synchronize()
-    phases["plain"] = 1000 * (time.perf_counter() - t0)
+    start = time.perf_counter()
+    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
+    phases["plain"] = 1000 * (rt.synced_time() - start)
     log_final(log, "final_plain", plain, phases["plain"])
     t0 = time.perf_counter()
+    name = "final_sliding_window_ttt" if cfg.ttt_epochs else "final_sliding_window"
     if cfg.use_mixer == "none" and not cfg.ttt_epochs:
-        score = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
-                                 eval_batch_tokens(cfg, rt.world_size), rt)
-        rt.synchronize()
-        phases["neural"] = 1000 * (time.perf_counter() - t0)
-        log_final(log, "final_sliding_window", score, phases["neural"])
+        neural, mixed = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
+                                         batch_tokens, rt), None
+        phases["neural"] = elapsed = 1000 * (rt.synced_time() - t0)
     else:
-        neural_scores, name = None, "final_sliding_window"
-        if cfg.ttt_epochs:
-            name += "_ttt"
-            neural_scores = lambda audit_targets: ttt_neural_pass(
-                model, eval_outputs, train_forward, val_tokens, tables, cfg, rt, audit_targets, log, start, phases)
+        ttt_scores = lambda audit_targets: ttt_neural_pass(model, eval_outputs, train_forward, val_tokens, tables,
+                                                           cfg, rt, audit_targets, log, start, phases)
         neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
-                                               neural_scores=neural_scores, phases=phases)
-        rt.synchronize()
-        elapsed = 1000 * (time.perf_counter() - t0)
-        log_final(log, name, neural, elapsed)
-        score = neural
-        if mixed is not None:
-            log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
-            score = mixed
+                                               neural_scores=ttt_scores if cfg.ttt_epochs else None, phases=phases)
+        elapsed = 1000 * (rt.synced_time() - t0)
+    log_final(log, name, neural, elapsed)
+    if mixed is not None:
+        log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
     eval_s = time.perf_counter() - start
     if eval_s > cfg.eval_budget_seconds:
         log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
     phases.update(zip(phases, agreed_max(list(phases.values()), rt)))
     log(f"eval_phases {' '.join(f'{name}:{ms:.0f}ms' for name, ms in phases.items())}")
     log(f"eval_done eval_time:{1000 * eval_s:.0f}ms recompiles:{compile_count() - compiles}")
-    return score
+    return neural if mixed is None else mixed
 
 
 def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
-                       log) -> None:
-    """Compiles, before the evaluation clock, every function the evaluation calls, in the one shape each
-    is called with (evaluation and TTT batches are padded to it): on synthetic tokens, never validation
-    tokens. TTT's forward and backward run in training mode; their gradients are dropped and no step is
-    taken, so the weights are as they were."""
+                       log) -> float:
+    """Compiles, before the evaluation clock, every function the evaluation calls in the one shape each is
+    called with (batches are padded to it), on synthetic tokens; returns its milliseconds. TTT's forward
+    and backward run in training mode; their gradients are dropped and no step is taken."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
-    rows, L, S = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), cfg.eval_seq_len), cfg.eval_seq_len, cfg.eval_stride
-    tokens = synthetic_tokens((rows, L + 1), cfg, rt.device, generator)  # windows are cut as val_tokens[index]
+    L, S = cfg.eval_seq_len, cfg.eval_stride
+    rows = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), L)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, L + 1), generator=generator).to(rt.device)  # as val_tokens[index]
     positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
     with torch.no_grad(), rt.autocast():
@@ -2857,15 +2791,16 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
             token_nll(tokens[:, :-1], tokens.gather(1, positions + 1), positions)
     if cfg.ttt_epochs:
         rows = ttt_rows(cfg, rt)
-        seqs = synthetic_tokens((rows, cfg.train_seq_len + 1), cfg, rt.device, generator)
+        seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
         model.train()
         with rt.autocast():
             loss = train_forward(*ttt_rank_batch(seqs, torch.arange(rows, device=rt.device), rows))
         loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
-    rt.synchronize()
-    log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    warmup_ms = 1000 * (rt.synced_time() - t0)
+    log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{warmup_ms:.0f}ms")
+    return warmup_ms
 
 
 def main(job=None, log_suffix: str = "") -> int:
@@ -2894,9 +2829,8 @@ def main(job=None, log_suffix: str = "") -> int:
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
-            # Free what still holds the process group (DDP's reducer sits in reference cycles) while the
-            # interpreter is alive: left to the collection at exit, gloo's threads are torn down during
-            # finalization and abort the process (SIGABRT after the last line, 1 run in 3 on 2 CPUs).
+            # Free what holds the process group (DDP's reducer sits in reference cycles) while the interpreter
+            # is alive: gloo's threads torn down at exit abort the process (SIGABRT, 1 run in 3 on 2 CPUs).
             gc.collect()
             dist.destroy_process_group()
 
