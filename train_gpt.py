@@ -2643,14 +2643,18 @@ def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
 
 
 def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
-    """The artifact's bytes on every rank, built by rank 0 alone (zstd on all the node's cores, not the same
-    work 8 times over). The others wait for the outcome, so an ArtifactError stops every rank."""
-    outcome = [None, None]  # blob, error
+    """The artifact's bytes on every rank, built by rank 0 alone with all the machine's cores, not the same work
+    8 times over on shared ones. The others wait for the outcome, so an ArtifactError stops every rank."""
+    outcome, threads = [None, None], torch.get_num_threads()  # outcome: blob, error
     if rt.is_main:
         try:
+            if rt.device.type == "cpu":  # the other ranks on this machine only wait
+                torch.set_num_threads(threads * rt.local_world_size)
             outcome[0] = built_artifact(model, cfg, rt, log)
         except ArtifactError as err:
             outcome[1] = str(err)
+        finally:
+            torch.set_num_threads(threads)
     if rt.distributed:
         dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
