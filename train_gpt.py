@@ -1942,13 +1942,9 @@ class EvalResult:
 
 @functools.lru_cache(maxsize=4)  # TTT asks for every chunk: ~1M spans on FineWeb take ~0.7 s to build
 def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> tuple[tuple[int, int, int], ...]:
-    """Windows that score every target position 1..num_tokens-1 exactly once, each with the longest
-    context the window allows.
-
-    Returns (window_start, window_len, scored) triples: the window reads tokens[start:start+len] and
-    predicts tokens[start+1:start+len+1]; its last `scored` predictions are scored. The first window
-    scores all of its targets, the next ones `stride` new targets each, and the last window is moved
-    back so that it is full length: every window but a too-short stream's is seq_len long."""
+    """(start, length, scored) windows that score each target 1..num_tokens-1 once, with the longest context:
+    tokens[start:start+length] predict the next ones and the last `scored` predictions count. The first
+    window scores all its targets, the rest `stride` each; all are full length (the last is moved back)."""
     spans, scored_end = [], 1
     while scored_end < num_tokens:
         end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
@@ -1959,16 +1955,24 @@ def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> tuple[tu
 
 
 def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tuple[int, int]]:
-    """(first, last+1) item ranges of the batches this rank evaluates. Batches are cut from the global
-    order, the same for any world size, so every window is computed in the same batch everywhere."""
+    """(first, last+1) ranges of this rank's batches, cut from the global order: the same for any world size."""
     num_batches = (num_items + batch_size - 1) // batch_size
     per_rank = (num_batches + rt.world_size - 1) // rt.world_size
     for b in range(rt.rank * per_rank, min(num_batches, (rt.rank + 1) * per_rank)):
         yield b * batch_size, min(num_items, (b + 1) * batch_size)
 
 
-def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) -> EvalResult:
-    sums = torch.tensor([nll_sum, float(byte_sum), float(count)], dtype=torch.float64, device=rt.device)
+def _eval_result(batch_scores: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 rt: Runtime) -> EvalResult:
+    """The EvalResult over all ranks of this rank's batches of (-ln q (n,), bytes (n,)). The sums stay on the
+    device until the end: reading them each batch would stall the queue."""
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    byte_sum, count = torch.zeros((), dtype=torch.int64, device=device), 0
+    for nll, nbytes in batch_scores:
+        nll_sum += nll.double().sum()
+        byte_sum += nbytes.sum()
+        count += nll.numel()
+    sums = torch.tensor([float(nll_sum), float(int(byte_sum)), float(count)], dtype=torch.float64, device=rt.device)
     if rt.distributed:
         dist.all_reduce(sums)
     nll, nbytes, ntok = sums.tolist()
@@ -1977,53 +1981,51 @@ def _reduce_eval_sums(nll_sum: float, byte_sum: int, count: int, rt: Runtime) ->
 
 @dataclass
 class WindowBatch:
-    """A batch of windows, and which of their predictions it scores. `picked` is found without reading
-    anything back from the device (its size is known on the host): no host sync per batch."""
+    """Windows and the predictions they score; `picked`'s size is known on the host: no sync per batch."""
     index: torch.Tensor      # (B, L+1) positions in val_tokens of each row's window (padding clamped)
+    tokens: torch.Tensor     # (B, L+1) val_tokens[index]
     positions: torch.Tensor  # (B, S) the predictions each row computes: window[p] predicts window[p+1]
     picked: torch.Tensor     # (n,) flat indices into (B, S) of the scored ones, in target order
+
+    def pick(self, per_prediction: torch.Tensor) -> torch.Tensor:
+        return per_prediction.flatten(0, 1)[self.picked]  # (B, S, ...) -> (n, ...)
+
+    def scored(self, tables: TokenByteTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(next tokens (B, S), the scored targets' positions in val_tokens (n,), their bytes (n,))"""
+        next_tokens = self.tokens.gather(1, self.positions + 1)
+        nbytes = target_byte_counts(self.tokens.gather(1, self.positions), next_tokens, tables)
+        return next_tokens, self.pick(self.index.gather(1, self.positions + 1)), self.pick(nbytes)
 
 
 def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
                            lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
-    """This rank's batches of windows, each row scoring `stride` predictions of its window (the last ones,
-    but for the stream's first window, which scores all its targets and so takes several rows). Only
-    targets in [lo, hi) are scored: a window that straddles `lo` or `hi` is computed for each side, which
-    is exact since a position never sees what follows it."""
+    """This rank's batches of windows scoring the targets in [lo, hi), `stride` per row at most. A window
+    straddling lo or hi is computed for each side: exact, since a position never sees what follows it."""
     hi = val_tokens.numel() if hi is None else hi
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
-    # The spans' scored targets [s+n-k+1, s+n] partition 1..N-1 in order, so the ones meeting [lo, hi)
-    # are a contiguous run, found by bisection.
+    # the spans' scored targets [s+n-k+1, s+n] partition 1..N-1 in order: those meeting [lo, hi) are a run
     spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):
                   bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
-    # Every span but the stream's first scores at most `stride` targets: one row each, after spans[0]'s.
-    head = window_rows(spans[:1], stride)
+
+    def window_rows(spans):  # (start, first, end): a span's scored predictions [n-k, n), `stride` per row
+        return [(s, f, min(f + stride, n)) for s, n, k in spans for f in range(n - k, n, stride)]
+    head = window_rows(spans[:1])  # every later span scores at most `stride`: one row each
     rows = eval_batch_rows(batch_tokens, seq_len)
     for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
         tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
-        yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail, stride), rows, seq_len, stride,
-                                  lo, hi)
-
-
-def window_rows(spans: Sequence[tuple[int, int, int]], scored: int) -> list[tuple[int, int, int]]:
-    """(start, first, end) rows for (start, length, count) spans: a span's scored predictions [n-k, n) in
-    pieces of at most `scored`, one row each."""
-    return [(s, f, min(f + scored, n)) for s, n, k in spans for f in range(n - k, n, scored)]
+        yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail), rows, seq_len, stride, lo, hi)
 
 
 def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
-    """Windows per evaluation batch: every batch has exactly this many, so the compiled model sees one
-    shape (compiled before the clock) and never recompiles inside it."""
+    """Windows per evaluation batch, the same in every batch: the compiled model sees one shape."""
     return max(1, batch_tokens // seq_len)
 
 
 def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int, int]], rows: int, seq_len: int,
                         scored: int, lo: int, hi: int) -> WindowBatch:
-    """The batch of windows given as (start, first, end): the window reads val_tokens[start:start+L+1]
-    and scores its predictions [first, end) (at most `scored` of them) whose targets are in [lo, hi).
-    Rows past the windows, and positions past the stream's end, are padding that reads the last token and
-    is never picked: a position sees only what precedes it, so padding after it or beside it changes
-    nothing it computes."""
+    """(start, first, end) windows reading val_tokens[start:start+L+1], scoring predictions [first, end) whose
+    targets are in [lo, hi). Padding (rows past the windows, positions past the stream's end) reads the last
+    token and is never picked: a position sees only what precedes it, so padding changes nothing."""
     device, N = val_tokens.device, val_tokens.numel()
     hi = min(hi, N)
     count = sum(max(0, min(s + e + 1, hi) - max(s + f + 1, lo)) for s, f, e in windows)
@@ -2032,37 +2034,43 @@ def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, i
     positions = first.clamp(max=seq_len - scored)[:, None] + torch.arange(scored, device=device)[None, :]
     targets = start[:, None] + positions + 1
     keep = (positions >= first[:, None]) & (positions < end[:, None]) & (targets >= lo) & (targets < hi)
-    index = start[:, None] + torch.arange(seq_len + 1, device=device)[None, :]
-    return WindowBatch(index.clamp_(max=N - 1), positions, keep.flatten().nonzero_static(size=count).squeeze(1))
+    index = (start[:, None] + torch.arange(seq_len + 1, device=device)[None, :]).clamp_(max=N - 1)
+    return WindowBatch(index, val_tokens[index], positions, keep.flatten().nonzero_static(size=count).squeeze(1))
 
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                           stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(target positions, -ln q, bytes) of the targets each batch of this rank's windows scores.
-    `token_nll(inputs, targets, positions) -> (B, S)` is the model's per-token loss."""
+    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets, from
+    `token_nll(inputs, targets, positions) -> (B, S)`."""
     for batch in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
-        window = val_tokens[batch.index]
-        targets = window.gather(1, batch.positions + 1)
+        next_tokens, targets, nbytes = batch.scored(tables)
         with rt.autocast():
-            nll = token_nll(window[:, :-1], targets, batch.positions)
-        nbytes = target_byte_counts(window.gather(1, batch.positions), targets, tables)
-        picked = batch.picked
-        yield (batch.index.gather(1, batch.positions + 1).flatten()[picked], nll.flatten()[picked],
-               nbytes.flatten()[picked])
+            nll = token_nll(batch.tokens[:, :-1], next_tokens, batch.positions)
+        yield targets, batch.pick(nll), nbytes
 
 
 @torch.no_grad()
 def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int, stride: int,
                      batch_tokens: int, rt: Runtime) -> EvalResult:
-    # sums stay on the device until the end: reading them each batch would stall the queue
-    nll_sum = torch.zeros((), dtype=torch.float64, device=val_tokens.device)
-    byte_sum, count = torch.zeros((), dtype=torch.int64, device=val_tokens.device), 0
-    for targets, nll, nbytes in sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride,
-                                                      batch_tokens, rt):
-        nll_sum += nll.double().sum()
-        byte_sum += nbytes.sum()
-        count += targets.numel()
-    return _reduce_eval_sums(float(nll_sum), int(byte_sum), count, rt)
+    scores = sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride, batch_tokens, rt)
+    return _eval_result(((nll, nbytes) for _, nll, nbytes in scores), val_tokens.device, rt)
+
+
+@torch.no_grad()
+def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                   batch_tokens: int, rt: Runtime) -> EvalResult:
+    """Non-overlapping windows of seq_len (the last one shorter): each token scored once, context reset."""
+    N, rows = val_tokens.numel(), eval_batch_rows(batch_tokens, seq_len)
+
+    def batch_scores():
+        for first, last in _owned_batches((N - 2) // seq_len + 1, rows, rt):
+            batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
+                                        seq_len, seq_len, 1, N)
+            inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]  # every position: the warmed-up graph
+            with rt.autocast():
+                nll = token_nll(inputs, targets)
+            yield batch.pick(nll), batch.pick(target_byte_counts(inputs, targets, tables))
+    return _eval_result(batch_scores(), val_tokens.device, rt)
 
 
 @dataclass
@@ -2080,24 +2088,19 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                 rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
     """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
     parts = []
-    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride, eval_batch_tokens(cfg, rt.world_size), rt,
-                                        lo, hi):
-        window = val_tokens[batch.index]
-        next_tokens = window.gather(1, batch.positions + 1)
+    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
+                                        eval_batch_tokens(cfg, rt.world_size), rt, lo, hi):
+        next_tokens, targets, nbytes = batch.scored(tables)
         with rt.autocast():
-            logprobs, mixer_logits = eval_outputs(window[:, :-1], batch.positions)
-        picked = batch.picked
-        targets = batch.index.gather(1, batch.positions + 1).flatten()[picked]
-        target_logprob = logprobs.gather(-1, next_tokens[..., None]).flatten()[picked].double()
+            logprobs, mixer_logits = eval_outputs(batch.tokens[:, :-1], batch.positions)
         audit_rows = {}
         if audit_targets.numel():  # reads the hits back: only when auditing
             hits = torch.isin(targets, audit_targets).nonzero().squeeze(1)
-            rows = logprobs.flatten(0, 1)[picked[hits]].double()
+            rows = logprobs.flatten(0, 1)[batch.picked[hits]].double()
             audit_rows = dict(zip(targets[hits].tolist(), rows.unbind(0)))
-        nbytes = target_byte_counts(window.gather(1, batch.positions), next_tokens, tables).flatten()[picked]
-        parts.append(NeuralScores(targets, target_logprob,
-                                  None if mixer_logits is None else mixer_logits.flatten(0, 1)[picked].float(),
-                                  nbytes, audit_rows))
+        target_logprob = batch.pick(logprobs.gather(-1, next_tokens[..., None])[..., 0]).double()
+        mixer_logits = None if mixer_logits is None else batch.pick(mixer_logits).float()
+        parts.append(NeuralScores(targets, target_logprob, mixer_logits, nbytes, audit_rows))
     if not parts:
         empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
         return NeuralScores(empty, empty.double(), None, empty, {})
@@ -2112,27 +2115,21 @@ def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
                         torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
 
 
-# --- score-first test-time training -------------------------------------------------------------------
-# The validation stream in chunks of TTT_CHUNK_TOKENS targets: a chunk is scored first, by the weights
-# adapted on the chunks before it, and only then trained on. Every rank scores its share of a chunk and
-# all train in lockstep on the same sequences with summed gradients, so every rank holds the same weights
-# and no number depends on the number of ranks (to float rounding of the sums).
+# --- score-first test-time training: each chunk of TTT_CHUNK_TOKENS targets is scored, then trained on -----
 
 
 def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
-    """The parameters TTT adapts, grouped by learning-rate multiplier: output projections (attention and
-    MLP) x TTT_PROJ_LR_MULT, input projections (q, k, v, MLP fc) x TTT_IN_LR_MULT, the rest x 1. The first
-    TTT_FREEZE_BLOCKS blocks stay as trained, and so does the mixer head: TTT's loss is the model's
-    cross-entropy alone."""
+    """The parameters TTT adapts by learning-rate multiplier: attention and MLP output projections
+    x TTT_PROJ_LR_MULT, q, k, v and MLP fc x TTT_IN_LR_MULT, the rest x 1. The first TTT_FREEZE_BLOCKS
+    blocks stay, and so does the mixer head: TTT's loss is the model's cross-entropy alone."""
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
-    outputs, inputs = (".attn.proj.weight", ".mlp.proj.weight"), (".c_q.weight", ".c_k.weight", ".c_v.weight",
-                                                                   ".mlp.fc.weight")
+    outputs = (".attn.proj.weight", ".mlp.proj.weight")
+    inputs = (".c_q.weight", ".c_k.weight", ".c_v.weight", ".mlp.fc.weight")
     groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
     for name, p in model.named_parameters():
-        if name.startswith(frozen):
-            continue
-        mult = cfg.ttt_proj_lr_mult if name.endswith(outputs) else cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0
-        groups[mult].append(p)
+        if not name.startswith(frozen):
+            groups[cfg.ttt_proj_lr_mult if name.endswith(outputs) else
+                   cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0].append(p)
     return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
 
 
@@ -2148,8 +2145,7 @@ def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
 
 
 def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
-    """(n, seq_len+1) non-overlapping sequences of the chunk of targets [lo, hi): inputs from lo-1, every
-    token already scored. A tail shorter than seq_len is left out."""
+    """(n, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
     n = (hi - lo) // seq_len
     starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
     return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
@@ -2159,9 +2155,8 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
                     cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
                     polyak: WeightEMA | None) -> None:
-    """TTT_EPOCHS passes over the chunk's sequences in global batches of TTT_BATCH_SEQS, each batch split
-    over the ranks; the loss is the mean over the global batch, so the summed gradients do not depend on
-    how it was split."""
+    """TTT_EPOCHS passes in global batches of TTT_BATCH_SEQS split over the ranks, which train in lockstep
+    on summed gradients of the global batch's mean: every rank holds the same weights."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
@@ -2173,11 +2168,9 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
             inputs, targets = ttt_rank_batch(seqs, batch[rt.rank::rt.world_size].to(seqs.device), rows)
             with rt.autocast():
                 loss = train_forward(inputs, targets)
-            # The loss is sum / (rows * T): scaled, the summed gradients are the global batch's mean's.
-            (loss * (rows / batch.numel())).backward()
+            (loss * (rows / batch.numel())).backward()  # sum / (rows * T), scaled to the global batch's mean
             for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             if rt.distributed:  # one collective per step, not one per parameter
                 flat = torch.cat([p.grad.flatten() for p in params])
                 dist.all_reduce(flat)
@@ -2197,8 +2190,8 @@ def ttt_rows(cfg: Hyperparameters, rt: Runtime) -> int:
 
 
 def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets), each (rows, T), of this rank's sequences `mine`: always `rows` of them, one
-    compiled shape; the missing ones repeat the first with every target -100, which the loss counts as 0."""
+    """(inputs, targets) (rows, T) of this rank's sequences `mine`, padded to one compiled shape by the first
+    with every target -100, which the loss counts as 0."""
     x = torch.cat((seqs[mine], seqs[:1].expand(rows - mine.numel(), -1)))
     return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
 
@@ -2206,11 +2199,10 @@ def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[t
 def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
                     cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
                     eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
-    """The neural sliding-window scores with score-first TTT. Before training on a chunk, the measured
-    pace decides: if that training and the scoring of every chunk left would end after
-    EVAL_BUDGET_SECONDS from `eval_start` (a perf_counter time), adaptation stops and the rest is scored
-    with the weights as they are (the budget leaves a margin for the n-gram pass that follows). The model
-    is left holding its adapted weights; phases["ttt_train"] gains the milliseconds spent training."""
+    """neural_pass with score-first TTT: each chunk is scored before it is trained on (LEGALITY.md rule 4).
+    Adapting stops when the measured pace projects past EVAL_BUDGET_SECONDS from `eval_start` (perf_counter).
+    The model keeps its adapted weights; phases["ttt_train"] gains the milliseconds spent training."""
+    phases = {"ttt_train": 0.0} if phases is None else phases
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
     optimizer = ttt_optimizer(ttt_param_groups(model, cfg), cfg)
@@ -2228,8 +2220,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         score_s = max(score_s, time.perf_counter() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
-        # Until a chunk has been trained on, training is guessed at 3 forward passes per epoch. Each
-        # rank's own figures differ; the decision is taken from their maximum, the same on every rank.
+        # training guessed at 3 forward passes per epoch; the ranks' maximum: all decide the same
         guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
         own_elapsed = time.perf_counter() - eval_start
         elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
@@ -2240,13 +2231,12 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
             continue
         t0 = time.perf_counter()
         model.train()
-        ttt_train_chunk(model, train_forward, optimizer, chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len),
-                        cfg, rt, ttt_lr_at(k, num_chunks - 1, cfg), generator, polyak)
+        lr, seqs = ttt_lr_at(k, num_chunks - 1, cfg), chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len)
+        ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator, polyak)
         rt.synchronize()
         train_s = time.perf_counter() - t0
         trained += 1
-        if phases is not None:
-            phases["ttt_train"] += 1000 * train_s
+        phases["ttt_train"] += 1000 * train_s
     model.eval()
     log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
         f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
@@ -2254,15 +2244,15 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
 
 
 def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
-    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of one materialized distribution q (V,)
-    float64: the check that the number scored is the target's entry of a normalized distribution."""
+    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of a materialized q (V,) float64: the number
+    scored is the target's entry of a normalized distribution (LEGALITY.md rule 2)."""
     return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
 
 
 def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
                          weights: torch.Tensor, hedge: bool, beta: float = 0.0) -> torch.Tensor:
-    """The whole distribution q_t (V,) float64 that the fast path scores one entry of, from each order's
-    whole row of counts (V,) for q_t's context, and NGRAM_PRIOR_BETA's experts from the neural row."""
+    """The whole q_t (V,) float64 that the fast path scores one entry of, from each order's row of counts
+    (V,) for q_t's context and the neural row (NGRAM_PRIOR_BETA's prior)."""
     neural = neural_logprobs.exp()
     q = weights[0].double() * neural
     for i, row in enumerate(rows):
@@ -2276,8 +2266,7 @@ def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Ten
 
 @dataclass
 class AuditStats:
-    """The audit of NGRAM_AUDIT_POSITIONS: q_t materialized over the whole vocabulary at `targets`.
-    With keep=True the distributions and the fast path's -ln q_t(x_t) are kept (tests compare them)."""
+    """NGRAM_AUDIT_POSITIONS' q_t materialized at `targets`; keep=True keeps them and -ln q_t(x_t)."""
     targets: torch.Tensor
     keep: bool = False
     positions: int = 0
@@ -2298,8 +2287,7 @@ class AuditStats:
 
 
 def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """For items sorted into runs of one key (new_run marks each run's first item), with chunks
-    non-decreasing inside a run: the total weight of the items of the item's run in earlier chunks."""
+    """Per item sorted into runs of a key (chunks non-decreasing): its run's weight in earlier chunks."""
     before = torch.cumsum(weights, 0) - weights  # non-decreasing, as cummax needs
     new_chunk = new_run.clone()
     new_chunk[1:] |= chunks[1:] != chunks[:-1]
@@ -2309,13 +2297,9 @@ def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weight
 
 def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, vocab_size: int,
                 chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scoring rank's side of the cache for one order: rows (context key, next token, chunk, weight),
-    (m, 4) int64 in chunk order, for targets (sorted, >= order - 1) with a whole context, and which row
-    holds each target (None: row i holds target i).
-
-    Contexts of at most one token are few and some are very frequent (the commonest token is a few
-    percent of text, all of it for order 1's one empty context): their targets of one (context, token,
-    chunk) become one row weighing that many, so that no owner receives a frequent context's every target."""
+    """Rows (context key, next token, chunk, weight) (m, 4) int64 in chunk order of sorted targets, and the
+    row of each target (None: row i). Short contexts are few and frequent: one row per (context, token,
+    chunk), weighing that many, so no owner receives a frequent context's every target."""
     V = vocab_size
     keys = context_keys_from(lambda k: val_tokens[targets - 1 - k], targets, order, V)
     tokens, chunks = val_tokens[targets], (targets - 1) // chunk_tokens
@@ -2326,14 +2310,8 @@ def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, voc
 
 
 def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """The owner's side: for each row of items (n, 4) (context key, next token, chunk, weight), every row
-    of its contexts in hand, the total weight of the rows of its (context, token) and of its context in
-    earlier chunks: (n, 2) int64, c(ctx, x) and T(ctx) as the cache stood before the row's chunk.
-
-    A stable sort by context key of rows in chunk order puts each context's rows together in chunk order;
-    a row's count is then the weight from the start of its context's run to the start of its (context,
-    chunk) run. Likewise for (context, token) after a second stable sort. The cost does not grow with the
-    number of chunks."""
+    """c(ctx, x) and T(ctx) (n, 2) int64 before each row's chunk, for items (n, 4) holding every row of their
+    contexts. Stable sorts keep runs in chunk order: the cost does not grow with the number of chunks."""
     in_order = None
     if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
         in_order = torch.sort(items[:, 2], stable=True).indices
@@ -2350,65 +2328,51 @@ def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return out if in_order is None else torch.empty_like(out).index_copy_(0, in_order, out)
 
 
-def audit_count_rows(items: torch.Tensor, audit_keys: torch.Tensor, audit_chunks: torch.Tensor,
-                     vocab_size: int) -> torch.Tensor:
-    """The whole row of counts (A, V) float64 of each audited context over the chunks before its target's,
-    from the rows of items (an owner holds every row of its contexts; the other contexts' rows are 0)."""
-    keys, tokens, chunks, weights = items.unbind(1)
-    rows = torch.zeros(audit_keys.numel(), vocab_size, dtype=torch.float64, device=items.device)
-    near = torch.isin(keys, audit_keys).nonzero().squeeze(1)
-    for a, (key, chunk) in enumerate(zip(audit_keys.tolist(), audit_chunks.tolist())):
-        mine = near[(keys[near] == key) & (chunks[near] < chunk)]
-        rows[a].index_add_(0, tokens[mine], weights[mine].double())
-    return rows
-
-
 def context_owners(keys: torch.Tensor, world_size: int) -> torch.Tensor:
-    """The rank that counts each context: the high bits of a multiplicative hash of its key, since a packed
-    key's low bits are one token, far from uniform."""
+    """The rank that counts each context: high bits of a hash, as a packed key's low bits are one token."""
     return torch.remainder((keys * 0x5851F42D4C957F2D) >> 32, world_size)
 
 
 def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys: torch.Tensor,
                   audit_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """earlier_chunk_counts of this rank's rows, computed by each context's owner rank, and this rank's share
-    of the audit rows (summed over ranks by the caller). Each rank sends its rows to their owners and answers
-    what it receives; every rank takes part, whether it scored anything or not."""
-    if not rt.distributed:
-        return earlier_chunk_counts(items, vocab_size), audit_count_rows(items, audit_keys, audit_chunks, vocab_size)
-    dest = context_owners(items[:, 0], rt.world_size)
-    by_dest = torch.sort(dest, stable=True).indices  # stable: each owner gets a sender's rows in chunk order
-    sent = torch.bincount(dest, minlength=rt.world_size)
-    received = torch.empty_like(sent)
-    dist.all_to_all_single(received, sent)
-    sent, received = sent.tolist(), received.tolist()
-    owned = items.new_empty((sum(received), items.size(1)))
-    dist.all_to_all_single(owned, items[by_dest], received, sent)
-    answers = items.new_empty((items.size(0), 2))
-    dist.all_to_all_single(answers, earlier_chunk_counts(owned, vocab_size), sent, received)
-    return (torch.empty_like(answers).index_copy_(0, by_dest, answers),
-            audit_count_rows(owned, audit_keys, audit_chunks, vocab_size))
+    """earlier_chunk_counts of this rank's rows, computed by each context's owner, and this rank's share of
+    the audited contexts' counts (A, V) float64. Every rank takes part, whether it scored anything or not."""
+    owned = items
+    if rt.distributed:
+        dest = context_owners(items[:, 0], rt.world_size)
+        by_dest = torch.sort(dest, stable=True).indices  # stable: each owner gets a sender's rows in chunk order
+        sent = torch.bincount(dest, minlength=rt.world_size)
+        received = torch.empty_like(sent)
+        dist.all_to_all_single(received, sent)
+        sent, received = sent.tolist(), received.tolist()
+        owned = items.new_empty((sum(received), items.size(1)))
+        dist.all_to_all_single(owned, items[by_dest], received, sent)
+        answers = items.new_empty((items.size(0), 2))
+        dist.all_to_all_single(answers, earlier_chunk_counts(owned, vocab_size), sent, received)
+        counts = torch.empty_like(answers).index_copy_(0, by_dest, answers)
+    else:
+        counts = earlier_chunk_counts(items, vocab_size)
+    keys, tokens, chunks, weights = owned.unbind(1)  # an owner holds every row of its contexts
+    audit_rows = torch.zeros(audit_keys.numel(), vocab_size, dtype=torch.float64, device=items.device)
+    near = torch.isin(keys, audit_keys).nonzero().squeeze(1)
+    for a, (key, chunk) in enumerate(zip(audit_keys.tolist(), audit_chunks.tolist())):
+        mine = near[(keys[near] == key) & (chunks[near] < chunk)]
+        audit_rows[a].index_add_(0, tokens[mine], weights[mine].double())
+    return counts, audit_rows
 
 
 def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
                        targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """For each of this rank's targets t (sorted) and each order: c(ctx_t, x_t) and T(ctx_t) counted over
-    the targets of the chunks before t's (chunk k holds targets [1 + kC, 1 + (k+1)C)), and whether t has
-    its whole context. Returns (counts, totals, available), each (n, K), and the audit rows (A, K, V)
-    float64: for each of audit_targets (the same on every rank), each order's whole row of counts.
-
-    Each rank works in proportion to what it scores, not to where its targets lie in the split: it sends
-    a row per target to the rank that owns the target's context (context_owners), which holds every row of
-    that context from every rank and counts them (earlier_chunk_counts), then sends the counts back. Counts
-    are exact, so no number depends on the number of ranks; one process is the same without the exchange."""
+    """(counts, totals, available) (n, K) of this rank's sorted targets: c(ctx_t, x_t), T(ctx_t) over chunks
+    before t's (chunk k: targets [1 + kC, 1 + (k+1)C)); and audit rows (A, K, V) float64. Owners count
+    exactly, so no number depends on the number of ranks."""
     V, K = vocab_size, len(orders)
     stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
     available = torch.stack([targets >= order - 1 for order in orders], 1)
     audit_chunks = (audit_targets - 1) // chunk_tokens
     audit_rows = []
     for i, order in enumerate(orders):
-        mine = targets[available[:, i]]
-        items, where = cache_items(val_tokens, mine, order, V, chunk_tokens)
+        items, where = cache_items(val_tokens, targets[available[:, i]], order, V, chunk_tokens)
         # an audit target without a whole context has no key (-1 matches none) and an empty row
         audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(
             lambda k: val_tokens[(audit_targets - 1 - k).clamp(min=0)], audit_targets, order, V), -1)
@@ -2423,14 +2387,9 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
 
 @torch.no_grad()
 def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
-               chunk_neural_loss: torch.Tensor | None, audit: AuditStats) -> float:
-    """Score-first mixing: chunk k holds targets [1 + kC, 1 + (k+1)C); each of this rank's targets in it is
-    scored with the cache as it stood before the chunk (counts of every target < 1 + kC). The counts come
-    from the validation tokens alone (score_first_counts), so no number depends on the number of ranks.
-    Returns the sum of -ln q over this rank's targets. Every rank takes part, even one that scored nothing.
-
-    Hedge also needs, before each chunk, every expert's loss on all earlier chunks: each rank adds its own
-    targets' losses into their chunks and the ranks sum them, as chunk_neural_loss is summed."""
+               audit: AuditStats) -> torch.Tensor:
+    """-ln q (n,) float64 of this rank's targets, each mixed with the cache as it stood before its chunk
+    (score-first, rule 4). Every rank takes part, even one that scored nothing."""
     C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
     audit_targets = torch.unique(audit.targets)
     counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
@@ -2438,13 +2397,16 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
     if hedge:
         probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
         chunk = (scores.targets - 1) // C
-        expert_loss = torch.zeros(chunk_neural_loss.numel(), probs.size(1), dtype=torch.float64, device=probs.device)
+        num_chunks = (val_tokens.numel() - 2) // C + 1
+        neural_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
+        neural_loss.index_add_(0, chunk, -scores.logprob)
+        expert_loss = torch.zeros(num_chunks, probs.size(1), dtype=torch.float64, device=probs.device)
         expert_loss.index_add_(0, chunk, -probs.log())
         if rt.distributed:
+            dist.all_reduce(neural_loss)
             dist.all_reduce(expert_loss)
-        losses = torch.cat((chunk_neural_loss[:, None], expert_loss), 1)
-        # the weights before chunk k have seen the losses of chunks 0..k-1 only (an exclusive sum: a
-        # cumulative sum less chunk k's own loss would carry chunk k's rounding into its own weights)
+        losses = torch.cat((neural_loss[:, None], expert_loss), 1)
+        # chunk k's weights see chunks < k only; exclusive, as cumsum - own loss would leak its rounding
         seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))
         log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
         weights = log_w[chunk].softmax(-1)
@@ -2454,91 +2416,48 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
         probs, prior = ngram_expert_probs(counts, totals, valid, cfg.ngram_prior_beta)
         weights = mixer_weights(scores.mixer_logits, valid)
     else:  # nothing scored here: no mixer logits to weigh
-        return 0.0
+        return torch.zeros(0, dtype=torch.float64, device=val_tokens.device)
     nll = mixture_nll(scores.logprob, weights.double(), probs, prior)
     for i in torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist():
         t = int(scores.targets[i])
         q = materialized_mixture(scores.audit_rows[t], rows[torch.searchsorted(audit_targets, t)],
                                  valid[i].tolist(), weights[i], hedge, cfg.ngram_prior_beta)
         audit.add(t, q, int(val_tokens[t]), float(nll[i]))
-    return float(nll.sum())
-
-
-def audit_target_positions(cfg: Hyperparameters, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """NGRAM_AUDIT_POSITIONS target positions drawn from the seed (the same on every rank)."""
-    if not cfg.ngram_audit_positions:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    g = torch.Generator().manual_seed(cfg.seed)
-    return torch.randint(1, num_tokens, (cfg.ngram_audit_positions,), generator=g).to(device)
+    return nll
 
 
 @torch.no_grad()
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
                            rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
                            phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
-    """One sliding-window pass, scored twice: by the neural model alone and by its mixture with the
-    score-first n-gram cache (USE_MIXER; None with USE_MIXER=none). Returns (neural, mixed).
-    `neural_scores(audit_targets) -> NeuralScores` replaces the plain neural pass (test-time training).
-    `phases` gains the milliseconds of the neural pass ("neural", TTT's training left out) and the
-    cache pass ("cache")."""
+    """(neural, mixed with the n-gram cache or None) of one pass; `neural_scores(audit_targets)` replaces
+    neural_pass (TTT). `phases` gains the neural (TTT training left out) and cache milliseconds."""
     phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
     rt.synchronize()
     t0, trained = time.perf_counter(), phases["ttt_train"]
-    if audit is None:
-        audit = AuditStats(audit_target_positions(cfg, val_tokens.numel(), val_tokens.device))
-    if neural_scores is None:
-        scores = neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit.targets)
-    else:
-        scores = neural_scores(audit.targets)
+    if audit is None:  # NGRAM_AUDIT_POSITIONS targets drawn from the seed, the same on every rank
+        drawn = torch.randint(1, val_tokens.numel(), (cfg.ngram_audit_positions,),
+                              generator=torch.Generator().manual_seed(cfg.seed))
+        audit = AuditStats(drawn.to(val_tokens.device))
+    neural_scores = neural_scores or (lambda targets: neural_pass(eval_outputs, val_tokens, tables, cfg, rt, targets))
+    scores = neural_scores(audit.targets)
     rt.synchronize()
     phases["neural"] += 1000 * (time.perf_counter() - t0) - (phases["ttt_train"] - trained)
     t0 = time.perf_counter()
-    byte_sum, count = int(scores.nbytes.sum()), scores.targets.numel()
-    neural = _reduce_eval_sums(float(-scores.logprob.sum()), byte_sum, count, rt)
+    neural = _eval_result([(-scores.logprob, scores.nbytes)], val_tokens.device, rt)
     if cfg.use_mixer == "none":
         return neural, None
-    chunk_loss = None
-    if cfg.use_mixer == "hedge":
-        num_chunks = (val_tokens.numel() - 2) // cfg.ngram_chunk_tokens + 1
-        chunk_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
-        chunk_loss.index_add_(0, (scores.targets - 1) // cfg.ngram_chunk_tokens, -scores.logprob)
-        if rt.distributed:
-            dist.all_reduce(chunk_loss)
-    mixed = _reduce_eval_sums(cache_pass(scores, val_tokens, cfg, rt, chunk_loss, audit), byte_sum, count, rt)
+    mixed = _eval_result([(cache_pass(scores, val_tokens, cfg, rt, audit), scores.nbytes)], val_tokens.device, rt)
     phases["cache"] += 1000 * (time.perf_counter() - t0)
     if audit.targets.numel():
-        stats = torch.tensor([audit.positions, audit.worst_sum_error, -audit.min_prob, audit.worst_target_diff],
-                             dtype=torch.float64, device=val_tokens.device)
+        sum_error, neg_min_prob, target_diff = agreed_max([audit.worst_sum_error, -audit.min_prob,
+                                                           audit.worst_target_diff], rt)
+        positions = torch.tensor(float(audit.positions), dtype=torch.float64, device=val_tokens.device)
         if rt.distributed:
-            positions = stats[:1].clone()
             dist.all_reduce(positions)
-            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-            stats[0] = positions[0]
-        log(f"ngram_audit positions:{int(stats[0])} worst_abs_sum_minus_1:{stats[1]:.3e} "
-            f"min_prob:{-stats[2]:.3e} worst_target_diff:{stats[3]:.3e}")
+        log(f"ngram_audit positions:{int(positions)} worst_abs_sum_minus_1:{sum_error:.3e} "
+            f"min_prob:{-neg_min_prob:.3e} worst_target_diff:{target_diff:.3e}")
     return neural, mixed
-
-
-@torch.no_grad()
-def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
-                   batch_tokens: int, rt: Runtime) -> EvalResult:
-    """Non-overlapping windows of seq_len over the whole split (the last one shorter): each token is
-    scored once, with context reset at every window start."""
-    N = val_tokens.numel()
-    num_windows = (N - 2) // seq_len + 1
-    rows = eval_batch_rows(batch_tokens, seq_len)
-    nll_sum = torch.zeros((), dtype=torch.float64, device=val_tokens.device)
-    byte_sum, count = torch.zeros((), dtype=torch.int64, device=val_tokens.device), 0
-    for first, last in _owned_batches(num_windows, rows, rt):
-        batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
-                                    seq_len, seq_len, 1, N)
-        window = val_tokens[batch.index]
-        with rt.autocast():
-            nll = token_nll(window[:, :-1], window[:, 1:])
-        nll_sum += nll.flatten()[batch.picked].double().sum()
-        byte_sum += target_byte_counts(window[:, :-1], window[:, 1:], tables).flatten()[batch.picked].sum()
-        count += batch.picked.numel()
-    return _reduce_eval_sums(float(nll_sum), int(byte_sum), count, rt)
 
 
 def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> None:
