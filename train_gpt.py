@@ -1,26 +1,14 @@
 """train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
 
-Trains on FineWeb shards, then reports bits per byte (val_bpb) on the whole validation split with a
-sliding window. Every scored q_t is a full, normalized distribution over the vocabulary that depends on
-x_<t only (../shared/LEGALITY.md).
+Trains on FineWeb shards, then reports bits per byte (val_bpb) on the whole validation split with a sliding window;
+every scored q_t is a full, normalized distribution over the vocabulary that depends on x_<t only
+(../shared/LEGALITY.md). Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (8 GPUs) or `python3 train_gpt.py`
+(one process; CPU if no CUDA). Settings are environment variables (Hyperparameters; the README's table).
 
-Run:
-    torchrun --standalone --nproc_per_node=8 train_gpt.py     # 8 GPUs
-    python3 train_gpt.py                                      # one process; CPU if no CUDA
-Every setting is an environment variable (Hyperparameters below, the README's table); the log starts with them.
-
-Techniques, and where they come from:
-- Muon (Newton-Schulz orthogonalized momentum) for the matrices, AdamW for embeddings, gains and
-  scalars: modded-nanogpt (Keller Jordan).
-- Tied embeddings, logit softcap 30, RMSNorm, rotary embeddings, QK-norm with a learned per-head gain,
-  zero-initialised output projections, U-Net skips from the first half of the layers to the second:
-  the parameter-golf baseline.
-- LeakyReLU(0.5)^2 MLP 3.5x wide; partial RoPE (ROPE_DIMS); XSA (the output loses its component along
-  the token's own value) on the last XSA_LAST_N layers; BigramHash embedding; shared value embeddings
-  added to V on VE_LAYERS; value residual (ResFormer: every V mixed with the first layer's); Muon weight
-  decay, an EMA of the weights and a warm-down that ends with the wall-clock budget: the published
-  11-layer record stacks.
-- Sliding-window evaluation (EVAL_STRIDE): each token scored once, with the longest context the window allows.
+Sources: Muon for the matrices, AdamW for the rest (modded-nanogpt); tied embeddings, logit softcap 30, RMSNorm, RoPE,
+QK-norm with a learned per-head gain, zero-initialised output projections, U-Net skips (the parameter-golf baseline);
+LeakyReLU(0.5)^2 MLP 3.5x wide, partial RoPE, XSA on the last XSA_LAST_N layers, BigramHash, shared value embeddings,
+value residual (ResFormer), Muon weight decay, EMA, a warm-down ending with the wall clock (the 11-layer records).
 """
 
 from __future__ import annotations
@@ -57,13 +45,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    # data and run
     data_path: str = "./data/datasets/fineweb10B_sp1024"
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     vocab_size: int = 1024
     run_id: str = "run"
     seed: int = 1337
-    # training length and batch
     iterations: int = 20000
     warmup_steps: int = 3  # compile-priming steps before the clock, leaving no trace (the upstream meaning)
     lr_warmup_steps: int = 20
@@ -73,13 +59,11 @@ class Hyperparameters:
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
     max_wallclock_seconds: float = 600.0
     train_reserve_seconds: float = 20.0  # of the wall clock, for EMA, GPTQ calibration and GPTQ after the loop
-    # evaluation
     eval_seq_len: int = 2048
     eval_stride: int = 64
     val_loss_every: int = 0
     train_log_every: int = 100
     val_batch_size: int = 524_288  # all ranks together, as upstream: a rank's batch is this / (W x accum)
-    # model
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
@@ -98,7 +82,6 @@ class Hyperparameters:
     ve_dim: int = 128
     ve_layers: tuple[int, ...] | None = None  # None: the last two layers
     value_residual: bool = True
-    # n-gram experts and mixer
     use_mixer: str = "learned"
     mixer_eta: float = 0.001
     mixer_loss_weight: float = 0.5
@@ -108,7 +91,6 @@ class Hyperparameters:
     ngram_chunk_tokens: int = 131_072
     ngram_audit_positions: int = 0
     ngram_prior_beta: float = 0.0  # 0: off (see ngram_expert_probs)
-    # quantization and packing
     quant_mlp_bits: int = 5
     quant_attn_bits: int = 6
     quant_embed_bits: int = 8
@@ -123,8 +105,7 @@ class Hyperparameters:
     zstd_level: int = 22
     target_bytes: int = 16_000_000
     eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
-    # score-first test-time training (0 epochs: off)
-    ttt_epochs: int = 0
+    ttt_epochs: int = 0  # 0: off
     ttt_chunk_tokens: int = 131_072
     ttt_optimizer: str = "sgd"
     ttt_lr: float = 0.002
@@ -135,7 +116,6 @@ class Hyperparameters:
     ttt_polyak: float = 0.998
     ttt_batch_seqs: int = 32
     eval_budget_seconds: float = 540.0
-    # optimizers
     matrix_lr: float = 0.03
     scalar_lr: float = 0.025
     embed_lr: float = 0.6
@@ -151,14 +131,12 @@ class Hyperparameters:
     beta2: float = 0.95
     grad_clip_norm: float = 0.3
     ema_decay: float = 0.997
-    # runtime
     compile: bool = True
     bf16: bool = True  # bf16 autocast; BF16=1 on a CPU runs what CUDA runs, to test that path there
     device: str = "auto"  # auto, cuda or cpu (see init_runtime)
 
     def __post_init__(self):
-        # Layer-indexed defaults follow NUM_LAYERS, so that a shallower model runs without setting them.
-        if self.xsa_last_n is None:
+        if self.xsa_last_n is None:  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
             object.__setattr__(self, "xsa_last_n", min(4, self.num_layers))
         if self.ve_layers is None:
             object.__setattr__(self, "ve_layers", tuple(range(max(0, self.num_layers - 2), self.num_layers)))
@@ -172,8 +150,7 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
-        """Every setting from `env` (UPPER_SNAKE names), checked; COMPILE and BF16 default on with CUDA only
-        (on a CPU both slow small models down)."""
+        """Every setting from `env`, checked; COMPILE and BF16 default on with CUDA only (slower on a CPU)."""
         values = {}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
@@ -245,7 +222,6 @@ class Hyperparameters:
         return lines
 
 
-# The settings with a least value (0: a count or rate that may be off), those in [0, 1), those above 0.
 SETTING_MINIMUMS = {
     0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
@@ -277,7 +253,6 @@ def parse_setting(name: str, raw: str, like):
         raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
 
 
-# Settings of other parameter-golf scripts that this one does not read, and what to use here instead.
 FOREIGN_SETTINGS = {
     "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
     "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
@@ -297,8 +272,7 @@ SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
 def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None = None) -> list[str]:
-    """A line for each variable of `env` that looks like a setting but is not one of ours (another script's,
-    an old name, a typo), and for WARMUP_STEPS without compiling, where it does nothing."""
+    """A warning for each variable of `env` like a setting but not ours, and for WARMUP_STEPS with COMPILE=0."""
     known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
     lines = []
     if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
@@ -331,9 +305,8 @@ def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparamet
 # =============================================================================
 # DATA
 # =============================================================================
-# A shard is 256 little-endian int32 (magic, version, token count, zeros), then
-# that many little-endian uint16 token ids: the format of the published FineWeb
-# shards, kept so that their files and tools work unchanged.
+# A shard is 256 little-endian int32 (magic, version, token count, zeros), then that many little-endian uint16
+# token ids: the published FineWeb shards' format, kept so that their files and tools work unchanged.
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -395,8 +368,7 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 
 
 class TokenStream:
-    """An endless stream over the training shards, each pass in a new order drawn from the seed. Each token
-    comes with its position in the shards read in name order, which is where the n-gram oracle's text is."""
+    """An endless stream over the training shards, each pass in a new order drawn from the seed."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
         self.files = list(files)
@@ -408,7 +380,7 @@ class TokenStream:
         self.shard = self.pos = 0
 
     def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next n tokens, crossing shard boundaries as needed, and their positions in name order."""
+        """The next n tokens and their positions in the shards read in name order (where the oracle's text is)."""
         parts, places, left = [], [], n
         while left > 0:
             if self.pos >= self.tokens.size:
@@ -444,9 +416,8 @@ class Batch:
 
 
 class DistributedBatchLoader:
-    """Every rank reads the same stream: a step takes TRAIN_BATCH_TOKENS + 1 tokens and cuts them into
-    WORLD_SIZE x accum pieces (one token of overlap each), rank r's micro-step m taking piece r * accum + m.
-    A step then trains on the same sequences on 1 GPU and on 8, whatever the timing."""
+    """Every rank reads the same stream: a step's TRAIN_BATCH_TOKENS + 1 tokens cut into WORLD_SIZE x accum pieces
+    (one token of overlap each), rank r's micro-step m taking piece r * accum + m: the same sequences on 1 GPU or 8."""
 
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
@@ -480,10 +451,9 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 # =============================================================================
 # BITS PER BYTE
 # =============================================================================
-# val_bpb = sum(-ln q_t(x_t)) / (ln 2 * UTF-8 bytes of the scored tokens). A
-# token's bytes are its piece's bytes without the leading-space marker, plus one
-# for that space unless the previous token is a boundary (control or unknown)
-# token, after which the decoder drops it. Byte-fallback pieces are one byte.
+# val_bpb = sum(-ln q_t(x_t)) / (ln 2 * UTF-8 bytes of the scored tokens). A token's bytes are its piece's bytes
+# without the leading-space marker, plus one for that space unless the previous token is a boundary (control or
+# unknown) token, after which the decoder drops it. Byte-fallback pieces are one byte.
 
 
 @dataclass(frozen=True)
@@ -515,8 +485,7 @@ def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
         if piece.startswith("\u2581"):
             space[i] = True
             piece = piece[1:]
-        # A marker inside a piece (runs of spaces, when the tokenizer keeps them) is a plain space.
-        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner marker (runs of spaces) is a space
     return TokenByteTables(base, space, boundary)
 
 
@@ -611,9 +580,8 @@ class MLP(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # LeakyReLU(0.5)^2: a gradient for x < 0 (records: ~0.003 bpb); h * h, as CUDA autocast's pow copies to fp32
-        h = F.leaky_relu(self.fc(x), 0.5)
-        return self.proj(h * h)
+        h = F.leaky_relu(self.fc(x), 0.5)  # LeakyReLU(0.5)^2: a gradient for x < 0 (records: ~0.003 bpb)
+        return self.proj(h * h)  # h * h: CUDA autocast's pow would copy to fp32
 
 
 class Block(nn.Module):
@@ -756,8 +724,7 @@ class GPT(nn.Module):
         loss = nll.mean()
         if expert_probs is not None and self.mixer_head is not None:
             weights = mixer_weights(self.mixer_head(hidden), expert_valid)
-            # p_nn(x) is not detached in the smoothed experts either: the scored q_t's own gradient
-            mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)
+            mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)  # p_nn not detached: q_t's own gradient
             loss = loss + self.cfg.mixer_loss_weight * mixed.mean()
         if penalty_scale is not None:
             loss = loss + penalty_scale * crown_q_penalty(self, self.cfg)
@@ -775,8 +742,7 @@ NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model
 
 
 def context_keys_from(preceding, like: torch.Tensor, order: int, vocab_size: int) -> torch.Tensor:
-    """The context key (int64, `like`'s shape) of each target from `preceding(k)`, the tokens k + 1 places
-    before the targets, k < order - 1. In place on one tensor: at 50M tokens every copy is 400 MB."""
+    """Context keys (int64, `like`'s shape) from `preceding(k)`, tokens k + 1 back; in place: 400 MB a copy at 50M."""
     keys = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
     exact = (order - 1) * max(1, (vocab_size - 1).bit_length()) <= 62
     for k in range(order - 1):
@@ -796,8 +762,7 @@ def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
 
 
 class NgramCounts:
-    """Counts of one order: sorted unique context keys with their row totals, and sorted unique (row * V +
-    token) pair keys with their counts: 12 bytes per distinct context and per pair (int32 counts below 2^31)."""
+    """One order: sorted context keys with row totals, sorted (row * V + token) pair keys with counts: 12 B an entry."""
 
     def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
@@ -805,8 +770,9 @@ class NgramCounts:
         self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts once more each n-gram predicting tokens[t], start <= t < end, with its whole context in
-        tokens. Two sorts over the whole range, temporaries dropped early: a peak of ~3 int64 copies."""
+        """Counts each n-gram predicting tokens[t], start <= t < end, once per table; a peak of ~3 int64 copies."""
+        if self.ctx_keys.numel():
+            raise ValueError(f"order-{self.order} table already counted: count the whole stream in one add_stream")
         start, V = max(start, self.order - 1, 1), self.vocab_size
         if end <= start:
             return
@@ -823,14 +789,6 @@ class NgramCounts:
         del pairs
         count_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
         pair_counts = torch.diff(first, append=first.new_tensor([end - start])).to(count_dtype)
-        if self.ctx_keys.numel():  # merge: rows renumbered over the union of contexts, equal pairs summed
-            union = torch.unique(torch.cat((self.ctx_keys, ctx_keys)))
-            pairs = torch.cat([torch.searchsorted(union, c)[p // V] * V + p % V
-                               for c, p in ((self.ctx_keys, self.pair_keys), (ctx_keys, pair_keys))])
-            pair_keys, inverse = torch.unique(pairs, return_inverse=True)
-            counts = torch.cat((self.pair_counts, pair_counts))
-            pair_counts = torch.zeros_like(pair_keys, dtype=counts.dtype).index_add_(0, inverse, counts)
-            ctx_keys = union
         self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
         self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
 
@@ -847,7 +805,7 @@ class NgramCounts:
 
 
 class NgramModel:
-    """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one growing token stream."""
+    """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one token stream, counted once (add_stream)."""
 
     def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
         self.orders, self.vocab_size = tuple(orders), vocab_size
@@ -856,7 +814,7 @@ class NgramModel:
         self.counted_tokens = 0
 
     def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
-        """Counts the n-grams predicting tokens[t], start <= t < end (contexts may start earlier), order by order."""
+        """Counts the n-grams predicting tokens[t], start <= t < end (contexts may start earlier), once per model."""
         for table in self.tables:
             table.add_stream(tokens, start, end)
 
@@ -873,9 +831,8 @@ class NgramModel:
 def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per order, the key of the context ending at each position of tokens (..., T); availability (..., T, K)."""
     T = tokens.size(-1)
-    # tokens k places back; a stream shorter than the context (a tiny chunk) is all padding
     keys = [context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, n,
-                              model.vocab_size) for n in model.orders]
+                              model.vocab_size) for n in model.orders]  # a stream shorter than a context: all padding
     positions = torch.arange(T, device=tokens.device)
     return keys, torch.stack([(positions >= n - 2).expand(tokens.shape) for n in model.orders], -1)
 
@@ -893,8 +850,7 @@ def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int)
 
 def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
                        beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each order's probability of the target, (..., K) float64, 0 where not valid: c / T, or with beta > 0
-    c / (T + beta) and the prior's share beta / (T + beta) (else None) that mixture_nll weighs p_nn(x) with."""
+    """(c / T, None), or if beta > 0 (c / (T + beta), prior share beta / (T + beta)); (..., K) float64, 0 off valid."""
     if beta == 0:
         return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
     denominator = totals.double() + beta
@@ -925,12 +881,10 @@ def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tens
 
 def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
                 expert_prior: torch.Tensor | None = None) -> torch.Tensor:
-    """-ln(w_0 p_nn(x) + sum_n w_n p_n(x)) for the target x, from ln p_nn(x) (...,) and p_n(x) (..., K),
-    or with the prior's shares b_n (..., K), p_n(x) = expert_probs_n + b_n p_nn(x)."""
+    """-ln(w_0 p_nn(x) + sum_n w_n (p_n(x) + b_n p_nn(x))) of the target x; ln p_nn (...,), p_n, shares b_n (..., K)."""
     expert_terms = weights[..., 1:] * expert_probs
     positive = expert_terms > 0
-    # log of a safe value under the mask, so that zero terms give -inf without a NaN gradient
-    log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))
+    log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))  # no NaN grad
     neural_weight = weights[..., 0]  # >= NEURAL_WEIGHT_FLOOR > 0
     if expert_prior is not None:  # p_nn(x) joins the neural term: exact, no exp of a log-probability
         neural_weight = neural_weight + (weights[..., 1:] * expert_prior).sum(-1)
@@ -955,8 +909,7 @@ def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Ten
 
 
 def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T: a quintic Newton-Schulz iteration whose coefficients
-    (from modded-nanogpt) push singular values towards 1 fast without needing them to converge."""
+    """~U V^T for g = U S V^T: quintic Newton-Schulz, modded-nanogpt's coefficients (fast to ~1, not convergent)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16() if g.is_cuda else g.float()
     transposed = x.size(0) > x.size(1)
@@ -984,12 +937,11 @@ class Muon(torch.optim.Optimizer):
         super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
                                             weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
-        # Compiled: a few fused kernels per matrix, one graph per shape, built by compile_shapes before the clock.
-        self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update
+        self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update  # fused, a graph per shape
 
     @torch.no_grad()
     def compile_shapes(self) -> None:
-        """Runs the update once for every matrix shape, on zeros and throw-away buffers: no state changes."""
+        """Runs the update once per matrix shape (compiling before the clock), on zeros and throw-away buffers."""
         for group in self.param_groups:
             device = group["params"][0].device
             momentum = torch.tensor(group["momentum"], device=device)
@@ -1005,11 +957,10 @@ class Muon(torch.optim.Optimizer):
                 group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
                 group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
                                                                   params)]
-                # a tensor, or the compiled update is rebuilt as momentum warms up; filled, not new: no host copy
-                group["momentum_tensor"] = torch.zeros((), device=params[0].device)
+                group["momentum_tensor"] = torch.zeros((), device=params[0].device)  # a tensor: no recompiles
             flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
             flat.zero_()
-            momentum.fill_(group["momentum"])
+            momentum.fill_(group["momentum"])  # filled, not new: no host copy
             for i, p in enumerate(params):
                 if i % self.world_size == self.rank and p.grad is not None:
                     if "momentum" not in self.state[p]:
