@@ -1058,7 +1058,6 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: in
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: its rank among world_size processes and its device."""
     rank: int
     world_size: int
     local_rank: int
@@ -1077,7 +1076,6 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def synced_time(self) -> float:
-        """time.perf_counter() once the device has finished the work queued so far."""
         self.synchronize()
         return time.perf_counter()
 
@@ -1120,8 +1118,7 @@ def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
 
 
 def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_STEPS, then a linear warm-down to zero ending at ITERATIONS or at the
-    wall-clock stop if sooner (there, WARMDOWN_ITERS steps at the average step time so far)."""
+    """Linear warm-up, then a linear warm-down to zero at ITERATIONS or, if sooner, at the wall-clock stop."""
     scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters:
         scale = min(scale, (cfg.iterations - step) / cfg.warmdown_iters)
@@ -1136,10 +1133,7 @@ def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
 
 
 class WeightEMA:
-    """An fp32 exponential moving average of the weights, copied into the model at the end of training
-    (records: decay 0.997, ~0.002-0.005 bpb). ramp=True decays update t by min(decay, (1 + t) / (3 + t)):
-    unramped, a 200-step demo run keeps 55% of its average on the initialization (val_bpb 2.667, ramped
-    2.314). TTT's Polyak average starts from trained weights and needs no ramp."""
+    """An fp32 moving average of the weights (records: 0.997, ~0.002-0.005 bpb); ramp: 200-step demo 2.667 -> 2.314."""
 
     def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
         self.decay, self.ramp, self.updates = decay, ramp, 0
@@ -1149,8 +1143,7 @@ class WeightEMA:
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (3 + self.updates)) if self.ramp else self.decay
         self.updates += 1
-        # one fused kernel per dtype and device instead of one lerp per parameter (weights are kept in fp32)
-        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)
+        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)  # one fused kernel
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -1159,7 +1152,6 @@ class WeightEMA:
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
-        """The averaged weights in the model for the duration, the model's own weights back after."""
         own = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.copy_to(model)
         try:
@@ -1171,8 +1163,7 @@ class WeightEMA:
 
 
 def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
-    """The largest of each value over ranks. Decisions taken from a clock use these: from its own clock one
-    rank stops while another waits in a collective until NCCL's watchdog kills the job."""
+    """The largest of each value over ranks: a rank stopping on its own clock leaves the others hung in a collective."""
     if not rt.distributed:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=rt.device)
@@ -1180,10 +1171,7 @@ def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
-# The training clock is read every CLOCK_READ_EVERY steps (each a host sync and an all-reduce) as the maximum
-# over ranks, and extrapolated in between at the average step time: every rank takes the same warm-down and
-# stop decisions without a host sync per step.
-CLOCK_READ_EVERY = 10
+CLOCK_READ_EVERY = 10  # steps between clock reads (a host sync and an all-reduce each), extrapolated in between
 
 
 def compile_count() -> int:
@@ -1194,8 +1182,7 @@ def compile_count() -> int:
 
 def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scale: torch.Tensor | None,
                rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the oracle's
-    expert inputs (None: no mixer). DDP all-reduces only on the step's last micro-batch (`sync`)."""
+    """Forward and backward of one micro-batch; its loss, detached. DDP all-reduces only when `sync`."""
     experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
@@ -1207,8 +1194,7 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scal
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
                oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimizer step over TRAIN_BATCH_TOKENS; returns this rank's mean training loss as a tensor
-    (reading it makes the host wait for the device, so only logged steps do)."""
+    """One optimizer step; this rank's mean loss as a tensor (reading it syncs the host, so only logged steps do)."""
     total = torch.zeros((), device=rt.device)
     batches = loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len, rt.device)
     for micro, batch in enumerate(batches):
@@ -1237,42 +1223,28 @@ class TrainResult:
 
 
 def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
-    """The frozen n-gram oracle: every order counted over the first NGRAM_ORACLE_TOKENS training tokens
-    (in shard name order), on the run's device. Each rank counts the same text."""
-    # int32, not int64: the text stays in memory while every order is counted
+    """The frozen n-gram oracle over the first NGRAM_ORACLE_TOKENS training tokens; every rank counts the same."""
     tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
-                              .astype(np.int32)).to(rt.device)
+                              .astype(np.int32)).to(rt.device)  # int32: it stays in memory while orders are counted
     oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
     oracle.add_stream(tokens, 1, tokens.numel())
     oracle.counted_tokens = tokens.numel()
     return oracle
 
 
-def training_oracle(model: GPT, cfg: Hyperparameters, rt: Runtime, files: Sequence[str],
-                    oracle: NgramModel | None, log) -> tuple:
-    """(oracle, `batch -> its expert inputs` for micro_step): `oracle` if given, else counted here when the
-    model has a mixer head; (None, None) with neither. Compiled, the lookup's ~230 ops (keys, searchsorted,
-    leave-one-out) are one graph."""
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
+          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
+    """Trains to ITERATIONS or the wall-clock stop; counting an oracle is training time, validation is not."""
+    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
+    files = shard_files(cfg.data_path, "train")
+    t0, oracle_lookup = rt.synced_time(), None
     if model.mixer_head is not None and oracle is None:
-        t0 = rt.synced_time()
         oracle = build_oracle(cfg, rt, files)
         log(f"ngram_oracle tokens:{oracle.counted_tokens} orders:{','.join(map(str, oracle.orders))} "
             f"bytes:{oracle.nbytes()} time:{1000 * (rt.synced_time() - t0):.0f}ms")
-    if oracle is None:
-        return None, None
-    lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
-    return oracle, lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run, cfg.ngram_prior_beta)
-
-
-def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
-          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
-    """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the artifact). Counting the oracle is training time, validation is not; a given `oracle` is
-    used as it is (the preflight counts its own)."""
-    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
-    files = shard_files(cfg.data_path, "train")
-    t0 = rt.synced_time()
-    oracle, oracle_lookup = training_oracle(model, cfg, rt, files, oracle, log)
+    if oracle is not None:  # compiled, the lookup's ~230 ops are one graph
+        lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
+        oracle_lookup = lambda b: lookup(oracle, b.inputs, b.targets, b.oracle_run, cfg.ngram_prior_beta)
     train_ms = 1000 * (time.perf_counter() - t0)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
@@ -1282,8 +1254,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
                                     0 if oracle is None else oracle.counted_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
-    step, stopped_early, reading, start_ms = 0, False, None, train_ms
-    compiles = compile_count()
+    step, stopped_early, reading, start_ms, compiles = 0, False, None, train_ms, compile_count()
     t0 = rt.synced_time()
     while step < cfg.iterations:
         if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
@@ -1294,13 +1265,11 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         if stopped_early:
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
-        # CROWN-Q acts in the warm-down only, where the weights settle where they will be rounded. The
-        # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops at 0.
-        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0
+        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0  # CROWN-Q's window: where the weights settle
         if penalty_scale is not None:
             penalty_scale.fill_(float(warming_down))
         loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
-                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)
+                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)  # compiled: one graph
         if ema is not None:
             ema.update(model)
         step += 1
@@ -1328,27 +1297,22 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
 
 
 def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], cfg: Hyperparameters,
-                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None,
-                     log) -> None:
-    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count"):
-    WARMUP_STEPS steps of every micro-batch on synthetic tokens, oracle lookups, CROWN-Q and Muon's shapes.
-    No trace: no optimizer step, gradients dropped; data stream, optimizers, EMA and global RNG untouched."""
+                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None, log) -> None:
+    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count") on synthetic
+    batches laid out as the loader's. No trace: no optimizer step; data, optimizers, EMA and global RNG untouched."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
-    # DDP rebuilds its buckets after its first step and takes another path from the second on.
-    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)
+    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)  # DDP takes another path from its second step
     for _ in range(steps):
         for micro in range(accum_steps):
-            # laid out as DistributedBatchLoader's batches (views of one stream, offset by one): the same graph
             stream = torch.randint(cfg.vocab_size, (rows * cfg.train_seq_len + 1,), generator=generator).to(rt.device)
             run = torch.zeros_like(stream)[1:].view(rows, -1)  # no leave-one-out
             micro_step(train_model, Batch(stream[:-1].view(rows, -1), stream[1:].view(rows, -1), run), oracle_lookup,
                        penalty_scale, rt, accum_steps, micro == accum_steps - 1)
     train_model.zero_grad(set_to_none=True)
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            opt.compile_shapes()
+    for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
+        opt.compile_shapes()
     log(f"compile_warmup phase:train steps:{steps} graphs:{compile_count() - compiles} "
         f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
 
@@ -1356,21 +1320,13 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
 # =============================================================================
 # QUANTIZATION AND PACKING
 # =============================================================================
-# The artifact is the weights as integers, packed and zstd-compressed; code + artifact must fit TARGET_BYTES.
-# Each matrix is stored as signed integers with one fp16 step per row, at QUANT_MLP_BITS (MLP), QUANT_ATTN_BITS
-# (attention and other projections) or QUANT_EMBED_BITS (embeddings, head). GPTQ (Frantar et al. 2022) rounds
-# one input column at a time and moves its rounding error onto the columns not yet rounded, through the inverse
-# Hessian H = E[x x^T] of the layer's inputs, so that x W^T changes least; GPTQ=0 rounds to nearest.
-
+# Each matrix as signed integers, one fp16 step per row, then zstd. GPTQ (Frantar et al. 2022) rounds column by
+# column, moving each error onto the later columns through the inverse Hessian E[x x^T]; GPTQ=0 rounds to nearest.
 EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
-GPTQ_BLOCK = 128
 PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
-
-# One zstd frame per tensor: compressed in parallel, reused across size-fitting tries, each the smaller of its
-# FAST_ZSTD_LEVEL and ZSTD_LEVEL frames (vs one level-22 body per layout: minutes less per try, 6% smaller).
-ARTIFACT_MAGIC = b"PGQW"
-ARTIFACT_VERSION = 2
+# One zstd frame per tensor, compressed in parallel and reused across tries (vs one body: minutes less, 6% smaller).
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQW", 2
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
 TENSOR_HEAD = struct.Struct("<HBBBBI")    # name length, ndim, bits (0: raw), layout, dtype code, frame bytes
 FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: a fraction of 22's time, within 0.1% of its size here
@@ -1381,21 +1337,19 @@ DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class ArtifactError(ValueError):
-    """An artifact that cannot be made to fit, or a blob that is not a sound artifact of this format."""
+    """An artifact that cannot be made to fit, or a blob that is not a sound artifact."""
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,) the step of each row.
-    bits == 0: `values` the tensor itself (fp16), `scale` None."""
+    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,); bits 0: fp16 `values` alone."""
     bits: int
     values: torch.Tensor
     scale: torch.Tensor | None = None
 
 
 def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
-    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and for matrices under
-    `min_numel` values (QUANT_MIN_NUMEL: gains, scales, the mixer head; under 1% of the bytes)."""
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and under `min_numel`."""
     if tensor.ndim != 2 or tensor.numel() < min_numel:
         return "raw"
     if name in EMBED_TENSOR_NAMES:
@@ -1410,19 +1364,16 @@ def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
 
 
 def qmax_for(bits: int) -> int:
-    # Symmetric grid [-qmax, qmax]: zero is exact, and 2^bits - 1 levels leave no code unused but one.
-    return 2 ** (bits - 1) - 1
+    return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
 
 
 def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row step (fp16 values, as float32) at the clip ratio of the row's max |w| with the least squared error,
-    weighted by `col_weight` (diag H) if given: clipping a few outliers buys a finer step for the rest."""
+    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
     qmax, w = qmax_for(bits), w.float()
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for ratio in CLIP_RATIOS:
-        # Rounded to fp16 before the error is measured: the stored step is the one searched.
-        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)  # fp16: the stored step is searched
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (w - q * scale[:, None]).square()
         err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
@@ -1441,8 +1392,7 @@ def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, whose rows are GPTQ's error-compensation weights;
-    10x the damping, up to 5 times, while H is not positive definite (a rank-deficient calibration set)."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the damping raised 10x (up to 5 times) until PD."""
     eye, mean_diag = torch.eye(h.size(0), device=h.device, dtype=h.dtype), h.diagonal().mean()
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
@@ -1453,9 +1403,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
                        block_size: int) -> torch.Tensor:
-    """Integer values (float) for w (rows, cols), rounded column by column, each column's error moved onto the
-    later columns of its block at once and onto the rest once per block (GPTQ's lazy batch updates). Per column
-    only what depends on the previous column runs (a dozen GPU launches); the block is re-rounded at its end."""
+    """Integer values (float) of w (rows, cols) by GPTQ's lazy batch updates: a dozen GPU launches per column."""
     w, q = w.clone(), torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
@@ -1472,7 +1420,7 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
-                  block_size: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
     with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
         w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
@@ -1480,9 +1428,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
         h[dead, dead] = 1.0
         w = w.masked_fill(dead[None, :], 0.0)
         scale = row_scales(w, bits, h.diagonal())
-        # Act-order: the columns with the largest inputs go first, while the most columns remain to absorb
-        # their error (the GPTQ authors' "desc_act"; it matters most at low bit widths).
-        order = torch.argsort(h.diagonal(), descending=True)
+        order = torch.argsort(h.diagonal(), descending=True)  # act-order: largest inputs first, most columns left
         hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
         q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
     return q[:, torch.argsort(order)].to(torch.int8), scale.half()
@@ -1491,8 +1437,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
 @torch.no_grad()
 def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
                                bos_id: int = 1) -> torch.Tensor:
-    """(num_seqs, seq_len) int64 sequences the model samples from BOS at temperature 1: no data needed after
-    training, and GPTQ sees the inputs the model produces. A DecodeCache runs each position once."""
+    """(num_seqs, seq_len) int64 sequences sampled from BOS at temperature 1: no data needed after training."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training, batches = model.training, []
@@ -1509,8 +1454,7 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
 
 
 def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens for the Hessians: sampled from the model (GPTQ_CALIB=selfgen)
-    or the first of `train_tokens` (GPTQ_CALIB=train, 1-D). Never validation tokens: the score would see them."""
+    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens, self-generated or from 1-D `train_tokens`; never validation's."""
     if cfg.gptq_calib == "selfgen":
         return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
     need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
@@ -1522,8 +1466,7 @@ def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Ten
 
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = mean of x x^T over the calibration tokens for the input x of every nn.Linear, keyed by its weight's name
-    (the untied head, an F.linear, has none: RTN). Layers called in a row on one tensor (c_q, c_k, c_v) share one H."""
+    """Mean x x^T of each nn.Linear's input by weight name (the F.linear head: none, RTN); c_q, c_k, c_v share one."""
     sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
 
     def accumulate(name: str, x: torch.Tensor) -> None:
@@ -1536,7 +1479,6 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
             sums[name], counts[name] = torch.zeros(x.size(1), x.size(1), device=x.device), 0
         sums[name].addmm_(x.T, x)
         counts[name] += x.size(0)
-
     handles = [module.register_forward_hook(lambda _, inputs, out, name=f"{name}.weight": accumulate(name, inputs[0]))
                for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     device = next(model.parameters()).device
@@ -1553,9 +1495,7 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
-    """Every state-dict entry as stored, on the CPU: GPTQ if on and the matrix has a Hessian, else RTN. Matrices
-    sharing a Hessian and a width (c_q, c_k, c_v) go through GPTQ stacked: rows round independently, so this is
-    their result with a third of the column steps. `cache` maps (name, bits) to an earlier result."""
+    """Every state-dict entry as stored, on the CPU; GPTQ stacks matrices sharing a Hessian (a third of the steps)."""
     state, tensors, gptq_groups = {}, model.state_dict(), {}
     for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
@@ -1564,7 +1504,7 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
         elif bits == 0:
             state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
         elif cfg.gptq and name in hessians:
-            state[name] = None  # its place in the order; filled below
+            state[name] = None  # keeps its place in the order
             gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
             q, scale = rtn_quantize(tensor, bits)
@@ -1581,7 +1521,6 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
 
 @torch.no_grad()
 def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
-    """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
     if expected != stored:
@@ -1594,8 +1533,7 @@ def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> 
 
 
 def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
-    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's detached
-    step, delta^2/12 the rounding noise's variance: a weight decay pulling the rows rounded coarsest in hardest."""
+    """CROWN_Q_LAMBDA x mean of mean(w^2 delta^2 / 12), delta the detached row step: pulls the coarsest rows in most."""
     terms = []
     for name, p in model.named_parameters():
         if bits := quant_bits(name, p, cfg):
@@ -1607,8 +1545,7 @@ def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
 
 
 def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
-    """A copy with `fraction` of all MLP and attention values set to 0, the nonzero ones of least |q| * step (the
-    error zeroing adds): long runs of zeros are what zstd compresses best."""
+    """A copy with `fraction` of MLP and attention values zeroed, those of least |q| * step: zstd likes zero runs."""
     prunable = {name: q for name, q in quantized_state.items()
                 if q.bits and tensor_class(name, q.values) in ("mlp", "attn")}
     sizes = [q.values.numel() for q in prunable.values()]
@@ -1626,8 +1563,7 @@ def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float)
 
 
 def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
-    """One tensor's frame, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0), then its steps.
-    LAYOUT_BITS: `bits`-bit fields (value + qmax), the last byte zero-padded."""
+    """One tensor's frame, uncompressed: its values in `layout` (LAYOUT_BITS: fields of value + qmax), then steps."""
     if q.bits == 0:
         return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
     if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
@@ -1642,13 +1578,11 @@ def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
 
 
 def compression_workers() -> int:
-    """The CPUs this process may run on (under torchrun every rank packs the same frames, on all of them)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
-    """Each record as its own zstd frame, by `workers` threads (0: one per usable CPU), the same bytes for any
-    number. `cache` maps (level, sha256 of a record) to its frame: size fitting recompresses only what changed."""
+    """Each record as its own zstd frame; `cache` maps (level, sha256 of a record) to its frame. 0 workers: all CPUs."""
     cache = {} if cache is None else cache
     keys = [(level, hashlib.sha256(record).digest()) for record in records]
     todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
@@ -1669,14 +1603,12 @@ class Packing:
 
     @property
     def layout(self) -> str:
-        """'int8', 'bitpacked' or 'bitpacked+int8': the layouts of the integer tensors."""
         return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
 
 
 def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None = None,
                  layout: int | None = None) -> Packing:
-    """Each integer tensor in `layout`, or (None) in whichever layout zstd shrinks more at FAST_ZSTD_LEVEL:
-    which one wins depends on the weights, and a fast level ranks them as the final one does."""
+    """Integer tensors in `layout`, or (None) whichever zstd shrinks more at FAST_ZSTD_LEVEL (it ranks as the final)."""
     candidates = [(name, option) for name, q in quantized_state.items()
                   for option in ((LAYOUT_RAW,) if q.bits == 0 else (LAYOUT_BYTES, LAYOUT_BITS) if layout is None
                                  else (layout,))]
@@ -1705,8 +1637,7 @@ def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Seque
 
 def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
                   layout: int | None = None, packing: Packing | None = None) -> bytes:
-    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the smaller of
-    its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
+    """The artifact, each frame the smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions."""
     packing = packing or fast_packing(quantized_state, cache, layout)
     final = zstd_frames(packing.records, zstd_level, cache)
     frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
@@ -1756,8 +1687,7 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
     if len(blob) < ARTIFACT_FRAME.size:
         raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
-    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
-    payload = blob[ARTIFACT_FRAME.size:]
+    (magic, version, crc, length), payload = ARTIFACT_FRAME.unpack_from(blob), blob[ARTIFACT_FRAME.size:]
     if magic != ARTIFACT_MAGIC:
         raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
     if version != ARTIFACT_VERSION:
@@ -1783,21 +1713,8 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     return state
 
 
-@dataclass(frozen=True)
-class ArtifactSummary:
-    artifact_bytes: int
-    code_bytes: int
-    total_bytes: int
-    mlp_bits: int
-    attn_bits: int
-    embed_bits: int
-    prune_fraction: float
-    layout: str  # the integer tensors' layouts: "int8" (one byte per value), "bitpacked", or both
-
-
 def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
-    """(settings, prune fraction) to try in order, none twice: PRUNE_FRACTION raised in PRUNE_STEPs at the configured
-    widths, then with the MLP (most values, most tolerant) one bit narrower, then attention too."""
+    """(settings, prune) to try in order, none twice: more pruning, then the MLP a bit narrower, then attention too."""
     mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
     both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
     entries = {}
@@ -1817,9 +1734,8 @@ class ScheduleEntries:
         self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
 
     def runs(self, lo: int, hi: int) -> list[range]:
-        """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
         starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
-        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]  # runs of one width, pruning more along each
 
     def describe(self, i: int) -> str:
         widths, prune = self.entries[i]
@@ -1827,7 +1743,7 @@ class ScheduleEntries:
                 f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
 
     def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
-        """Entry i's quantized state, fast packing and their times; only the last entry's (each holds the model)."""
+        """Entry i's quantized state, fast packing and their times; only the last is kept (each holds the model)."""
         if self.last is None or self.last[0] != i:
             widths, prune = self.entries[i]
             t0 = time.perf_counter()
@@ -1839,7 +1755,7 @@ class ScheduleEntries:
         return self.last[1:]
 
     def fast_bytes(self, i: int) -> int:
-        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged (artifact_estimate) once."""
+        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged once."""
         if i not in self.fast_sizes:
             quantized, packing, times = self.packed(i)
             size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
@@ -1848,7 +1764,6 @@ class ScheduleEntries:
         return self.fast_sizes[i]
 
     def final_blob(self, i: int) -> bytes:
-        """Entry i's artifact at ZSTD_LEVEL, logged (artifact_try)."""
         t0, frames_before = time.perf_counter(), len(self.frame_cache)
         quantized, packing, _ = self.packed(i)
         blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
@@ -1867,21 +1782,18 @@ def first_fit(runs: Sequence[range], fits) -> int | None:
         if fits(run[0]):
             return run[0]
         no, yes = run[0], run[-1]
-        if no == yes or not fits(yes):
-            continue
-        while yes - no > 1:
-            mid = (no + yes) // 2
-            no, yes = (no, mid) if fits(mid) else (mid, yes)
-        return yes
+        if no != yes and fits(yes):
+            while yes - no > 1:
+                mid = (no + yes) // 2
+                no, yes = (no, mid) if fits(mid) else (mid, yes)
+            return yes
     return None
 
 
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
-                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
-    """The artifact of the first `shrink_schedule` entry with code + artifact <= TARGET_BYTES, and its summary
-    (ArtifactError if none). No frame exceeds its fast one, so fast sizes that fit do fit: they pick the entry to
-    compress at ZSTD_LEVEL, then its final/fast ratio predicts earlier entries, and one is tried. `calib_tokens`
-    (from `calibration_tokens`) are needed when GPTQ is on."""
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[Hyperparameters, float]]:
+    """The artifact of the first `shrink_schedule` entry that fits TARGET_BYTES, and that entry. No frame exceeds its
+    fast one, so fast sizes that fit do fit; the final/fast ratio then predicts earlier entries."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -1901,22 +1813,19 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         blob = entries.final_blob(i)
         ratio = len(blob) / entries.fast_bytes(i)
         if len(blob) <= budget:
-            best, hi = (i, blob, entries.packed(i)[1].layout), i
+            best, hi = (blob, entries.entries[i]), i
         else:
             lo = i + 1
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
                             f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
-    i, blob, layout = best
-    widths, prune = entries.entries[i]
-    summary = ArtifactSummary(len(blob), code_bytes, code_bytes + len(blob), widths.quant_mlp_bits,
-                              widths.quant_attn_bits, widths.quant_embed_bits, prune, layout)
-    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes (code {code_bytes}, artifact {len(blob)})")
-    return blob, summary
+    log(f"Total submission size quantized+zstd: {code_bytes + len(best[0])} bytes "
+        f"(code {code_bytes}, artifact {len(best[0])})")
+    return best
 
 
 def write_artifact(path: str | Path, blob: bytes) -> None:
-    """Writes to a temporary name, then renames: a crash never leaves a half-written artifact."""
+    """Writes to a temporary name, then renames: a crash never leaves half an artifact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
