@@ -1942,9 +1942,7 @@ class EvalResult:
 
 @functools.lru_cache(maxsize=4)  # TTT asks for every chunk: ~1M spans on FineWeb take ~0.7 s to build
 def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> tuple[tuple[int, int, int], ...]:
-    """(start, length, scored) windows that score each target 1..num_tokens-1 once, with the longest context:
-    tokens[start:start+length] predict the next ones and the last `scored` predictions count. The first
-    window scores all its targets, the rest `stride` each; all are full length (the last is moved back)."""
+    """(start, length, scored) full-length windows scoring each target 1..N-1 once, in the last `scored` predictions."""
     spans, scored_end = [], 1
     while scored_end < num_tokens:
         end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
@@ -1964,8 +1962,7 @@ def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tup
 
 def _eval_result(batch_scores: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  rt: Runtime) -> EvalResult:
-    """The EvalResult over all ranks of this rank's batches of (-ln q (n,), bytes (n,)). The sums stay on the
-    device until the end: reading them each batch would stall the queue."""
+    """All ranks' EvalResult of this rank's (-ln q (n,), bytes (n,)) batches; sums stay on the device: no stalls."""
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     byte_sum, count = torch.zeros((), dtype=torch.int64, device=device), 0
     for nll, nbytes in batch_scores:
@@ -1999,33 +1996,23 @@ class WindowBatch:
 
 def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
                            lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
-    """This rank's batches of windows scoring the targets in [lo, hi), `stride` per row at most. A window
-    straddling lo or hi is computed for each side: exact, since a position never sees what follows it."""
+    """This rank's batches scoring targets [lo, hi), `stride` a row; a window straddling lo or hi is split, exactly."""
     hi = val_tokens.numel() if hi is None else hi
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
-    # the spans' scored targets [s+n-k+1, s+n] partition 1..N-1 in order: those meeting [lo, hi) are a run
-    spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):
+    spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):  # in order: [lo, hi)'s spans are a run
                   bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
-
     def window_rows(spans):  # (start, first, end): a span's scored predictions [n-k, n), `stride` per row
         return [(s, f, min(f + stride, n)) for s, n, k in spans for f in range(n - k, n, stride)]
     head = window_rows(spans[:1])  # every later span scores at most `stride`: one row each
-    rows = eval_batch_rows(batch_tokens, seq_len)
+    rows = max(1, batch_tokens // seq_len)  # the same in every batch: the compiled model sees one shape
     for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
         tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
         yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail), rows, seq_len, stride, lo, hi)
 
 
-def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
-    """Windows per evaluation batch, the same in every batch: the compiled model sees one shape."""
-    return max(1, batch_tokens // seq_len)
-
-
 def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int, int]], rows: int, seq_len: int,
                         scored: int, lo: int, hi: int) -> WindowBatch:
-    """(start, first, end) windows reading val_tokens[start:start+L+1], scoring predictions [first, end) whose
-    targets are in [lo, hi). Padding (rows past the windows, positions past the stream's end) reads the last
-    token and is never picked: a position sees only what precedes it, so padding changes nothing."""
+    """(start, first, end) windows scoring predictions [first, end) with targets in [lo, hi); padding is not picked."""
     device, N = val_tokens.device, val_tokens.numel()
     hi = min(hi, N)
     count = sum(max(0, min(s + e + 1, hi) - max(s + f + 1, lo)) for s, f, e in windows)
@@ -2040,8 +2027,7 @@ def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, i
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                           stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets, from
-    `token_nll(inputs, targets, positions) -> (B, S)`."""
+    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets; token_nll(...) -> (B, S)."""
     for batch in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
         next_tokens, targets, nbytes = batch.scored(tables)
         with rt.autocast():
@@ -2060,8 +2046,7 @@ def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTable
 def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
     """Non-overlapping windows of seq_len (the last one shorter): each token scored once, context reset."""
-    N, rows = val_tokens.numel(), eval_batch_rows(batch_tokens, seq_len)
-
+    N, rows = val_tokens.numel(), max(1, batch_tokens // seq_len)
     def batch_scores():
         for first, last in _owned_batches((N - 2) // seq_len + 1, rows, rt):
             batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
@@ -2115,13 +2100,8 @@ def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
                         torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
 
 
-# --- score-first test-time training: each chunk of TTT_CHUNK_TOKENS targets is scored, then trained on -----
-
-
 def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
-    """The parameters TTT adapts by learning-rate multiplier: attention and MLP output projections
-    x TTT_PROJ_LR_MULT, q, k, v and MLP fc x TTT_IN_LR_MULT, the rest x 1. The first TTT_FREEZE_BLOCKS
-    blocks stay, and so does the mixer head: TTT's loss is the model's cross-entropy alone."""
+    """Groups by lr multiplier, without TTT_FREEZE_BLOCKS blocks or the mixer head (TTT's loss is the CE alone)."""
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
     outputs = (".attn.proj.weight", ".mlp.proj.weight")
     inputs = (".c_q.weight", ".c_k.weight", ".c_v.weight", ".mlp.fc.weight")
@@ -2155,12 +2135,11 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
                     cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
                     polyak: WeightEMA | None) -> None:
-    """TTT_EPOCHS passes in global batches of TTT_BATCH_SEQS split over the ranks, which train in lockstep
-    on summed gradients of the global batch's mean: every rank holds the same weights."""
+    """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
-    rows = ttt_rows(cfg, rt)
+    rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's share of a global batch, rounded up: one shape
     for _ in range(cfg.ttt_epochs):
         order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
         for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
@@ -2184,14 +2163,8 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
                 polyak.update(model)
 
 
-def ttt_rows(cfg: Hyperparameters, rt: Runtime) -> int:
-    """Sequences each rank trains on per TTT step: its share of TTT_BATCH_SEQS, rounded up."""
-    return -(-cfg.ttt_batch_seqs // rt.world_size)
-
-
 def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) (rows, T) of this rank's sequences `mine`, padded to one compiled shape by the first
-    with every target -100, which the loss counts as 0."""
+    """(inputs, targets) (rows, T) of sequences `mine`, padded to one compiled shape by the first, targets -100 (0)."""
     x = torch.cat((seqs[mine], seqs[:1].expand(rows - mine.numel(), -1)))
     return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
 
@@ -2199,9 +2172,8 @@ def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[t
 def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
                     cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
                     eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
-    """neural_pass with score-first TTT: each chunk is scored before it is trained on (LEGALITY.md rule 4).
-    Adapting stops when the measured pace projects past EVAL_BUDGET_SECONDS from `eval_start` (perf_counter).
-    The model keeps its adapted weights; phases["ttt_train"] gains the milliseconds spent training."""
+    """neural_pass with score-first TTT (LEGALITY.md rule 4); adapting stops when the pace projects past
+    EVAL_BUDGET_SECONDS from `eval_start`. The model keeps its adapted weights; phases["ttt_train"] gains their ms."""
     phases = {"ttt_train": 0.0} if phases is None else phases
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
@@ -2220,8 +2192,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         score_s = max(score_s, time.perf_counter() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
-        # training guessed at 3 forward passes per epoch; the ranks' maximum: all decide the same
-        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
+        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s  # a guess: 3 forwards an epoch
         own_elapsed = time.perf_counter() - eval_start
         elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
         if projected > cfg.eval_budget_seconds:
@@ -2244,15 +2215,13 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
 
 
 def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
-    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of a materialized q (V,) float64: the number
-    scored is the target's entry of a normalized distribution (LEGALITY.md rule 2)."""
+    """(|sum - 1|, min, |q[target] - exp(-fast_nll)|) of q (V,) float64: a normalized q's entry is scored (rule 2)."""
     return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
 
 
 def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
                          weights: torch.Tensor, hedge: bool, beta: float = 0.0) -> torch.Tensor:
-    """The whole q_t (V,) float64 that the fast path scores one entry of, from each order's row of counts
-    (V,) for q_t's context and the neural row (NGRAM_PRIOR_BETA's prior)."""
+    """The whole q_t (V,) float64 the fast path scores one entry of, from each order's counts row and the neural row."""
     neural = neural_logprobs.exp()
     q = weights[0].double() * neural
     for i, row in enumerate(rows):
@@ -2297,9 +2266,8 @@ def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weight
 
 def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, vocab_size: int,
                 chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows (context key, next token, chunk, weight) (m, 4) int64 in chunk order of sorted targets, and the
-    row of each target (None: row i). Short contexts are few and frequent: one row per (context, token,
-    chunk), weighing that many, so no owner receives a frequent context's every target."""
+    """Rows (context key, next token, chunk, weight) (m, 4) int64 of sorted targets, and each target's row (None: i).
+    Orders <= 2 merge equal rows, weighing that many: no owner receives a frequent context's every target."""
     V = vocab_size
     keys = context_keys_from(lambda k: val_tokens[targets - 1 - k], targets, order, V)
     tokens, chunks = val_tokens[targets], (targets - 1) // chunk_tokens
@@ -2316,9 +2284,8 @@ def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
         in_order = torch.sort(items[:, 2], stable=True).indices
         items = items[in_order]
-    # whole rows are gathered (one cache miss per row, not per column): at 8M rows a gather is a cost
     by_key = torch.sort(items[:, 0], stable=True).indices
-    rows = items[by_key]
+    rows = items[by_key]  # whole rows: one cache miss per row, not per column (at 8M rows a gather costs)
     new_context = run_starts(rows[:, 0])
     pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
     out = torch.empty_like(items[:, :2])
@@ -2335,8 +2302,7 @@ def context_owners(keys: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys: torch.Tensor,
                   audit_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """earlier_chunk_counts of this rank's rows, computed by each context's owner, and this rank's share of
-    the audited contexts' counts (A, V) float64. Every rank takes part, whether it scored anything or not."""
+    """earlier_chunk_counts of this rank's rows by their contexts' owners, and its audit counts (A, V); all join."""
     owned = items
     if rt.distributed:
         dest = context_owners(items[:, 0], rt.world_size)
@@ -2363,9 +2329,7 @@ def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys:
 
 def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
                        targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(counts, totals, available) (n, K) of this rank's sorted targets: c(ctx_t, x_t), T(ctx_t) over chunks
-    before t's (chunk k: targets [1 + kC, 1 + (k+1)C)); and audit rows (A, K, V) float64. Owners count
-    exactly, so no number depends on the number of ranks."""
+    """(c(ctx_t, x_t), T(ctx_t) before t's chunk, available) (n, K) of sorted targets, audit rows (A, K, V); exact."""
     V, K = vocab_size, len(orders)
     stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
     available = torch.stack([targets >= order - 1 for order in orders], 1)
@@ -2373,8 +2337,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
     audit_rows = []
     for i, order in enumerate(orders):
         items, where = cache_items(val_tokens, targets[available[:, i]], order, V, chunk_tokens)
-        # an audit target without a whole context has no key (-1 matches none) and an empty row
-        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(
+        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(  # short context: -1, matches none
             lambda k: val_tokens[(audit_targets - 1 - k).clamp(min=0)], audit_targets, order, V), -1)
         counts, rows = owners_counts(items, V, rt, audit_keys, audit_chunks)
         stats[available[:, i], i] = counts if where is None else counts[where]
@@ -2388,8 +2351,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
 @torch.no_grad()
 def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
                audit: AuditStats) -> torch.Tensor:
-    """-ln q (n,) float64 of this rank's targets, each mixed with the cache as it stood before its chunk
-    (score-first, rule 4). Every rank takes part, even one that scored nothing."""
+    """-ln q (n,) float64, each target mixed with the cache before its chunk (score-first, rule 4); all ranks join."""
     C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
     audit_targets = torch.unique(audit.targets)
     counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
@@ -2406,8 +2368,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
             dist.all_reduce(neural_loss)
             dist.all_reduce(expert_loss)
         losses = torch.cat((neural_loss[:, None], expert_loss), 1)
-        # chunk k's weights see chunks < k only; exclusive, as cumsum - own loss would leak its rounding
-        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))
+        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
         log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
         weights = log_w[chunk].softmax(-1)
         valid = torch.ones_like(available)
@@ -2430,8 +2391,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
                            rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
                            phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
-    """(neural, mixed with the n-gram cache or None) of one pass; `neural_scores(audit_targets)` replaces
-    neural_pass (TTT). `phases` gains the neural (TTT training left out) and cache milliseconds."""
+    """(neural, n-gram mixed or None); neural_scores(audit_targets) replaces neural_pass (TTT); `phases` gains ms."""
     phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
     rt.synchronize()
     t0, trained = time.perf_counter(), phases["ttt_train"]
@@ -2476,9 +2436,7 @@ def nvidia_device_files() -> list[str]:
 
 
 def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
-    """CUDA where it works; the CPU where there is no NVIDIA device, where DEVICE=cpu, or where the GPUs
-    are hidden (CUDA_VISIBLE_DEVICES empty). A node whose CUDA fails to start is refused rather than
-    trained on its CPUs: torchrun's 8 processes would spend the paid budget on nothing."""
+    """CUDA where it works, else the CPU; a node with NVIDIA devices but failing CUDA is refused (8 idle paid ranks)."""
     wanted = env.get("DEVICE", "auto").strip()
     if wanted not in DEVICES:
         raise ConfigError(f"DEVICE={wanted!r} is not allowed: {' or '.join(DEVICES)}")
@@ -2493,8 +2451,7 @@ def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
 
 
 def init_runtime(env: Mapping[str, str]) -> Runtime:
-    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
-    NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
+    """Joins torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK; absent: one process): NCCL on CUDA, else gloo."""
     rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
     local_rank, local_world = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = runtime_device(env, local_rank)
@@ -2508,10 +2465,8 @@ def init_runtime(env: Mapping[str, str]) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, local_world_size=local_world)
 
 
-# Code is counted as the records count it (PR #1530 on): the size of a self-extracting copy of the source,
-# lzma-compressed and base85-encoded behind a one-line exec. make_record ships that copy as train_gpt.py.
 WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
-WRAPPER_TAIL = b'")))\n'
+WRAPPER_TAIL = b'")))\n'  # code counts as this wrapper of the source, as in the records (PR #1530 on)
 
 
 def self_extracting_wrapper(source: bytes) -> bytes:
@@ -2529,20 +2484,9 @@ def wrapped_source(script: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=1)
 def script_identity() -> tuple[str, int]:
-    """(sha256 of the source running, bytes of its self-extracting wrapper): the same whether this process
-    runs the readable file or the wrapper."""
+    """(sha256 of the running source, bytes of its self-extracting wrapper), whether run readable or wrapped."""
     source = wrapped_source(Path(__file__).read_bytes())
     return hashlib.sha256(source).hexdigest(), len(self_extracting_wrapper(source))
-
-
-def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
-    sha, code_bytes = script_identity()
-    log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
-    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
-    log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
-        f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
-    for line in cfg.as_log_lines():
-        log(line)
 
 
 def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
@@ -2562,8 +2506,7 @@ def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
 
 
 def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
-    """The artifact's bytes on every rank, built by rank 0 alone with all the machine's cores, not the same work
-    8 times over on shared ones. The others wait for the outcome, so an ArtifactError stops every rank."""
+    """The artifact on every rank, built once by rank 0 with all the cores; an ArtifactError there stops every rank."""
     outcome, threads = [None, None], torch.get_num_threads()  # outcome: blob, error
     if rt.is_main:
         try:
@@ -2582,8 +2525,7 @@ def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
 
 
 def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: float) -> Path:
-    """Builds and writes artifacts/<RUN_ID>.pgqw; returns its path. The artifact is part of training: its
-    time counts against MAX_WALLCLOCK_SECONDS, which TRAIN_RESERVE_SECONDS must leave room for."""
+    """Writes artifacts/<RUN_ID>.pgqw; returns its path. Its time counts against MAX_WALLCLOCK_SECONDS (as training)."""
     t0, path = time.perf_counter(), Path("artifacts") / f"{cfg.run_id}.pgqw"
     blob = rank0_artifact(model, cfg, rt, log)
     if rt.is_main:
@@ -2601,12 +2543,9 @@ def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: 
 
 
 def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
-    """(training module, TTT's forward, token_nll, eval_outputs): compiled with COMPILE=1, the training
-    module wrapped in DDP when there are several ranks. TTT trains through the model itself: it sums its
-    gradients over ranks in its own way."""
+    """(training module (DDP with several ranks), TTT's forward, token_nll, eval_outputs), compiled with COMPILE=1."""
     compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
-    # DDP inside compile: torch.compile then splits the backward at DDP's buckets (DDPOptimizer), so each
-    # bucket's all-reduce overlaps the rest of the backward. The rotary table is the only buffer, constant.
+    # DDP inside compile: each bucket's all-reduce overlaps the backward. The only buffer (rotary table) is constant.
     train_model = model if not rt.distributed else nn.parallel.DistributedDataParallel(
         model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
         gradient_as_bucket_view=True)
@@ -2623,14 +2562,12 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
-
     def plain_val() -> EvalResult:
         model.eval()
         batch_tokens = eval_batch_tokens(cfg, rt.world_size)
         result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
         model.train()
         return result
-
     path = cfg.eval_artifact
     if not path:
         log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
@@ -2653,10 +2590,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                    cfg: Hyperparameters, rt: Runtime, log, train_forward=None,
                    phases: dict[str, float] | None = None) -> EvalResult:
-    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0) and, with a
-    mixer, the sliding window mixed with the n-gram cache, then the run's score, last; then `eval_phases`,
-    each phase's milliseconds on the slowest rank (also put in `phases` if given). `train_forward(inputs,
-    targets) -> loss` is what TTT trains through (default: the model itself)."""
+    """Logs final plain, sliding (TTT) and mixed lines, the score last, then eval_phases (slowest rank's ms)."""
     train_forward = model if train_forward is None else train_forward
     phases = {} if phases is None else phases
     phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
@@ -2664,8 +2598,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
         phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
     model.eval()
     rt.synchronize()
-    compiles = compile_count()
-    start = time.perf_counter()
+    compiles, start = compile_count(), time.perf_counter()
     batch_tokens = eval_batch_tokens(cfg, rt.world_size)
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
     phases["plain"] = 1000 * (rt.synced_time() - start)
@@ -2696,13 +2629,11 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
 
 def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
                        log) -> float:
-    """Compiles, before the evaluation clock, every function the evaluation calls in the one shape each is
-    called with (batches are padded to it), on synthetic tokens; returns its milliseconds. TTT's forward
-    and backward run in training mode; their gradients are dropped and no step is taken."""
+    """Compiles what evaluation calls, in its one padded shape, before the clock; returns ms. TTT takes no step."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     L, S = cfg.eval_seq_len, cfg.eval_stride
-    rows = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), L)
+    rows = max(1, eval_batch_tokens(cfg, rt.world_size) // L)
     tokens = torch.randint(0, cfg.vocab_size, (rows, L + 1), generator=generator).to(rt.device)  # as val_tokens[index]
     positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
@@ -2713,7 +2644,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
         else:
             token_nll(tokens[:, :-1], tokens.gather(1, positions + 1), positions)
     if cfg.ttt_epochs:
-        rows = ttt_rows(cfg, rt)
+        rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # as ttt_train_chunk's
         seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
         model.train()
         with rt.autocast():
@@ -2727,8 +2658,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
 
 
 def main(job=None, log_suffix: str = "") -> int:
-    """Sets up the runtime, the settings and the log, then trains and evaluates, or runs `job(cfg, rt, log)
-    -> exit status` instead (scripts/preflight.py, whose log is logs/<RUN_ID><log_suffix>.txt)."""
+    """Trains and evaluates, or runs job(cfg, rt, log) -> exit status (preflight; logs/<RUN_ID><log_suffix>.txt)."""
     rt = None
     try:
         if job is None and os.environ.get("PREFLIGHT", "0").strip() not in ("", "0"):
@@ -2739,7 +2669,14 @@ def main(job=None, log_suffix: str = "") -> int:
         rt = dataclasses.replace(rt, bf16=cfg.bf16)
         grad_accum_steps_for(cfg, rt.world_size)
         log = RunLog(Path("logs") / f"{cfg.run_id}{log_suffix}.txt" if rt.is_main else None)
-        log_run_header(log, cfg, rt)
+        sha, code_bytes = script_identity()
+        log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
+        device_name = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+                       else platform.processor() or "cpu")
+        log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
+            f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
+        for line in cfg.as_log_lines():
+            log(line)
         for line in unknown_setting_warnings(os.environ, cfg):
             log(line)
         if job is not None:
@@ -2752,9 +2689,7 @@ def main(job=None, log_suffix: str = "") -> int:
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
-            # Free what holds the process group (DDP's reducer sits in reference cycles) while the interpreter
-            # is alive: gloo's threads torn down at exit abort the process (SIGABRT, 1 run in 3 on 2 CPUs).
-            gc.collect()
+            gc.collect()  # free DDP's reducer cycles: gloo torn down at exit aborts (SIGABRT, 1 run in 3)
             dist.destroy_process_group()
 
 
