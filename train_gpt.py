@@ -1009,7 +1009,6 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: in
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where this process runs: its rank among world_size processes and its device."""
     rank: int
     world_size: int
     local_rank: int
@@ -1028,7 +1027,6 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def synced_time(self) -> float:
-        """time.perf_counter() once the device has finished the work queued so far."""
         self.synchronize()
         return time.perf_counter()
 
@@ -1071,8 +1069,7 @@ def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
 
 
 def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_STEPS, then a linear warm-down to zero ending at ITERATIONS or at the
-    wall-clock stop if sooner (there, WARMDOWN_ITERS steps at the average step time so far)."""
+    """Linear warm-up, then a linear warm-down to zero at ITERATIONS or, if sooner, at the wall-clock stop."""
     scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters:
         scale = min(scale, (cfg.iterations - step) / cfg.warmdown_iters)
@@ -1087,10 +1084,7 @@ def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
 
 
 class WeightEMA:
-    """An fp32 exponential moving average of the weights, copied into the model at the end of training
-    (records: decay 0.997, ~0.002-0.005 bpb). ramp=True decays update t by min(decay, (1 + t) / (3 + t)):
-    unramped, a 200-step demo run keeps 55% of its average on the initialization (val_bpb 2.667, ramped
-    2.314). TTT's Polyak average starts from trained weights and needs no ramp."""
+    """An fp32 moving average of the weights (records: 0.997, ~0.002-0.005 bpb); ramp: 200-step demo 2.667 -> 2.314."""
 
     def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
         self.decay, self.ramp, self.updates = decay, ramp, 0
@@ -1100,8 +1094,7 @@ class WeightEMA:
     def update(self, model: nn.Module) -> None:
         decay = min(self.decay, (1 + self.updates) / (3 + self.updates)) if self.ramp else self.decay
         self.updates += 1
-        # one fused kernel per dtype and device instead of one lerp per parameter (weights are kept in fp32)
-        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)
+        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)  # one fused kernel
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -1110,7 +1103,6 @@ class WeightEMA:
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
-        """The averaged weights in the model for the duration, the model's own weights back after."""
         own = {name: p.detach().clone() for name, p in model.named_parameters()}
         self.copy_to(model)
         try:
@@ -1122,8 +1114,7 @@ class WeightEMA:
 
 
 def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
-    """The largest of each value over ranks. Decisions taken from a clock use these: from its own clock one
-    rank stops while another waits in a collective until NCCL's watchdog kills the job."""
+    """The largest of each value over ranks: a rank stopping on its own clock leaves the others hung in a collective."""
     if not rt.distributed:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=rt.device)
@@ -1131,10 +1122,7 @@ def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
     return t.tolist()
 
 
-# The training clock is read every CLOCK_READ_EVERY steps (each a host sync and an all-reduce) as the maximum
-# over ranks, and extrapolated in between at the average step time: every rank takes the same warm-down and
-# stop decisions without a host sync per step.
-CLOCK_READ_EVERY = 10
+CLOCK_READ_EVERY = 10  # steps between clock reads (a host sync and an all-reduce each), extrapolated in between
 
 
 def compile_count() -> int:
@@ -1145,8 +1133,7 @@ def compile_count() -> int:
 
 def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scale: torch.Tensor | None,
                rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
-    """Forward and backward of one micro-batch; its loss, detached. `oracle_lookup(batch)` gives the oracle's
-    expert inputs (None: no mixer). DDP all-reduces only on the step's last micro-batch (`sync`)."""
+    """Forward and backward of one micro-batch; its loss, detached. DDP all-reduces only when `sync`."""
     experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
     with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
         with rt.autocast():
@@ -1158,8 +1145,7 @@ def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scal
 def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
                cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
                oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """One optimizer step over TRAIN_BATCH_TOKENS; returns this rank's mean training loss as a tensor
-    (reading it makes the host wait for the device, so only logged steps do)."""
+    """One optimizer step; this rank's mean loss as a tensor (reading it syncs the host, so only logged steps do)."""
     total = torch.zeros((), device=rt.device)
     batches = loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len, rt.device)
     for micro, batch in enumerate(batches):
@@ -1188,42 +1174,28 @@ class TrainResult:
 
 
 def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
-    """The frozen n-gram oracle: every order counted over the first NGRAM_ORACLE_TOKENS training tokens
-    (in shard name order), on the run's device. Each rank counts the same text."""
-    # int32, not int64: the text stays in memory while every order is counted
+    """The frozen n-gram oracle over the first NGRAM_ORACLE_TOKENS training tokens; every rank counts the same."""
     tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
-                              .astype(np.int32)).to(rt.device)
+                              .astype(np.int32)).to(rt.device)  # int32: it stays in memory while orders are counted
     oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
     oracle.add_stream(tokens, 1, tokens.numel())
     oracle.counted_tokens = tokens.numel()
     return oracle
 
 
-def training_oracle(model: GPT, cfg: Hyperparameters, rt: Runtime, files: Sequence[str],
-                    oracle: NgramModel | None, log) -> tuple:
-    """(oracle, `batch -> its expert inputs` for micro_step): `oracle` if given, else counted here when the
-    model has a mixer head; (None, None) with neither. Compiled, the lookup's ~230 ops (keys, searchsorted,
-    leave-one-out) are one graph."""
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
+          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
+    """Trains to ITERATIONS or the wall-clock stop; counting an oracle is training time, validation is not."""
+    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
+    files = shard_files(cfg.data_path, "train")
+    t0, oracle_lookup = rt.synced_time(), None
     if model.mixer_head is not None and oracle is None:
-        t0 = rt.synced_time()
         oracle = build_oracle(cfg, rt, files)
         log(f"ngram_oracle tokens:{oracle.counted_tokens} orders:{','.join(map(str, oracle.orders))} "
             f"bytes:{oracle.nbytes()} time:{1000 * (rt.synced_time() - t0):.0f}ms")
-    if oracle is None:
-        return None, None
-    lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
-    return oracle, lambda batch: lookup(oracle, batch.inputs, batch.targets, batch.oracle_run, cfg.ngram_prior_beta)
-
-
-def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
-          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
-    """Trains until ITERATIONS or the wall-clock stop (MAX_WALLCLOCK_SECONDS less TRAIN_RESERVE_SECONDS,
-    kept for the artifact). Counting the oracle is training time, validation is not; a given `oracle` is
-    used as it is (the preflight counts its own)."""
-    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
-    files = shard_files(cfg.data_path, "train")
-    t0 = rt.synced_time()
-    oracle, oracle_lookup = training_oracle(model, cfg, rt, files, oracle, log)
+    if oracle is not None:  # compiled, the lookup's ~230 ops are one graph
+        lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
+        oracle_lookup = lambda b: lookup(oracle, b.inputs, b.targets, b.oracle_run, cfg.ngram_prior_beta)
     train_ms = 1000 * (time.perf_counter() - t0)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
@@ -1233,8 +1205,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
                                     0 if oracle is None else oracle.counted_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
     stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
-    step, stopped_early, reading, start_ms = 0, False, None, train_ms
-    compiles = compile_count()
+    step, stopped_early, reading, start_ms, compiles = 0, False, None, train_ms, compile_count()
     t0 = rt.synced_time()
     while step < cfg.iterations:
         if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
@@ -1245,13 +1216,11 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         if stopped_early:
             break
         scale = lr_scale(step, elapsed, stop_ms, cfg)
-        # CROWN-Q acts in the warm-down only, where the weights settle where they will be rounded. The
-        # compiled graph always takes the scale (one graph); eager mode skips the penalty's ops at 0.
-        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0
+        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0  # CROWN-Q's window: where the weights settle
         if penalty_scale is not None:
             penalty_scale.fill_(float(warming_down))
         loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
-                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)
+                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)  # compiled: one graph
         if ema is not None:
             ema.update(model)
         step += 1
@@ -1279,27 +1248,22 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
 
 
 def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], cfg: Hyperparameters,
-                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None,
-                     log) -> None:
-    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count"):
-    WARMUP_STEPS steps of every micro-batch on synthetic tokens, oracle lookups, CROWN-Q and Muon's shapes.
-    No trace: no optimizer step, gradients dropped; data stream, optimizers, EMA and global RNG untouched."""
+                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None, log) -> None:
+    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count") on synthetic
+    batches laid out as the loader's. No trace: no optimizer step; data, optimizers, EMA and global RNG untouched."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
-    # DDP rebuilds its buckets after its first step and takes another path from the second on.
-    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)
+    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)  # DDP takes another path from its second step
     for _ in range(steps):
         for micro in range(accum_steps):
-            # laid out as DistributedBatchLoader's batches (views of one stream, offset by one): the same graph
             stream = torch.randint(cfg.vocab_size, (rows * cfg.train_seq_len + 1,), generator=generator).to(rt.device)
             run = torch.zeros_like(stream)[1:].view(rows, -1)  # no leave-one-out
             micro_step(train_model, Batch(stream[:-1].view(rows, -1), stream[1:].view(rows, -1), run), oracle_lookup,
                        penalty_scale, rt, accum_steps, micro == accum_steps - 1)
     train_model.zero_grad(set_to_none=True)
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            opt.compile_shapes()
+    for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
+        opt.compile_shapes()
     log(f"compile_warmup phase:train steps:{steps} graphs:{compile_count() - compiles} "
         f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
 
@@ -1307,21 +1271,13 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
 # =============================================================================
 # QUANTIZATION AND PACKING
 # =============================================================================
-# The artifact is the weights as integers, packed and zstd-compressed; code + artifact must fit TARGET_BYTES.
-# Each matrix is stored as signed integers with one fp16 step per row, at QUANT_MLP_BITS (MLP), QUANT_ATTN_BITS
-# (attention and other projections) or QUANT_EMBED_BITS (embeddings, head). GPTQ (Frantar et al. 2022) rounds
-# one input column at a time and moves its rounding error onto the columns not yet rounded, through the inverse
-# Hessian H = E[x x^T] of the layer's inputs, so that x W^T changes least; GPTQ=0 rounds to nearest.
-
+# Each matrix as signed integers, one fp16 step per row, then zstd. GPTQ (Frantar et al. 2022) rounds column by
+# column, moving each error onto the later columns through the inverse Hessian E[x x^T]; GPTQ=0 rounds to nearest.
 EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
 CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
-GPTQ_BLOCK = 128
 PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
-
-# One zstd frame per tensor: compressed in parallel, reused across size-fitting tries, each the smaller of its
-# FAST_ZSTD_LEVEL and ZSTD_LEVEL frames (vs one level-22 body per layout: minutes less per try, 6% smaller).
-ARTIFACT_MAGIC = b"PGQW"
-ARTIFACT_VERSION = 2
+# One zstd frame per tensor, compressed in parallel and reused across tries (vs one body: minutes less, 6% smaller).
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQW", 2
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
 TENSOR_HEAD = struct.Struct("<HBBBBI")    # name length, ndim, bits (0: raw), layout, dtype code, frame bytes
 FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: a fraction of 22's time, within 0.1% of its size here
@@ -1332,21 +1288,19 @@ DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 class ArtifactError(ValueError):
-    """An artifact that cannot be made to fit, or a blob that is not a sound artifact of this format."""
+    """An artifact that cannot be made to fit, or a blob that is not a sound artifact."""
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,) the step of each row.
-    bits == 0: `values` the tensor itself (fp16), `scale` None."""
+    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,); bits 0: fp16 `values` alone."""
     bits: int
     values: torch.Tensor
     scale: torch.Tensor | None = None
 
 
 def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
-    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and for matrices under
-    `min_numel` values (QUANT_MIN_NUMEL: gains, scales, the mixer head; under 1% of the bytes)."""
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and under `min_numel`."""
     if tensor.ndim != 2 or tensor.numel() < min_numel:
         return "raw"
     if name in EMBED_TENSOR_NAMES:
@@ -1361,19 +1315,16 @@ def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
 
 
 def qmax_for(bits: int) -> int:
-    # Symmetric grid [-qmax, qmax]: zero is exact, and 2^bits - 1 levels leave no code unused but one.
-    return 2 ** (bits - 1) - 1
+    return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
 
 
 def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row step (fp16 values, as float32) at the clip ratio of the row's max |w| with the least squared error,
-    weighted by `col_weight` (diag H) if given: clipping a few outliers buys a finer step for the rest."""
+    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
     qmax, w = qmax_for(bits), w.float()
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for ratio in CLIP_RATIOS:
-        # Rounded to fp16 before the error is measured: the stored step is the one searched.
-        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)  # fp16: the stored step is searched
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (w - q * scale[:, None]).square()
         err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
@@ -1392,8 +1343,7 @@ def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, whose rows are GPTQ's error-compensation weights;
-    10x the damping, up to 5 times, while H is not positive definite (a rank-deficient calibration set)."""
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the damping raised 10x (up to 5 times) until PD."""
     eye, mean_diag = torch.eye(h.size(0), device=h.device, dtype=h.dtype), h.diagonal().mean()
     for attempt in range(6):
         chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
@@ -1404,9 +1354,7 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
                        block_size: int) -> torch.Tensor:
-    """Integer values (float) for w (rows, cols), rounded column by column, each column's error moved onto the
-    later columns of its block at once and onto the rest once per block (GPTQ's lazy batch updates). Per column
-    only what depends on the previous column runs (a dozen GPU launches); the block is re-rounded at its end."""
+    """Integer values (float) of w (rows, cols) by GPTQ's lazy batch updates: a dozen GPU launches per column."""
     w, q = w.clone(), torch.zeros_like(w)
     for start in range(0, w.size(1), block_size):
         end = min(start + block_size, w.size(1))
@@ -1423,7 +1371,7 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
-                  block_size: int = GPTQ_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
     with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
         w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
@@ -1431,9 +1379,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
         h[dead, dead] = 1.0
         w = w.masked_fill(dead[None, :], 0.0)
         scale = row_scales(w, bits, h.diagonal())
-        # Act-order: the columns with the largest inputs go first, while the most columns remain to absorb
-        # their error (the GPTQ authors' "desc_act"; it matters most at low bit widths).
-        order = torch.argsort(h.diagonal(), descending=True)
+        order = torch.argsort(h.diagonal(), descending=True)  # act-order: largest inputs first, most columns left
         hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
         q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
     return q[:, torch.argsort(order)].to(torch.int8), scale.half()
@@ -1442,8 +1388,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float
 @torch.no_grad()
 def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
                                bos_id: int = 1) -> torch.Tensor:
-    """(num_seqs, seq_len) int64 sequences the model samples from BOS at temperature 1: no data needed after
-    training, and GPTQ sees the inputs the model produces. A DecodeCache runs each position once."""
+    """(num_seqs, seq_len) int64 sequences sampled from BOS at temperature 1: no data needed after training."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training, batches = model.training, []
@@ -1460,8 +1405,7 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
 
 
 def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens for the Hessians: sampled from the model (GPTQ_CALIB=selfgen)
-    or the first of `train_tokens` (GPTQ_CALIB=train, 1-D). Never validation tokens: the score would see them."""
+    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens, self-generated or from 1-D `train_tokens`; never validation's."""
     if cfg.gptq_calib == "selfgen":
         return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
     need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
@@ -1473,8 +1417,7 @@ def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Ten
 
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """H = mean of x x^T over the calibration tokens for the input x of every nn.Linear, keyed by its weight's name
-    (the untied head, an F.linear, has none: RTN). Layers called in a row on one tensor (c_q, c_k, c_v) share one H."""
+    """Mean x x^T of each nn.Linear's input by weight name (the F.linear head: none, RTN); c_q, c_k, c_v share one."""
     sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
 
     def accumulate(name: str, x: torch.Tensor) -> None:
@@ -1487,7 +1430,6 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
             sums[name], counts[name] = torch.zeros(x.size(1), x.size(1), device=x.device), 0
         sums[name].addmm_(x.T, x)
         counts[name] += x.size(0)
-
     handles = [module.register_forward_hook(lambda _, inputs, out, name=f"{name}.weight": accumulate(name, inputs[0]))
                for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     device = next(model.parameters()).device
@@ -1504,9 +1446,7 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
-    """Every state-dict entry as stored, on the CPU: GPTQ if on and the matrix has a Hessian, else RTN. Matrices
-    sharing a Hessian and a width (c_q, c_k, c_v) go through GPTQ stacked: rows round independently, so this is
-    their result with a third of the column steps. `cache` maps (name, bits) to an earlier result."""
+    """Every state-dict entry as stored, on the CPU; GPTQ stacks matrices sharing a Hessian (a third of the steps)."""
     state, tensors, gptq_groups = {}, model.state_dict(), {}
     for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
@@ -1515,7 +1455,7 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
         elif bits == 0:
             state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
         elif cfg.gptq and name in hessians:
-            state[name] = None  # its place in the order; filled below
+            state[name] = None  # keeps its place in the order
             gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
             q, scale = rtn_quantize(tensor, bits)
@@ -1532,7 +1472,6 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
 
 @torch.no_grad()
 def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
-    """Loads the dequantized weights into `model` (a GPT built from the same settings) and returns it."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
     if expected != stored:
@@ -1545,8 +1484,7 @@ def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> 
 
 
 def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
-    """CROWN_Q_LAMBDA x the mean over integer-stored matrices of mean(w^2 delta^2 / 12), delta the row's detached
-    step, delta^2/12 the rounding noise's variance: a weight decay pulling the rows rounded coarsest in hardest."""
+    """CROWN_Q_LAMBDA x mean of mean(w^2 delta^2 / 12), delta the detached row step: pulls the coarsest rows in most."""
     terms = []
     for name, p in model.named_parameters():
         if bits := quant_bits(name, p, cfg):
@@ -1558,8 +1496,7 @@ def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
 
 
 def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
-    """A copy with `fraction` of all MLP and attention values set to 0, the nonzero ones of least |q| * step (the
-    error zeroing adds): long runs of zeros are what zstd compresses best."""
+    """A copy with `fraction` of MLP and attention values zeroed, those of least |q| * step: zstd likes zero runs."""
     prunable = {name: q for name, q in quantized_state.items()
                 if q.bits and tensor_class(name, q.values) in ("mlp", "attn")}
     sizes = [q.values.numel() for q in prunable.values()]
@@ -1577,8 +1514,7 @@ def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float)
 
 
 def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
-    """One tensor's frame, uncompressed: its values in `layout` (raw fp16/fp32 when bits is 0), then its steps.
-    LAYOUT_BITS: `bits`-bit fields (value + qmax), the last byte zero-padded."""
+    """One tensor's frame, uncompressed: its values in `layout` (LAYOUT_BITS: fields of value + qmax), then steps."""
     if q.bits == 0:
         return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
     if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
@@ -1593,13 +1529,11 @@ def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
 
 
 def compression_workers() -> int:
-    """The CPUs this process may run on (under torchrun every rank packs the same frames, on all of them)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
-    """Each record as its own zstd frame, by `workers` threads (0: one per usable CPU), the same bytes for any
-    number. `cache` maps (level, sha256 of a record) to its frame: size fitting recompresses only what changed."""
+    """Each record as its own zstd frame; `cache` maps (level, sha256 of a record) to its frame. 0 workers: all CPUs."""
     cache = {} if cache is None else cache
     keys = [(level, hashlib.sha256(record).digest()) for record in records]
     todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
@@ -1620,14 +1554,12 @@ class Packing:
 
     @property
     def layout(self) -> str:
-        """'int8', 'bitpacked' or 'bitpacked+int8': the layouts of the integer tensors."""
         return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
 
 
 def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None = None,
                  layout: int | None = None) -> Packing:
-    """Each integer tensor in `layout`, or (None) in whichever layout zstd shrinks more at FAST_ZSTD_LEVEL:
-    which one wins depends on the weights, and a fast level ranks them as the final one does."""
+    """Integer tensors in `layout`, or (None) whichever zstd shrinks more at FAST_ZSTD_LEVEL (it ranks as the final)."""
     candidates = [(name, option) for name, q in quantized_state.items()
                   for option in ((LAYOUT_RAW,) if q.bits == 0 else (LAYOUT_BYTES, LAYOUT_BITS) if layout is None
                                  else (layout,))]
@@ -1656,8 +1588,7 @@ def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Seque
 
 def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
                   layout: int | None = None, packing: Packing | None = None) -> bytes:
-    """The artifact: every tensor in its layout (`fast_packing`, or `packing` made by it), each frame the smaller of
-    its FAST_ZSTD_LEVEL and `zstd_level` compressions (zstd decodes either alike)."""
+    """The artifact, each frame the smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions."""
     packing = packing or fast_packing(quantized_state, cache, layout)
     final = zstd_frames(packing.records, zstd_level, cache)
     frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
@@ -1707,8 +1638,7 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
     if len(blob) < ARTIFACT_FRAME.size:
         raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
-    magic, version, crc, length = ARTIFACT_FRAME.unpack_from(blob)
-    payload = blob[ARTIFACT_FRAME.size:]
+    (magic, version, crc, length), payload = ARTIFACT_FRAME.unpack_from(blob), blob[ARTIFACT_FRAME.size:]
     if magic != ARTIFACT_MAGIC:
         raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
     if version != ARTIFACT_VERSION:
@@ -1734,21 +1664,8 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     return state
 
 
-@dataclass(frozen=True)
-class ArtifactSummary:
-    artifact_bytes: int
-    code_bytes: int
-    total_bytes: int
-    mlp_bits: int
-    attn_bits: int
-    embed_bits: int
-    prune_fraction: float
-    layout: str  # the integer tensors' layouts: "int8" (one byte per value), "bitpacked", or both
-
-
 def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
-    """(settings, prune fraction) to try in order, none twice: PRUNE_FRACTION raised in PRUNE_STEPs at the configured
-    widths, then with the MLP (most values, most tolerant) one bit narrower, then attention too."""
+    """(settings, prune) to try in order, none twice: more pruning, then the MLP a bit narrower, then attention too."""
     mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
     both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
     entries = {}
@@ -1768,9 +1685,8 @@ class ScheduleEntries:
         self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
 
     def runs(self, lo: int, hi: int) -> list[range]:
-        """The entries lo..hi-1 as runs of the same widths (pruning more along each run)."""
         starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
-        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]  # runs of one width, pruning more along each
 
     def describe(self, i: int) -> str:
         widths, prune = self.entries[i]
@@ -1778,7 +1694,7 @@ class ScheduleEntries:
                 f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
 
     def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
-        """Entry i's quantized state, fast packing and their times; only the last entry's (each holds the model)."""
+        """Entry i's quantized state, fast packing and their times; only the last is kept (each holds the model)."""
         if self.last is None or self.last[0] != i:
             widths, prune = self.entries[i]
             t0 = time.perf_counter()
@@ -1790,7 +1706,7 @@ class ScheduleEntries:
         return self.last[1:]
 
     def fast_bytes(self, i: int) -> int:
-        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged (artifact_estimate) once."""
+        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged once."""
         if i not in self.fast_sizes:
             quantized, packing, times = self.packed(i)
             size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
@@ -1799,7 +1715,6 @@ class ScheduleEntries:
         return self.fast_sizes[i]
 
     def final_blob(self, i: int) -> bytes:
-        """Entry i's artifact at ZSTD_LEVEL, logged (artifact_try)."""
         t0, frames_before = time.perf_counter(), len(self.frame_cache)
         quantized, packing, _ = self.packed(i)
         blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
@@ -1818,21 +1733,18 @@ def first_fit(runs: Sequence[range], fits) -> int | None:
         if fits(run[0]):
             return run[0]
         no, yes = run[0], run[-1]
-        if no == yes or not fits(yes):
-            continue
-        while yes - no > 1:
-            mid = (no + yes) // 2
-            no, yes = (no, mid) if fits(mid) else (mid, yes)
-        return yes
+        if no != yes and fits(yes):
+            while yes - no > 1:
+                mid = (no + yes) // 2
+                no, yes = (no, mid) if fits(mid) else (mid, yes)
+            return yes
     return None
 
 
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
-                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, ArtifactSummary]:
-    """The artifact of the first `shrink_schedule` entry with code + artifact <= TARGET_BYTES, and its summary
-    (ArtifactError if none). No frame exceeds its fast one, so fast sizes that fit do fit: they pick the entry to
-    compress at ZSTD_LEVEL, then its final/fast ratio predicts earlier entries, and one is tried. `calib_tokens`
-    (from `calibration_tokens`) are needed when GPTQ is on."""
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[Hyperparameters, float]]:
+    """The artifact of the first `shrink_schedule` entry that fits TARGET_BYTES, and that entry. No frame exceeds its
+    fast one, so fast sizes that fit do fit; the final/fast ratio then predicts earlier entries."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -1852,22 +1764,19 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         blob = entries.final_blob(i)
         ratio = len(blob) / entries.fast_bytes(i)
         if len(blob) <= budget:
-            best, hi = (i, blob, entries.packed(i)[1].layout), i
+            best, hi = (blob, entries.entries[i]), i
         else:
             lo = i + 1
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
                             f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
-    i, blob, layout = best
-    widths, prune = entries.entries[i]
-    summary = ArtifactSummary(len(blob), code_bytes, code_bytes + len(blob), widths.quant_mlp_bits,
-                              widths.quant_attn_bits, widths.quant_embed_bits, prune, layout)
-    log(f"Total submission size quantized+zstd: {summary.total_bytes} bytes (code {code_bytes}, artifact {len(blob)})")
-    return blob, summary
+    log(f"Total submission size quantized+zstd: {code_bytes + len(best[0])} bytes "
+        f"(code {code_bytes}, artifact {len(best[0])})")
+    return best
 
 
 def write_artifact(path: str | Path, blob: bytes) -> None:
-    """Writes to a temporary name, then renames: a crash never leaves a half-written artifact."""
+    """Writes to a temporary name, then renames: a crash never leaves half an artifact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -1893,9 +1802,7 @@ class EvalResult:
 
 @functools.lru_cache(maxsize=4)  # TTT asks for every chunk: ~1M spans on FineWeb take ~0.7 s to build
 def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> tuple[tuple[int, int, int], ...]:
-    """(start, length, scored) windows that score each target 1..num_tokens-1 once, with the longest context:
-    tokens[start:start+length] predict the next ones and the last `scored` predictions count. The first
-    window scores all its targets, the rest `stride` each; all are full length (the last is moved back)."""
+    """(start, length, scored) full-length windows scoring each target 1..N-1 once, in the last `scored` predictions."""
     spans, scored_end = [], 1
     while scored_end < num_tokens:
         end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
@@ -1915,8 +1822,7 @@ def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tup
 
 def _eval_result(batch_scores: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  rt: Runtime) -> EvalResult:
-    """The EvalResult over all ranks of this rank's batches of (-ln q (n,), bytes (n,)). The sums stay on the
-    device until the end: reading them each batch would stall the queue."""
+    """All ranks' EvalResult of this rank's (-ln q (n,), bytes (n,)) batches; sums stay on the device: no stalls."""
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     byte_sum, count = torch.zeros((), dtype=torch.int64, device=device), 0
     for nll, nbytes in batch_scores:
@@ -1950,33 +1856,23 @@ class WindowBatch:
 
 def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
                            lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
-    """This rank's batches of windows scoring the targets in [lo, hi), `stride` per row at most. A window
-    straddling lo or hi is computed for each side: exact, since a position never sees what follows it."""
+    """This rank's batches scoring targets [lo, hi), `stride` a row; a window straddling lo or hi is split, exactly."""
     hi = val_tokens.numel() if hi is None else hi
     spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
-    # the spans' scored targets [s+n-k+1, s+n] partition 1..N-1 in order: those meeting [lo, hi) are a run
-    spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):
+    spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):  # in order: [lo, hi)'s spans are a run
                   bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
-
     def window_rows(spans):  # (start, first, end): a span's scored predictions [n-k, n), `stride` per row
         return [(s, f, min(f + stride, n)) for s, n, k in spans for f in range(n - k, n, stride)]
     head = window_rows(spans[:1])  # every later span scores at most `stride`: one row each
-    rows = eval_batch_rows(batch_tokens, seq_len)
+    rows = max(1, batch_tokens // seq_len)  # the same in every batch: the compiled model sees one shape
     for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
         tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
         yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail), rows, seq_len, stride, lo, hi)
 
 
-def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
-    """Windows per evaluation batch, the same in every batch: the compiled model sees one shape."""
-    return max(1, batch_tokens // seq_len)
-
-
 def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int, int]], rows: int, seq_len: int,
                         scored: int, lo: int, hi: int) -> WindowBatch:
-    """(start, first, end) windows reading val_tokens[start:start+L+1], scoring predictions [first, end) whose
-    targets are in [lo, hi). Padding (rows past the windows, positions past the stream's end) reads the last
-    token and is never picked: a position sees only what precedes it, so padding changes nothing."""
+    """(start, first, end) windows scoring predictions [first, end) with targets in [lo, hi); padding is not picked."""
     device, N = val_tokens.device, val_tokens.numel()
     hi = min(hi, N)
     count = sum(max(0, min(s + e + 1, hi) - max(s + f + 1, lo)) for s, f, e in windows)
@@ -1991,8 +1887,7 @@ def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, i
 
 def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                           stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets, from
-    `token_nll(inputs, targets, positions) -> (B, S)`."""
+    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets; token_nll(...) -> (B, S)."""
     for batch in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
         next_tokens, targets, nbytes = batch.scored(tables)
         with rt.autocast():
@@ -2011,8 +1906,7 @@ def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTable
 def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
     """Non-overlapping windows of seq_len (the last one shorter): each token scored once, context reset."""
-    N, rows = val_tokens.numel(), eval_batch_rows(batch_tokens, seq_len)
-
+    N, rows = val_tokens.numel(), max(1, batch_tokens // seq_len)
     def batch_scores():
         for first, last in _owned_batches((N - 2) // seq_len + 1, rows, rt):
             batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
@@ -2066,13 +1960,8 @@ def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
                         torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
 
 
-# --- score-first test-time training: each chunk of TTT_CHUNK_TOKENS targets is scored, then trained on -----
-
-
 def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
-    """The parameters TTT adapts by learning-rate multiplier: attention and MLP output projections
-    x TTT_PROJ_LR_MULT, q, k, v and MLP fc x TTT_IN_LR_MULT, the rest x 1. The first TTT_FREEZE_BLOCKS
-    blocks stay, and so does the mixer head: TTT's loss is the model's cross-entropy alone."""
+    """Groups by lr multiplier, without TTT_FREEZE_BLOCKS blocks or the mixer head (TTT's loss is the CE alone)."""
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
     outputs = (".attn.proj.weight", ".mlp.proj.weight")
     inputs = (".c_q.weight", ".c_k.weight", ".c_v.weight", ".mlp.fc.weight")
@@ -2106,12 +1995,11 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
                     cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
                     polyak: WeightEMA | None) -> None:
-    """TTT_EPOCHS passes in global batches of TTT_BATCH_SEQS split over the ranks, which train in lockstep
-    on summed gradients of the global batch's mean: every rank holds the same weights."""
+    """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
-    rows = ttt_rows(cfg, rt)
+    rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's share of a global batch, rounded up: one shape
     for _ in range(cfg.ttt_epochs):
         order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
         for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
@@ -2135,14 +2023,8 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
                 polyak.update(model)
 
 
-def ttt_rows(cfg: Hyperparameters, rt: Runtime) -> int:
-    """Sequences each rank trains on per TTT step: its share of TTT_BATCH_SEQS, rounded up."""
-    return -(-cfg.ttt_batch_seqs // rt.world_size)
-
-
 def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) (rows, T) of this rank's sequences `mine`, padded to one compiled shape by the first
-    with every target -100, which the loss counts as 0."""
+    """(inputs, targets) (rows, T) of sequences `mine`, padded to one compiled shape by the first, targets -100 (0)."""
     x = torch.cat((seqs[mine], seqs[:1].expand(rows - mine.numel(), -1)))
     return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
 
@@ -2150,9 +2032,8 @@ def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[t
 def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
                     cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
                     eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
-    """neural_pass with score-first TTT: each chunk is scored before it is trained on (LEGALITY.md rule 4).
-    Adapting stops when the measured pace projects past EVAL_BUDGET_SECONDS from `eval_start` (perf_counter).
-    The model keeps its adapted weights; phases["ttt_train"] gains the milliseconds spent training."""
+    """neural_pass with score-first TTT (LEGALITY.md rule 4); adapting stops when the pace projects past
+    EVAL_BUDGET_SECONDS from `eval_start`. The model keeps its adapted weights; phases["ttt_train"] gains their ms."""
     phases = {"ttt_train": 0.0} if phases is None else phases
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
@@ -2171,8 +2052,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         score_s = max(score_s, time.perf_counter() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
-        # training guessed at 3 forward passes per epoch; the ranks' maximum: all decide the same
-        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s
+        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s  # a guess: 3 forwards an epoch
         own_elapsed = time.perf_counter() - eval_start
         elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
         if projected > cfg.eval_budget_seconds:
@@ -2195,15 +2075,13 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
 
 
 def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
-    """(|sum - 1|, min entry, |q[target] - exp(-fast_nll)|) of a materialized q (V,) float64: the number
-    scored is the target's entry of a normalized distribution (LEGALITY.md rule 2)."""
+    """(|sum - 1|, min, |q[target] - exp(-fast_nll)|) of q (V,) float64: a normalized q's entry is scored (rule 2)."""
     return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
 
 
 def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
                          weights: torch.Tensor, hedge: bool, beta: float = 0.0) -> torch.Tensor:
-    """The whole q_t (V,) float64 that the fast path scores one entry of, from each order's row of counts
-    (V,) for q_t's context and the neural row (NGRAM_PRIOR_BETA's prior)."""
+    """The whole q_t (V,) float64 the fast path scores one entry of, from each order's counts row and the neural row."""
     neural = neural_logprobs.exp()
     q = weights[0].double() * neural
     for i, row in enumerate(rows):
@@ -2248,9 +2126,8 @@ def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weight
 
 def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, vocab_size: int,
                 chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows (context key, next token, chunk, weight) (m, 4) int64 in chunk order of sorted targets, and the
-    row of each target (None: row i). Short contexts are few and frequent: one row per (context, token,
-    chunk), weighing that many, so no owner receives a frequent context's every target."""
+    """Rows (context key, next token, chunk, weight) (m, 4) int64 of sorted targets, and each target's row (None: i).
+    Orders <= 2 merge equal rows, weighing that many: no owner receives a frequent context's every target."""
     V = vocab_size
     keys = context_keys_from(lambda k: val_tokens[targets - 1 - k], targets, order, V)
     tokens, chunks = val_tokens[targets], (targets - 1) // chunk_tokens
@@ -2267,9 +2144,8 @@ def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
         in_order = torch.sort(items[:, 2], stable=True).indices
         items = items[in_order]
-    # whole rows are gathered (one cache miss per row, not per column): at 8M rows a gather is a cost
     by_key = torch.sort(items[:, 0], stable=True).indices
-    rows = items[by_key]
+    rows = items[by_key]  # whole rows: one cache miss per row, not per column (at 8M rows a gather costs)
     new_context = run_starts(rows[:, 0])
     pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
     out = torch.empty_like(items[:, :2])
@@ -2286,8 +2162,7 @@ def context_owners(keys: torch.Tensor, world_size: int) -> torch.Tensor:
 
 def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys: torch.Tensor,
                   audit_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """earlier_chunk_counts of this rank's rows, computed by each context's owner, and this rank's share of
-    the audited contexts' counts (A, V) float64. Every rank takes part, whether it scored anything or not."""
+    """earlier_chunk_counts of this rank's rows by their contexts' owners, and its audit counts (A, V); all join."""
     owned = items
     if rt.distributed:
         dest = context_owners(items[:, 0], rt.world_size)
@@ -2314,9 +2189,7 @@ def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys:
 
 def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
                        targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(counts, totals, available) (n, K) of this rank's sorted targets: c(ctx_t, x_t), T(ctx_t) over chunks
-    before t's (chunk k: targets [1 + kC, 1 + (k+1)C)); and audit rows (A, K, V) float64. Owners count
-    exactly, so no number depends on the number of ranks."""
+    """(c(ctx_t, x_t), T(ctx_t) before t's chunk, available) (n, K) of sorted targets, audit rows (A, K, V); exact."""
     V, K = vocab_size, len(orders)
     stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
     available = torch.stack([targets >= order - 1 for order in orders], 1)
@@ -2324,8 +2197,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
     audit_rows = []
     for i, order in enumerate(orders):
         items, where = cache_items(val_tokens, targets[available[:, i]], order, V, chunk_tokens)
-        # an audit target without a whole context has no key (-1 matches none) and an empty row
-        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(
+        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(  # short context: -1, matches none
             lambda k: val_tokens[(audit_targets - 1 - k).clamp(min=0)], audit_targets, order, V), -1)
         counts, rows = owners_counts(items, V, rt, audit_keys, audit_chunks)
         stats[available[:, i], i] = counts if where is None else counts[where]
@@ -2339,8 +2211,7 @@ def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_si
 @torch.no_grad()
 def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
                audit: AuditStats) -> torch.Tensor:
-    """-ln q (n,) float64 of this rank's targets, each mixed with the cache as it stood before its chunk
-    (score-first, rule 4). Every rank takes part, even one that scored nothing."""
+    """-ln q (n,) float64, each target mixed with the cache before its chunk (score-first, rule 4); all ranks join."""
     C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
     audit_targets = torch.unique(audit.targets)
     counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
@@ -2357,8 +2228,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
             dist.all_reduce(neural_loss)
             dist.all_reduce(expert_loss)
         losses = torch.cat((neural_loss[:, None], expert_loss), 1)
-        # chunk k's weights see chunks < k only; exclusive, as cumsum - own loss would leak its rounding
-        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))
+        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
         log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
         weights = log_w[chunk].softmax(-1)
         valid = torch.ones_like(available)
@@ -2381,8 +2251,7 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
 def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
                            rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
                            phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
-    """(neural, mixed with the n-gram cache or None) of one pass; `neural_scores(audit_targets)` replaces
-    neural_pass (TTT). `phases` gains the neural (TTT training left out) and cache milliseconds."""
+    """(neural, n-gram mixed or None); neural_scores(audit_targets) replaces neural_pass (TTT); `phases` gains ms."""
     phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
     rt.synchronize()
     t0, trained = time.perf_counter(), phases["ttt_train"]
@@ -2427,9 +2296,7 @@ def nvidia_device_files() -> list[str]:
 
 
 def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
-    """CUDA where it works; the CPU where there is no NVIDIA device, where DEVICE=cpu, or where the GPUs
-    are hidden (CUDA_VISIBLE_DEVICES empty). A node whose CUDA fails to start is refused rather than
-    trained on its CPUs: torchrun's 8 processes would spend the paid budget on nothing."""
+    """CUDA where it works, else the CPU; a node with NVIDIA devices but failing CUDA is refused (8 idle paid ranks)."""
     wanted = env.get("DEVICE", "auto").strip()
     if wanted not in DEVICES:
         raise ConfigError(f"DEVICE={wanted!r} is not allowed: {' or '.join(DEVICES)}")
@@ -2444,8 +2311,7 @@ def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
 
 
 def init_runtime(env: Mapping[str, str]) -> Runtime:
-    """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK (absent: one process) and joins the process group:
-    NCCL on CUDA, gloo on the CPU so that several CPU processes work too."""
+    """Joins torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK; absent: one process): NCCL on CUDA, else gloo."""
     rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
     local_rank, local_world = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = runtime_device(env, local_rank)
@@ -2459,10 +2325,8 @@ def init_runtime(env: Mapping[str, str]) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, local_world_size=local_world)
 
 
-# Code is counted as the records count it (PR #1530 on): the size of a self-extracting copy of the source,
-# lzma-compressed and base85-encoded behind a one-line exec. make_record ships that copy as train_gpt.py.
 WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
-WRAPPER_TAIL = b'")))\n'
+WRAPPER_TAIL = b'")))\n'  # code counts as this wrapper of the source, as in the records (PR #1530 on)
 
 
 def self_extracting_wrapper(source: bytes) -> bytes:
@@ -2480,20 +2344,9 @@ def wrapped_source(script: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=1)
 def script_identity() -> tuple[str, int]:
-    """(sha256 of the source running, bytes of its self-extracting wrapper): the same whether this process
-    runs the readable file or the wrapper."""
+    """(sha256 of the running source, bytes of its self-extracting wrapper), whether run readable or wrapped."""
     source = wrapped_source(Path(__file__).read_bytes())
     return hashlib.sha256(source).hexdigest(), len(self_extracting_wrapper(source))
-
-
-def log_run_header(log: RunLog, cfg: Hyperparameters, rt: Runtime) -> None:
-    sha, code_bytes = script_identity()
-    log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
-    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
-    log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
-        f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
-    for line in cfg.as_log_lines():
-        log(line)
 
 
 def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
@@ -2513,8 +2366,7 @@ def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
 
 
 def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
-    """The artifact's bytes on every rank, built by rank 0 alone with all the machine's cores, not the same work
-    8 times over on shared ones. The others wait for the outcome, so an ArtifactError stops every rank."""
+    """The artifact on every rank, built once by rank 0 with all the cores; an ArtifactError there stops every rank."""
     outcome, threads = [None, None], torch.get_num_threads()  # outcome: blob, error
     if rt.is_main:
         try:
@@ -2533,8 +2385,7 @@ def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
 
 
 def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: float) -> Path:
-    """Builds and writes artifacts/<RUN_ID>.pgqw; returns its path. The artifact is part of training: its
-    time counts against MAX_WALLCLOCK_SECONDS, which TRAIN_RESERVE_SECONDS must leave room for."""
+    """Writes artifacts/<RUN_ID>.pgqw; returns its path. Its time counts against MAX_WALLCLOCK_SECONDS (as training)."""
     t0, path = time.perf_counter(), Path("artifacts") / f"{cfg.run_id}.pgqw"
     blob = rank0_artifact(model, cfg, rt, log)
     if rt.is_main:
@@ -2552,12 +2403,9 @@ def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: 
 
 
 def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
-    """(training module, TTT's forward, token_nll, eval_outputs): compiled with COMPILE=1, the training
-    module wrapped in DDP when there are several ranks. TTT trains through the model itself: it sums its
-    gradients over ranks in its own way."""
+    """(training module (DDP with several ranks), TTT's forward, token_nll, eval_outputs), compiled with COMPILE=1."""
     compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
-    # DDP inside compile: torch.compile then splits the backward at DDP's buckets (DDPOptimizer), so each
-    # bucket's all-reduce overlaps the rest of the backward. The rotary table is the only buffer, constant.
+    # DDP inside compile: each bucket's all-reduce overlaps the backward. The only buffer (rotary table) is constant.
     train_model = model if not rt.distributed else nn.parallel.DistributedDataParallel(
         model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
         gradient_as_bucket_view=True)
@@ -2574,14 +2422,12 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
-
     def plain_val() -> EvalResult:
         model.eval()
         batch_tokens = eval_batch_tokens(cfg, rt.world_size)
         result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
         model.train()
         return result
-
     path = cfg.eval_artifact
     if not path:
         log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
@@ -2604,10 +2450,7 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
 def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
                    cfg: Hyperparameters, rt: Runtime, log, train_forward=None,
                    phases: dict[str, float] | None = None) -> EvalResult:
-    """The final lines: plain, sliding window (with test-time training when TTT_EPOCHS > 0) and, with a
-    mixer, the sliding window mixed with the n-gram cache, then the run's score, last; then `eval_phases`,
-    each phase's milliseconds on the slowest rank (also put in `phases` if given). `train_forward(inputs,
-    targets) -> loss` is what TTT trains through (default: the model itself)."""
+    """Logs final plain, sliding (TTT) and mixed lines, the score last, then eval_phases (slowest rank's ms)."""
     train_forward = model if train_forward is None else train_forward
     phases = {} if phases is None else phases
     phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
@@ -2615,8 +2458,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
         phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
     model.eval()
     rt.synchronize()
-    compiles = compile_count()
-    start = time.perf_counter()
+    compiles, start = compile_count(), time.perf_counter()
     batch_tokens = eval_batch_tokens(cfg, rt.world_size)
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
     phases["plain"] = 1000 * (rt.synced_time() - start)
@@ -2647,13 +2489,11 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
 
 def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
                        log) -> float:
-    """Compiles, before the evaluation clock, every function the evaluation calls in the one shape each is
-    called with (batches are padded to it), on synthetic tokens; returns its milliseconds. TTT's forward
-    and backward run in training mode; their gradients are dropped and no step is taken."""
+    """Compiles what evaluation calls, in its one padded shape, before the clock; returns ms. TTT takes no step."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     L, S = cfg.eval_seq_len, cfg.eval_stride
-    rows = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), L)
+    rows = max(1, eval_batch_tokens(cfg, rt.world_size) // L)
     tokens = torch.randint(0, cfg.vocab_size, (rows, L + 1), generator=generator).to(rt.device)  # as val_tokens[index]
     positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
@@ -2664,7 +2504,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
         else:
             token_nll(tokens[:, :-1], tokens.gather(1, positions + 1), positions)
     if cfg.ttt_epochs:
-        rows = ttt_rows(cfg, rt)
+        rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # as ttt_train_chunk's
         seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
         model.train()
         with rt.autocast():
@@ -2678,8 +2518,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
 
 
 def main(job=None, log_suffix: str = "") -> int:
-    """Sets up the runtime, the settings and the log, then trains and evaluates, or runs `job(cfg, rt, log)
-    -> exit status` instead (scripts/preflight.py, whose log is logs/<RUN_ID><log_suffix>.txt)."""
+    """Trains and evaluates, or runs job(cfg, rt, log) -> exit status (preflight; logs/<RUN_ID><log_suffix>.txt)."""
     rt = None
     try:
         if job is None and os.environ.get("PREFLIGHT", "0").strip() not in ("", "0"):
@@ -2690,7 +2529,14 @@ def main(job=None, log_suffix: str = "") -> int:
         rt = dataclasses.replace(rt, bf16=cfg.bf16)
         grad_accum_steps_for(cfg, rt.world_size)
         log = RunLog(Path("logs") / f"{cfg.run_id}{log_suffix}.txt" if rt.is_main else None)
-        log_run_header(log, cfg, rt)
+        sha, code_bytes = script_identity()
+        log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
+        device_name = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+                       else platform.processor() or "cpu")
+        log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
+            f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
+        for line in cfg.as_log_lines():
+            log(line)
         for line in unknown_setting_warnings(os.environ, cfg):
             log(line)
         if job is not None:
@@ -2703,9 +2549,7 @@ def main(job=None, log_suffix: str = "") -> int:
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
-            # Free what holds the process group (DDP's reducer sits in reference cycles) while the interpreter
-            # is alive: gloo's threads torn down at exit abort the process (SIGABRT, 1 run in 3 on 2 CPUs).
-            gc.collect()
+            gc.collect()  # free DDP's reducer cycles: gloo torn down at exit aborts (SIGABRT, 1 run in 3)
             dist.destroy_process_group()
 
 

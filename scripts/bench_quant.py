@@ -163,11 +163,12 @@ def after_artifact(cfg: tg.Hyperparameters, model: tg.GPT, calib_seqs: int, cali
     calib_s = time.perf_counter() - start
     print(f"after t:{calib_s:7.1f}s gptq_calibration seqs:{calib_seqs} seq_len:{calib_seq_len} "
           f"time:{1000 * calib_s:.0f}ms per_token:{1000 * calib_s / calib.numel():.2f}ms", flush=True)
-    blob, summary = tg.fit_artifact(model, cfg, code_bytes, stage_log(start, "after"), calib)
+    blob, _ = tg.fit_artifact(model, cfg, code_bytes, stage_log(start, "after"), calib)
     total_s = time.perf_counter() - start
     restored = tg.unpack_artifact(blob)
     print(f"after total:{total_s:.1f}s calibration:{calib_s:.1f}s fit_artifact:{total_s - calib_s:.1f}s "
-          f"artifact_bytes:{len(blob)} total_bytes:{summary.total_bytes} tensors_read_back:{len(restored)}", flush=True)
+          f"artifact_bytes:{len(blob)} total_bytes:{code_bytes + len(blob)} "
+          f"tensors_read_back:{len(restored)}", flush=True)
     return blob
 
 

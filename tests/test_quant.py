@@ -342,10 +342,12 @@ def test_fit_artifact_takes_the_first_schedule_entry_that_fits(trained_model):
     cfg, model = trained_model
     calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
     lines = []
-    blob, roomy = tg.fit_artifact(model, cfg, 1000, lines.append, calib)
-    assert (roomy.prune_fraction, roomy.mlp_bits, roomy.attn_bits) == (0.03, 5, 6)
-    assert roomy.total_bytes == 1000 + len(blob) and roomy.layout in ("int8", "bitpacked", "bitpacked+int8")
-    assert [entry_of(f) for f in logged(lines, "artifact_try")] == [(5, 6, 0.03)]  # one compression at ZSTD_LEVEL
+    blob, (widths, prune) = tg.fit_artifact(model, cfg, 1000, lines.append, calib)
+    assert (prune, widths.quant_mlp_bits, widths.quant_attn_bits) == (0.03, 5, 6)
+    tries = logged(lines, "artifact_try")
+    assert [entry_of(f) for f in tries] == [(5, 6, 0.03)]  # one compression at ZSTD_LEVEL
+    assert tries[0]["layout"] in ("int8", "bitpacked", "bitpacked+int8")
+    assert tries[0]["total_bytes"] == str(1000 + len(blob))
     assert lines[-1].startswith("Total submission size")
 
     sizes = final_sizes_in_schedule_order(model, cfg, tg.collect_hessians(model, calib))
@@ -353,9 +355,10 @@ def test_fit_artifact_takes_the_first_schedule_entry_that_fits(trained_model):
     for k in (1, 4, 7, len(sizes) - 1):  # targets that only entry k and those after it meet
         target = 1000 + sizes[k][1] + (sizes[k - 1][1] - sizes[k][1]) // 2
         lines = []
-        blob, tight = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000, lines.append, calib)
-        assert (tight.mlp_bits, tight.attn_bits, tight.prune_fraction) == sizes[k][0], k
-        assert len(blob) == tight.artifact_bytes == sizes[k][1] and tight.total_bytes <= target
+        blob, (widths, prune) = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000,
+                                                lines.append, calib)
+        assert (widths.quant_mlp_bits, widths.quant_attn_bits, prune) == sizes[k][0], k
+        assert len(blob) == sizes[k][1] and 1000 + len(blob) <= target
         tries = logged(lines, "artifact_try")
         assert len(tries) <= 2 and any(f["fits"] == "1" and entry_of(f) == sizes[k][0] for f in tries), lines
         estimates = [entry_of(f) for f in logged(lines, "artifact_estimate")]
