@@ -369,7 +369,6 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 
 class TokenStream:
     """An endless stream over the training shards, each pass in a new order drawn from the seed."""
-
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
         self.files = list(files)
         self.vocab_size = vocab_size
@@ -418,7 +417,6 @@ class Batch:
 class DistributedBatchLoader:
     """Every rank reads the same stream: a step's TRAIN_BATCH_TOKENS + 1 tokens cut into WORLD_SIZE x accum pieces
     (one token of overlap each), rank r's micro-step m taking piece r * accum + m: the same sequences on 1 GPU or 8."""
-
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
         self.stream = TokenStream(files, vocab_size, seed)
@@ -512,7 +510,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """Partial RoPE: rotary embedding on the first `dims` channels of each head (record stacks: 16 of 64)."""
-
     def __init__(self, head_dim: int, dims: int, base: float):
         super().__init__()
         self.dims = dims or head_dim
@@ -601,7 +598,6 @@ class Block(nn.Module):
 
 class BigramHashEmbedding(nn.Module):
     """Embedding of the hashed (previous, current) token pair: cheap local context (records: 6144 x 128)."""
-
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         self.buckets = cfg.bigram_vocab_size
@@ -621,7 +617,6 @@ class BigramHashEmbedding(nn.Module):
 
 class DecodeCache:
     """Each layer's keys and values of the positions run so far: forward_hidden then runs new positions only."""
-
     def __init__(self, num_layers: int, capacity: int):
         self.capacity, self.length, self.last_tokens = capacity, 0, None
         self.keys, self.values = [None] * num_layers, [None] * num_layers
@@ -631,9 +626,7 @@ class DecodeCache:
         if self.keys[layer] is None:  # buffers of the whole capacity: no copy of the past per token
             self.keys[layer] = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
             self.values[layer] = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
-        end = self.length + k.size(2)
-        if end > self.capacity:
-            raise ValueError(f"DecodeCache holds {self.capacity} positions, asked for {end}")
+        end = self.length + k.size(2)  # past the capacity, the copies below fail
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -641,7 +634,6 @@ class DecodeCache:
 
 class GPT(nn.Module):
     """The one model class: training, evaluation and quantization all use it."""
-
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         self.cfg = cfg
@@ -700,10 +692,9 @@ class GPT(nn.Module):
         hidden = self.forward_hidden(tokens)
         return hidden if positions is None else hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
 
-    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor,
-                  positions: torch.Tensor | None = None) -> torch.Tensor:
-        """-ln q(target), (B, S) float32, for targets (B, S) at `positions` (B, S) of tokens (B, T), or everywhere."""
-        logits = self.logits_from_hidden(self.scored_hidden(tokens, positions))
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-ln q(target), (B, T) float32, at every position of tokens (B, T)."""
+        logits = self.logits_from_hidden(self.forward_hidden(tokens))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
     def eval_outputs(self, tokens: torch.Tensor,
@@ -763,7 +754,6 @@ def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
 
 class NgramCounts:
     """One order: sorted context keys with row totals, sorted (row * V + token) pair keys with counts: 12 B an entry."""
-
     def __init__(self, order: int, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = order, vocab_size
         empty = torch.zeros(0, dtype=torch.int64, device=device)
@@ -806,7 +796,6 @@ class NgramCounts:
 
 class NgramModel:
     """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one token stream, counted once (add_stream)."""
-
     def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
         self.orders, self.vocab_size = tuple(orders), vocab_size
         self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
@@ -897,11 +886,6 @@ def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: i
     return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
 
 
-def hedge_prior_log_weights(num_experts: int, device: torch.device) -> torch.Tensor:
-    """Hedge's starting log-weights: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams."""
-    rest = [(1 - HEDGE_PRIOR_NEURAL) / (num_experts - 1)] * (num_experts - 1)
-    return torch.tensor([HEDGE_PRIOR_NEURAL] + rest, dtype=torch.float64, device=device).log()
-
 
 # =============================================================================
 # OPTIMIZERS
@@ -931,7 +915,6 @@ def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, s
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
     r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
-
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, compile: bool = False):
         super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
@@ -1033,7 +1016,6 @@ class Runtime:
 
 class RunLog:
     """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
-
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
@@ -1085,7 +1067,6 @@ def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
 
 class WeightEMA:
     """An fp32 moving average of the weights (records: 0.997, ~0.002-0.005 bpb); ramp: 200-step demo 2.667 -> 2.314."""
-
     def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
         self.decay, self.ramp, self.updates = decay, ramp, 0
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
@@ -1678,7 +1659,6 @@ def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]
 
 class ScheduleEntries:
     """`shrink_schedule`'s entries, quantized, pruned and fast-packed when first asked for, reusing what recurs."""
-
     def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
         self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
         self.entries = shrink_schedule(cfg)
@@ -1885,23 +1865,6 @@ def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, i
     return WindowBatch(index, val_tokens[index], positions, keep.flatten().nonzero_static(size=count).squeeze(1))
 
 
-def sliding_window_scores(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
-                          stride: int, batch_tokens: int, rt: Runtime) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Per batch of this rank, (target positions, -ln q, bytes) of its scored targets; token_nll(...) -> (B, S)."""
-    for batch in sliding_window_batches(val_tokens, seq_len, stride, batch_tokens, rt):
-        next_tokens, targets, nbytes = batch.scored(tables)
-        with rt.autocast():
-            nll = token_nll(batch.tokens[:, :-1], next_tokens, batch.positions)
-        yield targets, batch.pick(nll), nbytes
-
-
-@torch.no_grad()
-def evaluate_sliding(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int, stride: int,
-                     batch_tokens: int, rt: Runtime) -> EvalResult:
-    scores = sliding_window_scores(token_nll, val_tokens, tables, seq_len, stride, batch_tokens, rt)
-    return _eval_result(((nll, nbytes) for _, nll, nbytes in scores), val_tokens.device, rt)
-
-
 @torch.no_grad()
 def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
@@ -1973,12 +1936,6 @@ def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
     return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
 
 
-def ttt_optimizer(groups: list[dict], cfg: Hyperparameters) -> torch.optim.Optimizer:
-    if cfg.ttt_optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum)
-    return torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0)
-
-
 def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
     """Cosine decay from TTT_LR over the chunks that are trained on."""
     return cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_train_chunks)))
@@ -2037,7 +1994,9 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
     phases = {"ttt_train": 0.0} if phases is None else phases
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
-    optimizer = ttt_optimizer(ttt_param_groups(model, cfg), cfg)
+    groups = ttt_param_groups(model, cfg)
+    optimizer = (torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
+                 else torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0))
     polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None
     generator = torch.Generator().manual_seed(cfg.seed)
     parts, adapting, trained = [], True, 0
@@ -2095,9 +2054,8 @@ def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Ten
 
 @dataclass
 class AuditStats:
-    """NGRAM_AUDIT_POSITIONS' q_t materialized at `targets`; keep=True keeps them and -ln q_t(x_t)."""
+    """NGRAM_AUDIT_POSITIONS' q_t materialized at `targets`, kept with -ln q_t(x_t) (V floats each: few positions)."""
     targets: torch.Tensor
-    keep: bool = False
     positions: int = 0
     worst_sum_error: float = 0.0
     min_prob: float = 1.0
@@ -2111,8 +2069,7 @@ class AuditStats:
         self.worst_sum_error = max(self.worst_sum_error, sum_error)
         self.min_prob = min(self.min_prob, min_prob)
         self.worst_target_diff = max(self.worst_target_diff, target_diff)
-        if self.keep:
-            self.distributions[t], self.fast_nll[t] = q, nll
+        self.distributions[t], self.fast_nll[t] = q, nll
 
 
 def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -2229,7 +2186,9 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
             dist.all_reduce(expert_loss)
         losses = torch.cat((neural_loss[:, None], expert_loss), 1)
         seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
-        log_w = hedge_prior_log_weights(1 + len(cfg.ngram_orders), probs.device) - cfg.mixer_eta * seen_loss
+        K = len(cfg.ngram_orders)  # prior: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams
+        prior = torch.tensor([HEDGE_PRIOR_NEURAL] + [(1 - HEDGE_PRIOR_NEURAL) / K] * K, dtype=torch.float64)
+        log_w = prior.to(probs.device).log() - cfg.mixer_eta * seen_loss
         weights = log_w[chunk].softmax(-1)
         valid = torch.ones_like(available)
     elif scores.targets.numel():
@@ -2291,10 +2250,6 @@ def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> Non
 # =============================================================================
 
 
-def nvidia_device_files() -> list[str]:
-    return sorted(glob.glob("/dev/nvidia[0-9]*"))
-
-
 def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
     """CUDA where it works, else the CPU; a node with NVIDIA devices but failing CUDA is refused (8 idle paid ranks)."""
     wanted = env.get("DEVICE", "auto").strip()
@@ -2302,10 +2257,10 @@ def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
         raise ConfigError(f"DEVICE={wanted!r} is not allowed: {' or '.join(DEVICES)}")
     if wanted != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
-    hidden = env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
-    if wanted == "cuda" or (wanted == "auto" and not hidden and nvidia_device_files()):
+    hidden, nvidia = env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"), sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if wanted == "cuda" or (wanted == "auto" and not hidden and nvidia):
         raise ConfigError(f"DEVICE={wanted} is not allowed here: CUDA is not available on this machine, although "
-                          f"it has NVIDIA devices ({', '.join(nvidia_device_files()) or 'none found'}); fix the "
+                          f"it has NVIDIA devices ({', '.join(nvidia) or 'none found'}); fix the "
                           "driver or the torch build (a CPU wheel?), or set DEVICE=cpu to run on the CPU")
     return torch.device("cpu")
 
@@ -2414,17 +2369,16 @@ def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
 
 def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     """Trains and writes the artifact (or takes EVAL_ARTIFACT's), then scores the artifact alone."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # numpy's global generator draws nothing: the stream has its own
     tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
     val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
     log(f"val_tokens:{val_tokens.numel()}")
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
+    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
     def plain_val() -> EvalResult:
         model.eval()
-        batch_tokens = eval_batch_tokens(cfg, rt.world_size)
         result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
         model.train()
         return result
@@ -2459,22 +2413,16 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     model.eval()
     rt.synchronize()
     compiles, start = compile_count(), time.perf_counter()
-    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
-    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
     phases["plain"] = 1000 * (rt.synced_time() - start)
     log_final(log, "final_plain", plain, phases["plain"])
     t0 = time.perf_counter()
     name = "final_sliding_window_ttt" if cfg.ttt_epochs else "final_sliding_window"
-    if cfg.use_mixer == "none" and not cfg.ttt_epochs:
-        neural, mixed = evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride,
-                                         batch_tokens, rt), None
-        phases["neural"] = elapsed = 1000 * (rt.synced_time() - t0)
-    else:
-        ttt_scores = lambda audit_targets: ttt_neural_pass(model, eval_outputs, train_forward, val_tokens, tables,
-                                                           cfg, rt, audit_targets, log, start, phases)
-        neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
-                                               neural_scores=ttt_scores if cfg.ttt_epochs else None, phases=phases)
-        elapsed = 1000 * (rt.synced_time() - t0)
+    ttt_scores = lambda audit_targets: ttt_neural_pass(model, eval_outputs, train_forward, val_tokens, tables, cfg,
+                                                       rt, audit_targets, log, start, phases)
+    neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
+                                           neural_scores=ttt_scores if cfg.ttt_epochs else None, phases=phases)
+    elapsed = 1000 * (rt.synced_time() - t0)
     log_final(log, name, neural, elapsed)
     if mixed is not None:
         log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
@@ -2499,10 +2447,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     model.eval()
     with torch.no_grad(), rt.autocast():
         token_nll(tokens[:, :-1], tokens[:, 1:])
-        if cfg.use_mixer != "none" or cfg.ttt_epochs:
-            eval_outputs(tokens[:, :-1], positions)
-        else:
-            token_nll(tokens[:, :-1], tokens.gather(1, positions + 1), positions)
+        eval_outputs(tokens[:, :-1], positions)
     if cfg.ttt_epochs:
         rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # as ttt_train_chunk's
         seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
@@ -2535,9 +2480,7 @@ def main(job=None, log_suffix: str = "") -> int:
                        else platform.processor() or "cpu")
         log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
             f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
-        for line in cfg.as_log_lines():
-            log(line)
-        for line in unknown_setting_warnings(os.environ, cfg):
+        for line in cfg.as_log_lines() + unknown_setting_warnings(os.environ, cfg):
             log(line)
         if job is not None:
             return job(cfg, rt, log)

@@ -290,30 +290,26 @@ def measure_cache(cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables) -
                 tokens_per_s=(val_tokens.numel() - 1) / seconds)
 
 
-def eval_functions(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables):
-    """(eval_outputs, token_nll) as run() makes them; compiled ones get one untimed pass first."""
+def eval_outputs_as_run(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables):
+    """eval_outputs as run() makes it; a compiled one gets one untimed pass first."""
     if not cfg.compile:
-        return model.eval_outputs, model.token_nll
+        return model.eval_outputs
     eval_outputs = torch.compile(model.eval_outputs, dynamic=False)
-    token_nll = torch.compile(model.token_nll, dynamic=False)
     tg.neural_pass(eval_outputs, val_tokens, tables, cfg, rt, torch.zeros(0, dtype=torch.int64, device=rt.device))
-    tg.evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len, cfg.eval_stride, cfg.val_batch_size, rt)
-    return eval_outputs, token_nll
+    return eval_outputs
 
 
 def measure_overhead(cfg: tg.Hyperparameters, rt: tg.Runtime, val_tokens, tables) -> dict:
+    """The neural sliding pass (what USE_MIXER=none scores too) and the cache pass after it."""
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg).to(rt.device).eval()
-    eval_outputs, token_nll = eval_functions(model, cfg, rt, val_tokens, tables)
+    eval_outputs = eval_outputs_as_run(model, cfg, rt, val_tokens, tables)
     no_audit = torch.zeros(0, dtype=torch.int64, device=rt.device)
     scores, neural_s = timed(rt, lambda: tg.neural_pass(eval_outputs, val_tokens, tables, cfg, rt, no_audit))
     (neural, mixed), cache_s = time_cache(scores, val_tokens, tables, cfg, rt)
-    _, plain_sliding_s = timed(rt, lambda: tg.evaluate_sliding(token_nll, val_tokens, tables, cfg.eval_seq_len,
-                                                               cfg.eval_stride, cfg.val_batch_size, rt))
     return dict(mixer=cfg.use_mixer, val_tokens=val_tokens.numel(), neural_pass_s=neural_s,
                 neural_us_per_token=1e6 * neural_s / (val_tokens.numel() - 1), cache_s=cache_s,
-                cache_over_neural=cache_s / neural_s, sliding_none_s=plain_sliding_s,
-                cache_over_sliding_none=cache_s / plain_sliding_s, neural_bpb=neural.val_bpb, mixed_bpb=mixed.val_bpb)
+                cache_over_neural=cache_s / neural_s, neural_bpb=neural.val_bpb, mixed_bpb=mixed.val_bpb)
 
 
 def figures_line(label: str, figures: dict) -> str:

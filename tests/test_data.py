@@ -173,7 +173,7 @@ def test_layer_indexed_defaults_follow_num_layers_and_explicit_values_are_checke
 
 def test_a_node_whose_cuda_fails_is_refused_unless_the_cpu_is_asked_for(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(tg, "nvidia_device_files", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(tg.glob, "glob", lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else [])
     with pytest.raises(tg.ConfigError, match=r"^DEVICE=auto is not allowed here: CUDA is not available on this "
                                              r"machine, although it has NVIDIA devices \(/dev/nvidia0\).*DEVICE=cpu"):
         tg.runtime_device({}, 0)
@@ -181,7 +181,7 @@ def test_a_node_whose_cuda_fails_is_refused_unless_the_cpu_is_asked_for(monkeypa
     assert tg.runtime_device({"CUDA_VISIBLE_DEVICES": ""}, 0).type == "cpu"  # GPUs hidden on purpose
     with pytest.raises(tg.ConfigError, match="^DEVICE=cuda is not allowed here"):
         tg.runtime_device({"DEVICE": "cuda", "CUDA_VISIBLE_DEVICES": ""}, 0)
-    monkeypatch.setattr(tg, "nvidia_device_files", lambda: [])
+    monkeypatch.setattr(tg.glob, "glob", lambda pattern: [])
     assert tg.runtime_device({}, 0).type == "cpu"  # a machine without NVIDIA devices: the CPU, as before
 
 

@@ -35,28 +35,33 @@ def _uniform_byte_tables(vocab):
                               torch.arange(vocab) < 2)
 
 
+def _sliding(model, tokens, tables, rt, seq_len=16, stride=4, rank_batch_tokens=64):
+    """The run's neural sliding-window score (USE_MIXER=none): batches of `rank_batch_tokens` on every rank."""
+    cfg = dataclasses.replace(model.cfg, use_mixer="none", eval_seq_len=seq_len, eval_stride=stride,
+                              grad_accum_steps=1, val_batch_size=rank_batch_tokens * rt.world_size)
+    return tg.evaluate_sliding_mixed(model.eval_outputs, tokens, tables, cfg, rt, lambda line: None)[0]
+
+
 def test_sliding_equals_plain_when_stride_is_the_window(cpu_runtime):
     cfg = tiny_config()
     model = perturbed_gpt(cfg, 0.05)
     tokens = torch.randint(0, cfg.vocab_size, (16 * 7 + 1,))
     tables = _uniform_byte_tables(cfg.vocab_size)
     plain = tg.evaluate_plain(model.token_nll, tokens, tables, 16, 64, cpu_runtime)
-    sliding = tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 16, 64, cpu_runtime)
+    sliding = _sliding(model, tokens, tables, cpu_runtime, stride=16)
     assert plain.scored_tokens == sliding.scored_tokens == tokens.numel() - 1
     assert sliding.val_bpb == pytest.approx(plain.val_bpb, abs=1e-6)
-    narrow = tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 4, 64, cpu_runtime)
+    narrow = _sliding(model, tokens, tables, cpu_runtime)
     assert narrow.scored_tokens == tokens.numel() - 1 and narrow.scored_bytes == plain.scored_bytes
     assert narrow.val_bpb != pytest.approx(plain.val_bpb, abs=1e-6)  # more context changes the scores
 
 
 def _scores_by_target(model, tokens, tables, rt, seq_len=16, stride=4):
-    scores = {}
-    with torch.no_grad():
-        for targets, nll, nbytes in tg.sliding_window_scores(model.token_nll, tokens, tables, seq_len, stride, 64, rt):
-            for t, v in zip(targets.tolist(), nll.tolist()):
-                assert t not in scores
-                scores[t] = v
-    return scores
+    cfg = dataclasses.replace(model.cfg, eval_seq_len=seq_len, eval_stride=stride, grad_accum_steps=1,
+                              val_batch_size=64)
+    scores = tg.neural_pass(model.eval_outputs, tokens, tables, cfg, rt, torch.zeros(0, dtype=torch.int64))
+    assert scores.targets.unique().numel() == scores.targets.numel()
+    return dict(zip(scores.targets.tolist(), (-scores.logprob).tolist()))
 
 
 def test_scores_of_earlier_tokens_ignore_later_tokens(cpu_runtime):
@@ -81,7 +86,7 @@ def _eval_in_process(rank, world_size, init_file, tokens, cfg, result_file):
     model = perturbed_gpt(cfg, 0.05)
     tables = _uniform_byte_tables(cfg.vocab_size)
     plain = tg.evaluate_plain(model.token_nll, tokens, tables, 16, 64, rt)
-    sliding = tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 4, 64, rt)
+    sliding = _sliding(model, tokens, tables, rt)
     if rank == 0:
         np.save(result_file, np.array([plain.val_bpb, sliding.val_bpb, sliding.scored_tokens, sliding.scored_bytes]))
     dist.barrier()  # neither rank tears the group down while the other still uses it
@@ -179,6 +184,6 @@ def test_evaluation_passes_read_nothing_back_per_batch(cpu_runtime):
     for n in (65, 257):  # 1 and 4 batches of four 16-token windows in the plain pass, 4 and 16 sliding
         tokens = torch.randint(0, cfg.vocab_size, (n,))
         syncs[n] = [_host_syncs(lambda: tg.evaluate_plain(model.token_nll, tokens, tables, 16, 64, cpu_runtime)),
-                    _host_syncs(lambda: tg.evaluate_sliding(model.token_nll, tokens, tables, 16, 4, 64, cpu_runtime)),
+                    _host_syncs(lambda: _sliding(model, tokens, tables, cpu_runtime)),
                     _host_syncs(lambda: tg.neural_pass(model.eval_outputs, tokens, tables, cfg, cpu_runtime, no_audit))]
     assert syncs[65] == syncs[257], syncs

@@ -153,7 +153,7 @@ def byte_tables(vocab):
 def mixed_eval(cfg, tokens, audit_targets, rt=None, seed=0):
     rt = rt or tg.Runtime(0, 1, 0, CPU)
     model = trained_like(cfg, seed)
-    audit = tg.AuditStats(torch.as_tensor(audit_targets, dtype=torch.int64), keep=True)
+    audit = tg.AuditStats(torch.as_tensor(audit_targets, dtype=torch.int64))
     lines = []
     neural, mixed = tg.evaluate_sliding_mixed(model.eval_outputs, tokens, byte_tables(cfg.vocab_size), cfg, rt,
                                               lines.append, audit)

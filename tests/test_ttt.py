@@ -29,7 +29,7 @@ def ttt_scores(cfg, tokens, audit_targets=(), rt=None, budget_start=None):
     """(neural EvalResult, mixed EvalResult, AuditStats, log lines, the model after TTT)."""
     rt = rt or tg.Runtime(0, 1, 0, CPU)
     model = trained_like(cfg)
-    audit = tg.AuditStats(torch.as_tensor(list(audit_targets), dtype=torch.int64), keep=True)
+    audit = tg.AuditStats(torch.as_tensor(list(audit_targets), dtype=torch.int64))
     lines = []
     start = time.perf_counter() if budget_start is None else budget_start
     neural_scores = lambda targets: tg.ttt_neural_pass(model, model.eval_outputs, model, tokens,
@@ -47,7 +47,7 @@ def test_ttt_changes_the_weights_and_the_scores_of_later_chunks_only():
     neural, mixed, audit, lines, after = ttt_scores(cfg, tokens, range(1, 300))
     no_ttt = tg.evaluate_sliding_mixed(before.eval_outputs, tokens, byte_tables(cfg.vocab_size),
                                        ttt_config(ttt_epochs=0), tg.Runtime(0, 1, 0, CPU), [].append,
-                                       tg.AuditStats(torch.arange(1, 300), keep=True))[0]
+                                       tg.AuditStats(torch.arange(1, 300)))[0]
     assert not torch.equal(before.blocks[1].mlp.fc.weight, after.blocks[1].mlp.fc.weight)
     assert any(l.startswith("ttt_done chunks:7 trained:6 epochs:2 optimizer:sgd ") for l in lines)
     # Repetitive text: adapting on what was scored helps what comes next.
