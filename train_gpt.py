@@ -2186,9 +2186,9 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
             dist.all_reduce(expert_loss)
         losses = torch.cat((neural_loss[:, None], expert_loss), 1)
         seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
-        K = len(cfg.ngram_orders)  # prior: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams
-        prior = torch.tensor([HEDGE_PRIOR_NEURAL] + [(1 - HEDGE_PRIOR_NEURAL) / K] * K, dtype=torch.float64)
-        log_w = prior.to(probs.device).log() - cfg.mixer_eta * seen_loss
+        K = len(cfg.ngram_orders)  # start: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams
+        start = torch.tensor([HEDGE_PRIOR_NEURAL] + [(1 - HEDGE_PRIOR_NEURAL) / K] * K, dtype=torch.float64)
+        log_w = start.to(probs.device).log() - cfg.mixer_eta * seen_loss
         weights = log_w[chunk].softmax(-1)
         valid = torch.ones_like(available)
     elif scores.targets.numel():

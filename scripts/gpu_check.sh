@@ -6,9 +6,10 @@
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh   # a tiny model on the CPU in a minute: the tests run this
 # Data: DATA_PATH and TOKENIZER_PATH when set, else the sample corpus (scripts/make_sample_data.py). The
 # evaluation slice is GPU_CHECK_EVAL_TOKENS tokens (default 4M) of the training shards written as a
-# validation split: right for timing, meaningless as a score (no score line is printed).
+# validation split under data/datasets/ of the current folder: right for timing, meaningless as a score
+# (no score line is printed). Logs go to logs/ of the current folder.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"
 python3 -c 'import importlib.util as u, sys
 missing = [m for m in ("torch", "numpy", "sentencepiece", "zstandard") if u.find_spec(m) is None]
 sys.exit(missing and "error: gpu_check needs the Python packages " + ", ".join(missing) + ": pip install them")'
@@ -29,21 +30,21 @@ else
 fi
 export GRAD_ACCUM_STEPS="${GRAD_ACCUM_STEPS:-1}"
 if [[ -z "${DATA_PATH:-}" ]]; then
-  python3 scripts/make_sample_data.py
-  DATA_PATH=data/datasets/sample_sp1024 TOKENIZER_PATH=data/tokenizers/sample_1024_bpe.model
+  python3 "$root/scripts/make_sample_data.py"
+  DATA_PATH="$root/data/datasets/sample_sp1024" TOKENIZER_PATH="$root/data/tokenizers/sample_1024_bpe.model"
 fi
 check_data="data/datasets/gpu_check_$eval_tokens"
-python3 - "$DATA_PATH" "$check_data" "$eval_tokens" <<'EOF'
+python3 - "$root" "$DATA_PATH" "$check_data" "$eval_tokens" <<'EOF'
 import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, "scripts")
+sys.path[:0] = [sys.argv[1], f"{sys.argv[1]}/scripts"]
 from make_sample_data import write_shard  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
-source, target, count = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+source, target, count = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 target.mkdir(parents=True, exist_ok=True)
 train = tg.shard_files(source, "train")
 for f in train:  # the same training shards, linked
@@ -55,12 +56,12 @@ write_shard(target / "fineweb_val_000000.bin", np.resize(tokens, count))
 EOF
 
 status=0
-for mode in mixer none; do
-  slice=$([[ $mode == mixer ]] && echo "$eval_tokens" || echo 0)
+for mode in mixer none; do  # the second evaluates the preflight's default slice
   mixer=$([[ $mode == mixer ]] && echo learned || echo none)
+  slice=$([[ $mode == mixer ]] && echo "--eval-tokens $eval_tokens" || echo "")
   set +e
   DATA_PATH="$check_data" TOKENIZER_PATH="$TOKENIZER_PATH" USE_MIXER="$mixer" RUN_ID="gpu_check_$mode" \
-    python3 scripts/preflight.py --eval-tokens "$((slice > 2 ? slice : 2))"
+    python3 "$root/scripts/preflight.py" $slice
   rc=$?
   set -e
   if [[ $rc -ne 0 && $rc -ne 3 ]]; then echo "error: the $mode preflight failed (exit $rc)" >&2; exit $rc; fi

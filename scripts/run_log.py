@@ -14,7 +14,7 @@ parser reads, in log order:
     stopping_early: wallclock_cap ...
     train_done steps:N train_time:Tms step_avg:Sms
     Total submission size quantized+zstd: N bytes (code C, artifact A)
-    artifact_saved path:P bytes:N layout:L time:Tms
+    artifact_saved path:P bytes:N time:Tms
     <name> val_loss:X val_bpb:Y ...                               (prequant_plain, final_*, ...)
     eval_phases compile_warmup:Tms plain:Tms neural:Tms ttt_train:Tms cache:Tms
     eval_done eval_time:Tms

@@ -1,0 +1,34 @@
+"""scripts/gpu_check.sh in its tiny CPU mode: the GPU check runs first whenever a GPU is lent, so it must not
+rot while none is."""
+import os
+import re
+import subprocess
+
+from conftest import ROOT
+from test_end_to_end import dataset  # noqa: F401  (a fixture)
+
+ROWS = ("hardware", "compile before training (s)", "compile before evaluation (s)", "ms per step (TRAIN_BATCH_TOKENS)",
+        "steps in the training budget", "oracle prefill, projected (s)", "artifact build (s)",
+        "peak memory, projected (GB)", "evaluation slice (tokens)", "neural pass (tokens/s)", "cache pass",
+        "evaluation, projected to the split (s)", "preflight verdict")
+
+
+def test_tiny_gpu_check_measures_both_preflights_and_prints_one_table(dataset, tmp_path):
+    data, tok = dataset
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(GPU_CHECK_TINY="1", DATA_PATH=str(data), TOKENIZER_PATH=tok, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("| gpu_check | USE_MIXER=learned | USE_MIXER=none |"):].splitlines()
+    cells = {line.split(" | ")[0].lstrip("| "): [c.strip(" |") for c in line.split(" | ")[1:]] for line in table[2:]}
+    assert tuple(cells) == ROWS
+    mixer, none = zip(*cells.values())
+    assert mixer[ROWS.index("preflight verdict")] == none[ROWS.index("preflight verdict")] == "ok"
+    assert float(mixer[ROWS.index("ms per step (TRAIN_BATCH_TOKENS)")]) > 0 and float(none[3]) > 0
+    assert mixer[ROWS.index("oracle prefill, projected (s)")] != "-" == none[ROWS.index("oracle prefill, projected (s)")]
+    assert int(mixer[ROWS.index("evaluation slice (tokens)")].replace(",", "")) == 19999  # the 20,000-token slice
+    assert float(mixer[ROWS.index("neural pass (tokens/s)")].replace(",", "")) > 0
+    assert re.fullmatch(r"\d+\.\d+ s", mixer[ROWS.index("cache pass")])
+    assert (tmp_path / "logs" / "gpu_check_mixer_preflight.txt").is_file()
+    assert not (tmp_path / "artifacts").exists()  # preflights keep nothing
