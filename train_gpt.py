@@ -1750,8 +1750,6 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
                             f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
-    log(f"Total submission size quantized+zstd: {code_bytes + len(best[0])} bytes "
-        f"(code {code_bytes}, artifact {len(best[0])})")
     return best
 
 
@@ -2394,10 +2392,9 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     blob = Path(path).read_bytes()
     dequantize_into(model, unpack_artifact(blob))  # every weight: what is evaluated is the artifact alone
     log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
-    if cfg.eval_artifact:  # the size line a training run prints, for this artifact and this script
-        code_bytes = script_identity()[1]
-        log(f"Total submission size quantized+zstd: {code_bytes + len(blob)} bytes "
-            f"(code {code_bytes}, artifact {len(blob)})")
+    code_bytes = script_identity()[1]  # what counts: this script's wrapper and the artifact scored
+    log(f"Total submission size quantized+zstd: {code_bytes + len(blob)} bytes "
+        f"(code {code_bytes}, artifact {len(blob)})")
     return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, ttt_forward)
 
 

@@ -216,10 +216,10 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     one = run_script(dict(env, RUN_ID="one"), tmp_path)
     assert one.returncode == 0, failure(one)
     log_one = (tmp_path / "logs" / "one.txt").read_text()
-    # Same global batch and seed: the two runs train on the same tokens, so they agree closely; the
-    # evaluation itself is world-size independent to 1e-6 (tests/test_eval.py).
+    # Same global batch and seed: each step trains on the same sequences in one process and in two (only the
+    # sums' rounding differs); the evaluation itself is world-size independent to 1e-6 (tests/test_eval.py).
     for name in ("final_sliding_window", "final_sliding_window_ngram_learned"):
-        assert final_bpb(log_two, name) == pytest.approx(final_bpb(log_one, name), abs=2e-3)
+        assert final_bpb(log_two, name) == pytest.approx(final_bpb(log_one, name), abs=1e-4)
 
 
 @pytest.mark.parametrize("updates, message", [
