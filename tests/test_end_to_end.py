@@ -205,6 +205,19 @@ def test_an_artifact_that_cannot_fit_stops_before_evaluation(dataset, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
+def test_an_artifact_failure_stops_every_rank_with_one_line(dataset, tmp_path):
+    """Rank 0 builds the artifact alone; the others wait for its outcome, so they stop with it, not hang."""
+    data, tok = dataset
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, ITERATIONS="1", VAL_LOSS_EVERY="0",
+                           TARGET_BYTES="1000"), tmp_path, launcher, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "artifact cannot fit" in errors[0], proc.stderr[-2000:]
+    assert "final_" not in proc.stdout and not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
 def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     data, tok = dataset
     env = dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, ITERATIONS="3", VAL_LOSS_EVERY="0")
