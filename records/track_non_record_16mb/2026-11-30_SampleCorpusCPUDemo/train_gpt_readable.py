@@ -1,0 +1,2497 @@
+"""train_gpt.py: an 11-layer GPT for the parameter-golf challenge, in one file.
+
+Trains on FineWeb shards, then reports bits per byte (val_bpb) on the whole validation split with a sliding window;
+every scored q_t is a full, normalized distribution over the vocabulary that depends on x_<t only
+(../shared/LEGALITY.md). Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (8 GPUs) or `python3 train_gpt.py`
+(one process; CPU if no CUDA). Settings are environment variables (Hyperparameters; the README's table).
+
+Sources: Muon for the matrices, AdamW for the rest (modded-nanogpt); tied embeddings, logit softcap 30, RMSNorm, RoPE,
+QK-norm with a learned per-head gain, zero-initialised output projections, U-Net skips (the parameter-golf baseline);
+LeakyReLU(0.5)^2 MLP 3.5x wide, partial RoPE, XSA on the last XSA_LAST_N layers, BigramHash, shared value embeddings,
+value residual (ResFormer), Muon weight decay, EMA, a warm-down ending with the wall clock (the 11-layer records).
+"""
+
+from __future__ import annotations
+
+import base64, bisect, contextlib, dataclasses, difflib, functools, gc, glob, hashlib, lzma, math, os, platform, re
+import struct, sys, time, zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import zstandard
+
+# =============================================================================
+# HYPERPARAMETERS
+# =============================================================================
+
+MIXER_CHOICES = ("learned", "hedge", "none")
+HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigram, bigram and trigram
+HEDGE_ALPHA = 0.05
+HEDGE_PRIOR_NEURAL = 0.9
+TTT_OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; its message is the one line the run stops with."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = "run"
+    seed: int = 1337
+    iterations: int = 20000
+    warmup_steps: int = 3  # compile-priming steps before the clock, leaving no trace (the upstream meaning)
+    lr_warmup_steps: int = 20
+    warmdown_iters: int = 3500
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
+    max_wallclock_seconds: float = 600.0
+    train_reserve_seconds: float = 20.0  # of the wall clock, for EMA, GPTQ calibration and GPTQ after the loop
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    val_loss_every: int = 0
+    train_log_every: int = 100
+    val_batch_size: int = 524_288  # all ranks together, as upstream: a rank's batch is this / (W x accum)
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 8
+    mlp_mult: float = 3.5
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    unet_skips: bool = True
+    xsa_last_n: int | None = None  # None: the last 4 layers (all of them when fewer)
+    bigram_vocab_size: int = 6144
+    bigram_dim: int = 128
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_layers: tuple[int, ...] | None = None  # None: the last two layers
+    value_residual: bool = True
+    use_mixer: str = "learned"
+    mixer_eta: float = 0.001
+    mixer_loss_weight: float = 0.5
+    ngram_min_order: int = 2
+    ngram_max_order: int = 7
+    ngram_oracle_tokens: int = 50_000_000
+    ngram_chunk_tokens: int = 131_072
+    ngram_audit_positions: int = 0
+    ngram_prior_beta: float = 0.0  # 0: off (see ngram_expert_probs)
+    quant_mlp_bits: int = 5
+    quant_attn_bits: int = 6
+    quant_embed_bits: int = 8
+    quant_min_numel: int = 65_536
+    gptq: bool = True
+    gptq_calib: str = "selfgen"
+    gptq_calib_seqs: int = 64
+    gptq_calib_seq_len: int = 512
+    gptq_damp: float = 0.01
+    crown_q_lambda: float = 0.01
+    prune_fraction: float = 0.03
+    zstd_level: int = 22
+    target_bytes: int = 16_000_000
+    eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
+    ttt_epochs: int = 0  # 0: off
+    ttt_chunk_tokens: int = 131_072
+    ttt_optimizer: str = "sgd"
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.95
+    ttt_proj_lr_mult: float = 1.0
+    ttt_in_lr_mult: float = 1.0
+    ttt_freeze_blocks: int = 0
+    ttt_polyak: float = 0.998
+    ttt_batch_seqs: int = 32
+    eval_budget_seconds: float = 540.0
+    matrix_lr: float = 0.03
+    scalar_lr: float = 0.025
+    embed_lr: float = 0.6
+    tied_embed_lr: float = 0.035
+    head_lr: float = 0.008
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_wd: float = 0.04
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997
+    compile: bool = True
+    bf16: bool = True  # bf16 autocast; BF16=1 on a CPU runs what CUDA runs, to test that path there
+    device: str = "auto"  # auto, cuda or cpu (see init_runtime)
+
+    def __post_init__(self):
+        if self.xsa_last_n is None:  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
+            object.__setattr__(self, "xsa_last_n", min(4, self.num_layers))
+        if self.ve_layers is None:
+            object.__setattr__(self, "ve_layers", tuple(range(max(0, self.num_layers - 2), self.num_layers)))
+
+    @property
+    def ngram_orders(self) -> tuple[int, ...]:
+        """Orders of the evaluation cache: the learned head's experts, or Hedge's, or none."""
+        if self.use_mixer == "learned":
+            return tuple(range(self.ngram_min_order, self.ngram_max_order + 1))
+        return HEDGE_ORDERS if self.use_mixer == "hedge" else ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
+        """Every setting from `env`, checked; COMPILE and BF16 default on with CUDA only (slower on a CPU)."""
+        values = {}
+        for field in dataclasses.fields(cls):
+            if field.name.upper() in env:
+                like = {"xsa_last_n": 0, "ve_layers": ()}.get(field.name, field.default)
+                values[field.name] = parse_setting(field.name.upper(), env[field.name.upper()].strip(), like)
+        for switch in ("compile", "bf16"):
+            values.setdefault(switch, cuda)
+        hp = cls(**values)
+        hp.validate()
+        return hp
+
+    def validate(self) -> None:
+        head_dim = self.model_dim // max(self.num_heads, 1)
+        L = self.num_layers
+        checks = [
+            (2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "2..65536 (token ids are uint16)"),
+            (1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"1..EVAL_SEQ_LEN ({self.eval_seq_len})"),
+            (self.val_batch_size >= max(self.eval_seq_len, self.train_seq_len), "VAL_BATCH_SIZE",
+             "tokens per evaluation batch, at least one sequence"),
+            (self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM",
+             f"a multiple of NUM_HEADS ({self.num_heads})"),
+            (head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even (rotary pairs)"),
+            (1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
+             f"a divisor of NUM_HEADS ({self.num_heads})"),
+            (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
+             f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
+            (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
+            (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
+            (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
+             "VE_LAYERS", f"distinct layer indices in 0..{L - 1}"),
+            (self.use_mixer in MIXER_CHOICES, "USE_MIXER", " or ".join(MIXER_CHOICES)),
+            (self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER",
+             f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16"),
+            (self.ngram_oracle_tokens >= (self.use_mixer == "learned"), "NGRAM_ORACLE_TOKENS",
+             "at least 1 with USE_MIXER=learned (the head learns from the oracle)"),
+            (self.ngram_prior_beta == 0 or (math.isfinite(self.ngram_prior_beta) and self.ngram_prior_beta > 0
+                                            and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
+             "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
+            (self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", "selfgen or train"),
+            (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
+            (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
+            (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
+             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
+            (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
+            (self.ttt_freeze_blocks <= L, "TTT_FREEZE_BLOCKS", f"0..NUM_LAYERS ({L})"),
+            (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
+             "empty (train, then evaluate the new artifact) or the path of an artifact file"),
+            (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
+        ]
+        checks += [(getattr(self, name.lower()) >= least, name, f"at least {least}")
+                   for least, names in SETTING_MINIMUMS.items() for name in names]
+        checks += [(2 <= getattr(self, name.lower()) <= 8, name, "2..8")
+                   for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS")]
+        checks += [(0 <= getattr(self, name.lower()) < 1, name, "in [0, 1)") for name in SETTING_FRACTIONS]
+        checks += [(getattr(self, name.lower()) > 0, name, "greater than 0") for name in SETTING_POSITIVE]
+        for ok, name, allowed in checks:
+            if not ok:
+                value = getattr(self, name.lower())
+                value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+    def as_log_lines(self) -> list[str]:
+        lines = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, (tuple, bool)):
+                value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value)
+            lines.append(f"setting {field.name.upper()}={value}")
+        return lines
+
+
+SETTING_MINIMUMS = {
+    0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
+        "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
+        "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
+        "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT", "TTT_FREEZE_BLOCKS",
+        "MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
+        "MUON_MOMENTUM_WARMUP_STEPS"),
+    1: ("ITERATIONS", "NUM_LAYERS", "BIGRAM_DIM", "VE_DIM", "NGRAM_CHUNK_TOKENS", "GPTQ_CALIB_SEQS", "ZSTD_LEVEL",
+        "TARGET_BYTES", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS"),
+    2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
+}
+SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
+                     "TTT_POLYAK")
+SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
+
+
+def parse_setting(name: str, raw: str, like):
+    """`raw` as the type of `like`: 0 or 1 for a switch, comma-separated integers for a tuple."""
+    if isinstance(like, bool):
+        if raw not in ("0", "1"):
+            raise ConfigError(f"{name}={raw!r} is not allowed: use 0 or 1")
+        return raw == "1"
+    kind = {tuple: "comma-separated integers, e.g. 9,10", int: "an integer", float: "a number"}.get(type(like))
+    try:
+        if isinstance(like, tuple):
+            return tuple(int(part) for part in raw.split(",") if part.strip())
+        return type(like)(raw) if kind else raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not allowed: use {kind}") from None
+
+
+FOREIGN_SETTINGS = {
+    "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
+    "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
+    "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
+    "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
+    "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
+    "LAWA_ENABLED": "EMA_DECAY", "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS",
+    "DATA_DIR": "DATA_PATH and TOKENIZER_PATH", "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS",
+    "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ",
+    "QAT_ENABLED": "CROWN_Q_LAMBDA", "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA",
+    "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS", "EMBED_BITS": "QUANT_EMBED_BITS",
+    "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
+    "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
+}
+RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS"}
+SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
+
+
+def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None = None) -> list[str]:
+    """A warning for each variable of `env` like a setting but not ours, and for WARMUP_STEPS with COMPILE=0."""
+    known = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
+    lines = []
+    if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
+        lines.append("warning: WARMUP_STEPS primes the compiled graphs before the clock (as upstream) and does "
+                     "nothing with COMPILE=0; the learning-rate warm-up is LR_WARMUP_STEPS")
+    for name in sorted(env):
+        if name in known or not SETTING_NAME.fullmatch(name):
+            continue
+        if name in RENAMED_SETTINGS:
+            lines.append(f"warning: {name} is no longer a setting and changes nothing; use {RENAMED_SETTINGS[name]}")
+        elif name in FOREIGN_SETTINGS:
+            lines.append(f"warning: {name} is a setting of other parameter-golf scripts, not of this one, and "
+                         f"changes nothing here; use instead: {FOREIGN_SETTINGS[name]}")
+        elif close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            lines.append(f"warning: {name} is not a setting and changes nothing; did you mean {close[0]}?")
+    return lines
+
+
+def hyperparameters_from_env(env: Mapping[str, str], cuda: bool) -> Hyperparameters:
+    """The run's settings, with the paths checked: a missing path stops the run here."""
+    hp = Hyperparameters.from_env(env, cuda)
+    if not Path(hp.data_path).is_dir():
+        raise ConfigError(f"DATA_PATH={hp.data_path!r} is not a directory: {HOW_TO_GET_DATA}")
+    if not Path(hp.tokenizer_path).is_file():
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path!r} is not a file: it is written next to the data by "
+                          "data/cached_challenge_fineweb.py or scripts/make_sample_data.py")
+    return hp
+
+
+# =============================================================================
+# DATA
+# =============================================================================
+# A shard is 256 little-endian int32 (magic, version, token count, zeros), then that many little-endian uint16
+# token ids: the published FineWeb shards' format, kept so that their files and tools work unchanged.
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+HOW_TO_GET_DATA = ("download FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "
+                   "N`, or build the sample corpus with `python3 scripts/make_sample_data.py`")
+
+
+class ShardError(ValueError):
+    """A shard file that is not in the FineWeb format; the message names the file."""
+
+
+def shard_token_count(path: str | Path) -> int:
+    """The number of tokens the header of `path` declares, after checking the header and the file size."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic number {header[0]} is not {SHARD_MAGIC}; not a FineWeb shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {header[1]} is not supported; only version {SHARD_VERSION} is")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ShardError(f"{path}: header declares {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return count
+
+
+def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
+    """All token ids of one shard as uint16, refusing ids outside the vocabulary."""
+    count = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if count and int(tokens.max()) >= vocab_size:
+        where = int(np.argmax(tokens >= vocab_size))
+        raise ShardError(f"{path}: token id {int(tokens[where])} at position {where} is not below "
+                         f"VOCAB_SIZE={vocab_size}")
+    return tokens.astype(np.uint16, copy=False)
+
+
+def shard_files(data_path: str | Path, split: str) -> list[str]:
+    """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
+    files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
+    if not files:
+        raise ShardError(f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: {HOW_TO_GET_DATA}")
+    return files
+
+
+def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tensor:
+    """The whole validation split (every fineweb_val_* file, in name order) as one int64 tensor."""
+    parts = [load_shard(f, vocab_size) for f in shard_files(data_path, "val")]
+    tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
+    if tokens.numel() < 2:
+        raise ShardError(f"DATA_PATH={str(data_path)!r}: the validation split has {tokens.numel()} tokens; "
+                         "at least 2 are needed to score one")
+    return tokens
+
+
+class TokenStream:
+    """An endless stream over the training shards, each pass in a new order drawn from the seed."""
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
+        self.files = list(files)
+        self.vocab_size = vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
+        self.order: list[int] = []
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        self.shard = self.pos = 0
+
+    def take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n tokens and their positions in the shards read in name order (where the oracle's text is)."""
+        parts, places, left = [], [], n
+        while left > 0:
+            if self.pos >= self.tokens.size:
+                if not self.order:
+                    self.order = list(self.rng.permutation(len(self.files)))
+                self.shard = self.order.pop(0)
+                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
+                self.pos = 0
+            piece = self.tokens[self.pos:self.pos + left]
+            parts.append(piece)
+            places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
+            self.pos += piece.size
+            left -= piece.size
+        return np.concatenate(parts), np.concatenate(places)
+
+
+def oracle_run_lengths(places: np.ndarray, oracle_tokens: int) -> np.ndarray:
+    """For each token, how many tokens up to it (inclusive) are consecutive in the oracle's text (the
+    first `oracle_tokens` tokens in name order): an n-gram ending here was counted iff this is >= n."""
+    inside = places < oracle_tokens
+    chained = np.zeros(places.size, dtype=bool)
+    chained[1:] = inside[1:] & inside[:-1] & (np.diff(places) == 1)
+    index = np.arange(places.size)
+    run_start = np.maximum.accumulate(np.where(chained, 0, index))
+    return np.where(inside, index - run_start + 1, 0)
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor             # (B, T) int64
+    targets: torch.Tensor            # (B, T) int64
+    oracle_run: torch.Tensor | None  # (B, T) int64: oracle_run_lengths at each target, when an oracle is on
+
+
+class DistributedBatchLoader:
+    """Every rank reads the same stream: a step's TRAIN_BATCH_TOKENS + 1 tokens cut into WORLD_SIZE x accum pieces
+    (one token of overlap each), rank r's micro-step m taking piece r * accum + m: the same sequences on 1 GPU or 8."""
+    def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
+                 oracle_tokens: int = 0):
+        self.stream = TokenStream(files, vocab_size, seed)
+        self.rank, self.world_size = rank, world_size
+        self.oracle_tokens = oracle_tokens
+
+    def step_batches(self, batch_tokens: int, accum: int, seq_len: int, device: torch.device) -> list[Batch]:
+        """This rank's `accum` micro-batches of the next step, each (rows, seq_len)."""
+        chunk, places = self.stream.take(batch_tokens + 1)
+        piece = batch_tokens // (self.world_size * accum)
+        batches = []
+        for m in range(accum):
+            mine = slice((self.rank * accum + m) * piece, (self.rank * accum + m + 1) * piece + 1)
+            local = to_device_async(torch.from_numpy(chunk[mine].astype(np.int64)), device)
+            run = None
+            if self.oracle_tokens:
+                run = to_device_async(torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens)), device)
+                run = run[1:].view(-1, seq_len)
+            batches.append(Batch(local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), run))
+        return batches
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy on `device` that does not block the host (a CUDA copy from pageable memory would: pin first)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+# =============================================================================
+# BITS PER BYTE
+# =============================================================================
+# val_bpb = sum(-ln q_t(x_t)) / (ln 2 * UTF-8 bytes of the scored tokens). A token's bytes are its piece's bytes
+# without the leading-space marker, plus one for that space unless the previous token is a boundary (control or
+# unknown) token, after which the decoder drops it. Byte-fallback pieces are one byte.
+
+
+@dataclass(frozen=True)
+class TokenByteTables:
+    base_bytes: torch.Tensor          # (V,) int64: bytes of the piece, leading marker excluded
+    has_leading_space: torch.Tensor   # (V,) bool: the piece starts with the marker
+    is_boundary: torch.Tensor         # (V,) bool: control/unknown: no text, and no space after it
+
+    def to(self, device: torch.device) -> "TokenByteTables":
+        return TokenByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+
+def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
+    """Byte tables for a SentencePiece processor, padded to vocab_size with boundaries of no bytes."""
+    if sp.vocab_size() > vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
+                          "VOCAB_SIZE must be at least that")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581"):
+            space[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner marker (runs of spaces) is a space
+    return TokenByteTables(base, space, boundary)
+
+
+def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: TokenByteTables) -> torch.Tensor:
+    """UTF-8 bytes of each token of `tokens`, given the token before each (same shape, int64)."""
+    extra_space = tables.has_leading_space[tokens] & ~tables.is_boundary[prev_tokens]
+    return tables.base_bytes[tokens] + extra_space.to(torch.int64)
+
+
+def load_tokenizer(path: str):
+    import sentencepiece as spm  # imported here so that the model code imports without it
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+# =============================================================================
+# MODEL
+# =============================================================================
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    # fp32 inside and x's dtype out on every device: CUDA's autocast would return fp32, the CPU's bf16.
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotary embedding on the first `dims` channels of each head (record stacks: 16 of 64)."""
+    def __init__(self, head_dim: int, dims: int, base: float):
+        super().__init__()
+        self.dims = dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        # x: (B, H, T, hd) at positions offset .. offset + T - 1; no table cache: it would break torch.compile
+        freqs = torch.outer(torch.arange(offset + x.size(2), device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = freqs.cos()[offset:].to(x.dtype), freqs.sin()[offset:].to(x.dtype)
+        (x1, x2), rest = x[..., :self.dims].chunk(2, dim=-1), x[..., self.dims:]
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
+        self.layer, self.xsa = layer, layer >= cfg.num_layers - cfg.xsa_last_n
+        self.mixes_first_value = cfg.value_residual and layer > 0
+        if self.mixes_first_value:  # ResFormer: v = a * v + b * v_first, starting as the plain v
+            self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
+                cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues its positions."""
+        B, T, D = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
+        v = self.c_v(x) if value_embed is None else self.c_v(x) + value_embed
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
+        raw_v = v
+        if self.mixes_first_value and first_value is not None:
+            v = self.value_mix[0] * v + self.value_mix[1] * first_value
+        offset = 0 if cache is None else cache.length
+        q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        k_all, v_all = (k, v) if cache is None else cache.store(self.layer, k, v)
+        mask = None if cache is None else torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
+        if self.xsa:  # XSA: drop the component along the token's own value, which rides the residual
+            y = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
+            v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
+            y = (y - (y * v_unit).sum(-1, keepdim=True) * v_unit).view(B, self.num_heads, T, self.head_dim)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D)), raw_v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        hidden = int(cfg.mlp_mult * cfg.model_dim)
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.fc(x), 0.5)  # LeakyReLU(0.5)^2: a gradient for x < 0 (records: ~0.003 bpb)
+        return self.proj(h * h)  # h * h: CUDA autocast's pow would copy to fp32
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Hyperparameters, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+
+    def forward(self, x, value_embed, first_value, cache=None):
+        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value, cache)
+        x = x + self.attn_scale.to(x.dtype) * attn_out
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x, raw_v
+
+
+class BigramHashEmbedding(nn.Module):
+    """Embedding of the hashed (previous, current) token pair: cheap local context (records: 6144 x 128)."""
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.buckets = cfg.bigram_vocab_size
+        self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
+        nn.init.zeros_(self.embed.weight)
+        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> (B, T, D); `previous` (B, 1): the token before tokens[:, 0] (none: the last bucket)."""
+        stream = tokens if previous is None else torch.cat((previous, tokens), dim=1)
+        prev, cur = stream[:, :-1].to(torch.int64), stream[:, 1:].to(torch.int64)
+        bucket = torch.bitwise_xor(prev * 36313, cur * 27191) % (self.buckets - 1)
+        if previous is None:
+            bucket = torch.cat((torch.full_like(tokens[:, :1], self.buckets - 1, dtype=torch.int64), bucket), dim=1)
+        return self.proj(self.embed(bucket))
+
+
+class DecodeCache:
+    """Each layer's keys and values of the positions run so far: forward_hidden then runs new positions only."""
+    def __init__(self, num_layers: int, capacity: int):
+        self.capacity, self.length, self.last_tokens = capacity, 0, None
+        self.keys, self.values = [None] * num_layers, [None] * num_layers
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key and value of `layer` so far, (B, Hkv, length + T, hd), the new ones (B, Hkv, T, hd) included."""
+        if self.keys[layer] is None:  # buffers of the whole capacity: no copy of the past per token
+            self.keys[layer] = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
+            self.values[layer] = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
+        end = self.length + k.size(2)  # past the capacity, the copies below fail
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class GPT(nn.Module):
+    """The one model class: training, evaluation and quantization all use it."""
+    def __init__(self, cfg: Hyperparameters):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=0.005 if cfg.tie_embeddings else 1.0)
+        self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab_size else None
+        self.ve_layers = tuple(cfg.ve_layers) if cfg.ve_enabled else ()
+        if self.ve_layers:  # one table shared by the VE layers, each with its own scale
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+            self.value_embed_proj = nn.Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
+            self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
+        if self.num_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+        self.mixer_head = None
+        if cfg.use_mixer == "learned":  # weights over [neural, orders]; trusts the neural model first (bias 2 vs 0)
+            self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
+            nn.init.zeros_(self.mixer_head.weight)
+            with torch.no_grad():
+                self.mixer_head.bias.zero_()[0] = 2.0
+
+    def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+        """Final normalized hidden state (B, T, D) of tokens (B, T), causal; with `cache`, continuing its positions."""
+        x = self.tok_emb(tokens)
+        if self.bigram is not None:
+            x = x + self.bigram(tokens, None if cache is None else cache.last_tokens)
+        x = rms_norm(x)
+        embed = self.value_embed_proj(self.value_embed(tokens)) if self.ve_layers else None
+        value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * embed for i, layer in enumerate(self.ve_layers)}
+        skips, first_value = [], None
+        for i, block in enumerate(self.blocks):
+            if self.num_skips and i >= len(self.blocks) - self.num_skips:  # U-Net: first half's outputs, mirrored
+                x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
+            x, raw_v = block(x, value_embeds.get(i), first_value, cache)
+            first_value = raw_v if first_value is None else first_value
+            if i < self.num_skips:
+                skips.append(x)
+        if cache is not None:
+            cache.length += tokens.size(1)
+            cache.last_tokens = tokens[:, -1:]
+        return rms_norm(x)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """forward_hidden at `positions` (B, S) only (the head need not run where nothing is scored), or everywhere."""
+        hidden = self.forward_hidden(tokens)
+        return hidden if positions is None else hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
+
+    def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """-ln q(target), (B, T) float32, at every position of tokens (B, T)."""
+        logits = self.logits_from_hidden(self.forward_hidden(tokens))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+    def eval_outputs(self, tokens: torch.Tensor,
+                     positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probabilities (B, S, V) float32, mixer logits (B, S, 1+K) or None) at `positions`, or everywhere."""
+        hidden = self.scored_hidden(tokens, positions)
+        logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
+        return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, expert_probs: torch.Tensor | None = None,
+                expert_valid: torch.Tensor | None = None, expert_prior: torch.Tensor | None = None,
+                penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: mean cross-entropy (-100 targets: padding), + MIXER_LOSS_WEIGHT x the mixture's loss on
+        the oracle's (B, T, K) experts, + penalty_scale (0-dim, 0 outside the warm-down) x CROWN-Q's penalty."""
+        hidden = self.forward_hidden(tokens)
+        logits = self.logits_from_hidden(hidden)
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        loss = nll.mean()
+        if expert_probs is not None and self.mixer_head is not None:
+            weights = mixer_weights(self.mixer_head(hidden), expert_valid)
+            mixed = mixture_nll(-nll, weights, expert_probs, expert_prior)  # p_nn not detached: q_t's own gradient
+            loss = loss + self.cfg.mixer_loss_weight * mixed.mean()
+        if penalty_scale is not None:
+            loss = loss + penalty_scale * crown_q_penalty(self, self.cfg)
+        return loss
+
+
+# =============================================================================
+# N-GRAM EXPERTS AND MIXER
+# =============================================================================
+# An order-n expert c(ctx, v) / T(ctx), T(ctx) the exact sum of its row, or NGRAM_PRIOR_BETA's (c + beta p_nn(v)) /
+# (T + beta), is normalized by construction (../shared/LEGALITY.md, rule 2). A context is an exact int64 key when
+# it fits in 62 bits (orders up to 7 at vocabulary 1,024), else a hash: a collision merges two contexts' rows into one.
+
+NEURAL_WEIGHT_FLOOR = 1e-6  # the least weight the mixer leaves the neural model (see mixer_weights)
+
+
+def context_keys_from(preceding, like: torch.Tensor, order: int, vocab_size: int) -> torch.Tensor:
+    """Context keys (int64, `like`'s shape) from `preceding(k)`, tokens k + 1 back; in place: 400 MB a copy at 50M."""
+    keys = torch.zeros(like.shape, dtype=torch.int64, device=like.device)
+    exact = (order - 1) * max(1, (vocab_size - 1).bit_length()) <= 62
+    for k in range(order - 1):
+        older = preceding(k).to(torch.int64)
+        if exact:
+            keys.mul_(vocab_size).add_(older)
+        else:  # multiply-xor mixing; int64 products wrap, which is all a hash needs
+            keys.mul_(0x100000001B3).bitwise_xor_(older + 0x9E3779B97F4A7C15 % (1 << 62))
+    return keys.bitwise_and_((1 << 62) - 1)
+
+
+def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
+    """Where each run of equal values begins in a sorted tensor (bool)."""
+    starts = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts
+
+
+class NgramCounts:
+    """One order: sorted context keys with row totals, sorted (row * V + token) pair keys with counts: 12 B an entry."""
+    def __init__(self, order: int, vocab_size: int, device: torch.device):
+        self.order, self.vocab_size = order, vocab_size
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self.ctx_keys, self.totals, self.pair_keys, self.pair_counts = empty, empty, empty, empty
+
+    def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Counts each n-gram predicting tokens[t], start <= t < end, once per table; a peak of ~3 int64 copies."""
+        if self.ctx_keys.numel():
+            raise ValueError(f"order-{self.order} table already counted: count the whole stream in one add_stream")
+        start, V = max(start, self.order - 1, 1), self.vocab_size
+        if end <= start:
+            return
+        sorted_keys, by_key = torch.sort(context_keys_from(lambda k: tokens[start - 1 - k:end - 1 - k],
+                                                           tokens[start:end], self.order, V))
+        new_context = run_starts(sorted_keys)
+        ctx_keys = sorted_keys[new_context]
+        del sorted_keys
+        pairs = torch.cumsum(new_context, 0).sub_(1).mul_(V).add_(tokens[start:end][by_key])
+        del new_context, by_key
+        pairs = torch.sort(pairs).values
+        first = run_starts(pairs).nonzero().squeeze(1)
+        pair_keys = pairs[first]
+        del pairs
+        count_dtype = torch.int32 if tokens.numel() < 2**31 else torch.int64
+        pair_counts = torch.diff(first, append=first.new_tensor([end - start])).to(count_dtype)
+        self.ctx_keys, self.pair_keys, self.pair_counts = ctx_keys, pair_keys, pair_counts
+        self.totals = torch.zeros_like(ctx_keys, dtype=pair_counts.dtype).index_add_(0, pair_keys // V, pair_counts)
+
+    def lookup(self, keys: torch.Tensor, next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c(ctx, token), T(ctx)) for each key and token; zeros for an unseen context."""
+        if self.ctx_keys.numel() == 0:
+            return torch.zeros_like(keys), torch.zeros_like(keys)
+        rows = torch.searchsorted(self.ctx_keys, keys).clamp_(max=self.ctx_keys.numel() - 1)
+        seen = self.ctx_keys[rows] == keys
+        pair = rows * self.vocab_size + next_tokens.to(torch.int64)
+        at = torch.searchsorted(self.pair_keys, pair).clamp_(max=self.pair_keys.numel() - 1)
+        counts = torch.where(seen & (self.pair_keys[at] == pair), self.pair_counts[at].long(), 0)
+        return counts, torch.where(seen, self.totals[rows].long(), 0)
+
+
+class NgramModel:
+    """Orders NGRAM_MIN_ORDER..NGRAM_MAX_ORDER over one token stream, counted once (add_stream)."""
+    def __init__(self, orders: Sequence[int], vocab_size: int, device: torch.device):
+        self.orders, self.vocab_size = tuple(orders), vocab_size
+        self.tables = [NgramCounts(n, vocab_size, device) for n in self.orders]
+        self.order_tensor = torch.tensor(self.orders, device=device)  # built once, not per training step
+        self.counted_tokens = 0
+
+    def add_stream(self, tokens: torch.Tensor, start: int, end: int) -> None:
+        """Counts the n-grams predicting tokens[t], start <= t < end (contexts may start earlier), once per model."""
+        for table in self.tables:
+            table.add_stream(tokens, start, end)
+
+    def target_stats(self, keys: Sequence[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counts, totals), each (..., K), of every order for each target given its context keys."""
+        stats = [table.lookup(k, targets) for table, k in zip(self.tables, keys)]
+        return torch.stack([c for c, _ in stats], -1), torch.stack([t for _, t in stats], -1)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for table in self.tables
+                   for t in (table.ctx_keys, table.totals, table.pair_keys, table.pair_counts))
+
+
+def stream_context_keys(model: NgramModel, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per order, the key of the context ending at each position of tokens (..., T); availability (..., T, K)."""
+    T = tokens.size(-1)
+    keys = [context_keys_from(lambda k: F.pad(tokens[..., :max(T - k, 0)], (min(k, T), 0)), tokens, n,
+                              model.vocab_size) for n in model.orders]  # a stream shorter than a context: all padding
+    positions = torch.arange(T, device=tokens.device)
+    return keys, torch.stack([(positions >= n - 2).expand(tokens.shape) for n in model.orders], -1)
+
+
+def oracle_tokens_from_shards(files: Sequence[str], vocab_size: int, count: int) -> np.ndarray:
+    """The oracle's text: the first `count` training tokens in shard name order, as leave-one-out numbers them."""
+    parts = []
+    for path in files:
+        if count <= 0:
+            break
+        parts.append(load_shard(path, vocab_size)[:count])
+        count -= parts[-1].size
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def ngram_expert_probs(counts: torch.Tensor, totals: torch.Tensor, valid: torch.Tensor,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(c / T, None), or if beta > 0 (c / (T + beta), prior share beta / (T + beta)); (..., K) float64, 0 off valid."""
+    if beta == 0:
+        return torch.where(valid, counts.double() / totals.clamp(min=1).double(), 0.0), None
+    denominator = totals.double() + beta
+    return torch.where(valid, counts.double() / denominator, 0.0), torch.where(valid, beta / denominator, 0.0)
+
+
+def oracle_probs_for_batch(oracle: NgramModel, inputs: torch.Tensor, targets: torch.Tensor, oracle_run: torch.Tensor,
+                           beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ngram_expert_probs (B, T, K) of the oracle's counts for the targets, and validity. Leave-one-out: where
+    oracle_run (tokens up to the target in the oracle's text) covers the n-gram, its own count goes (unseen text)."""
+    keys, available = stream_context_keys(oracle, inputs)
+    counts, totals = oracle.target_stats(keys, targets)
+    counted = (oracle_run[..., None] >= oracle.order_tensor).to(torch.int64)
+    counts, totals = counts - counted, totals - counted
+    valid = available & (totals > 0)
+    probs, prior = ngram_expert_probs(counts, totals, valid, beta)
+    return probs.float(), valid, None if prior is None else prior.float()
+
+
+def mixer_weights(mixer_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax (..., 1+K) over the neural expert (column 0) and the n-grams whose context (never target) was seen. The
+    neural one keeps NEURAL_WEIGHT_FLOOR: float32 rounds it to 0 at a lead of ~104, and q_t would be 0 (rule 2)."""
+    mask = torch.cat((torch.ones_like(valid[..., :1]), valid), -1)
+    weights = torch.softmax(mixer_logits.float().masked_fill(~mask, float("-inf")), -1)
+    floor = F.pad(torch.full_like(weights[..., :1], NEURAL_WEIGHT_FLOOR), (0, weights.size(-1) - 1))
+    return weights * (1 - NEURAL_WEIGHT_FLOOR) + floor
+
+
+def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_probs: torch.Tensor,
+                expert_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """-ln(w_0 p_nn(x) + sum_n w_n (p_n(x) + b_n p_nn(x))) of the target x; ln p_nn (...,), p_n, shares b_n (..., K)."""
+    expert_terms = weights[..., 1:] * expert_probs
+    positive = expert_terms > 0
+    log_experts = torch.where(positive, torch.where(positive, expert_terms, 1.0).log(), float("-inf"))  # no NaN grad
+    neural_weight = weights[..., 0]  # >= NEURAL_WEIGHT_FLOOR > 0
+    if expert_prior is not None:  # p_nn(x) joins the neural term: exact, no exp of a log-probability
+        neural_weight = neural_weight + (weights[..., 1:] * expert_prior).sum(-1)
+    log_neural = neural_logprob + neural_weight.log()
+    return -torch.logsumexp(torch.cat((log_neural[..., None], log_experts.to(log_neural.dtype)), -1), -1)
+
+
+def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Hedge's experts (c + a) / (T + a V), (..., K) float64: positive, and any rank can compute them from counts."""
+    return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
+
+
+
+# =============================================================================
+# OPTIMIZERS
+# =============================================================================
+
+
+def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """~U V^T for g = U S V^T: quintic Newton-Schulz, modded-nanogpt's coefficients (fast to ~1, not convergent)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16() if g.is_cuda else g.float()
+    transposed = x.size(0) > x.size(1)
+    x = x.T if transposed else x
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(g.dtype)
+
+
+def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int) -> torch.Tensor:
+    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall."""
+    buf.mul_(momentum).add_(grad)
+    update = newton_schulz_orthogonalize(grad + momentum * buf, steps)
+    return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
+    r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1, compile: bool = False):
+        super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+        self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update  # fused, a graph per shape
+
+    @torch.no_grad()
+    def compile_shapes(self) -> None:
+        """Runs the update once per matrix shape (compiling before the clock), on zeros and throw-away buffers."""
+        for group in self.param_groups:
+            device = group["params"][0].device
+            momentum = torch.tensor(group["momentum"], device=device)
+            for shape in sorted({tuple(p.shape) for p in group["params"]}):
+                self.update(torch.zeros(shape, device=device), torch.zeros(shape, device=device), momentum,
+                            group["backend_steps"])
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if "flat" not in group:  # one buffer for the all-reduce, and each matrix's view of it, kept
+                group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+                group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
+                                                                  params)]
+                group["momentum_tensor"] = torch.zeros((), device=params[0].device)  # a tensor: no recompiles
+            flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
+            flat.zero_()
+            momentum.fill_(group["momentum"])  # filled, not new: no host copy
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank and p.grad is not None:
+                    if "momentum" not in self.state[p]:
+                        self.state[p]["momentum"] = torch.zeros_like(p.grad)
+                    updates[i].copy_(self.update(p.grad, self.state[p]["momentum"], momentum, group["backend_steps"]))
+            if self.world_size > 1:
+                dist.all_reduce(flat)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+
+def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
+    """Muon takes the 2-D weights of blocks and projections ("matrix"); AdamW embeddings, untied head, vectors."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
+            groups["embed"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif p.ndim == 2 and not name.startswith("mixer_head."):  # the 7 x 512 mixer head is too small for Muon
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    groups = parameter_groups(model)
+    embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
+    adam_groups = [dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr),
+                   dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
+    if groups["head"]:
+        adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
+    # fused: one kernel for all parameters, and no host sync for the step count (the CPU has it too)
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd, fused=True)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_wd, rank=rank, world_size=world_size, compile=cfg.compile)
+    return [adam, muon]
+
+
+# =============================================================================
+# TRAINING
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    bf16: bool = False  # BF16
+    local_world_size: int = 1  # processes on this machine (they share its memory)
+
+    is_main = property(lambda self: self.rank == 0)
+    distributed = property(lambda self: self.world_size > 1)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def synced_time(self) -> float:
+        self.synchronize()
+        return time.perf_counter()
+
+
+class RunLog:
+    """Prints on rank 0 and appends to logs/<RUN_ID>.txt; other ranks stay silent."""
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str) -> None:
+        if self.path is not None:
+            print(line, flush=True)
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def accum_steps(cfg: Hyperparameters, world_size: int) -> int:
+    """Micro-steps per optimizer step; automatic keeps the micro-batch the same on 1 and 8 GPUs."""
+    return cfg.grad_accum_steps or (8 // world_size if 8 % world_size == 0 else 1)
+
+
+def eval_batch_tokens(cfg: Hyperparameters, world_size: int) -> int:
+    """Tokens of one rank's evaluation batch: VAL_BATCH_SIZE is all ranks' together, as upstream."""
+    return cfg.val_batch_size // (world_size * accum_steps(cfg, world_size))
+
+
+def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
+    """accum_steps, once TRAIN_BATCH_TOKENS is checked to split evenly into its micro-batches."""
+    steps = accum_steps(cfg, world_size)
+    unit = world_size * steps * cfg.train_seq_len
+    if cfg.train_batch_tokens % unit or cfg.train_batch_tokens < unit:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} is not allowed: it must be a positive "
+                          f"multiple of WORLD_SIZE x GRAD_ACCUM_STEPS x TRAIN_SEQ_LEN = {world_size} x {steps} x "
+                          f"{cfg.train_seq_len} = {unit}")
+    return steps
+
+
+def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
+    """Linear warm-up, then a linear warm-down to zero at ITERATIONS or, if sooner, at the wall-clock stop."""
+    scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
+    if cfg.warmdown_iters:
+        scale = min(scale, (cfg.iterations - step) / cfg.warmdown_iters)
+        if stop_ms is not None and step > 0:
+            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / (cfg.warmdown_iters * elapsed_ms / step))
+    return max(scale, 0.0)
+
+
+def muon_momentum_at(step: int, cfg: Hyperparameters) -> float:
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+class WeightEMA:
+    """An fp32 moving average of the weights (records: 0.997, ~0.002-0.005 bpb); ramp: 200-step demo 2.667 -> 2.314."""
+    def __init__(self, model: nn.Module, decay: float, ramp: bool = False):
+        self.decay, self.ramp, self.updates = decay, ramp, 0
+        self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (3 + self.updates)) if self.ramp else self.decay
+        self.updates += 1
+        torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)  # one fused kernel
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        own = {name: p.detach().clone() for name, p in model.named_parameters()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(own[name])
+
+
+def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
+    """The largest of each value over ranks: a rank stopping on its own clock leaves the others hung in a collective."""
+    if not rt.distributed:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+CLOCK_READ_EVERY = 10  # steps between clock reads (a host sync and an all-reduce each), extrapolated in between
+
+
+def compile_count() -> int:
+    """Graphs torch.compile has built in this process (one built in a timed phase is time on its clock)."""
+    from torch._dynamo.utils import counters
+    return counters["frames"]["total"]
+
+
+def micro_step(train_model: nn.Module, batch: Batch, oracle_lookup, penalty_scale: torch.Tensor | None,
+               rt: Runtime, accum_steps: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; its loss, detached. DDP all-reduces only when `sync`."""
+    experts = (None, None, None) if oracle_lookup is None else oracle_lookup(batch)
+    with train_model.no_sync() if rt.distributed and not sync else contextlib.nullcontext():
+        with rt.autocast():
+            loss = train_model(batch.inputs, batch.targets, *experts, penalty_scale)
+        (loss / accum_steps).backward()
+    return loss.detach()
+
+
+def train_step(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], loader: DistributedBatchLoader,
+               cfg: Hyperparameters, rt: Runtime, accum_steps: int, scale: float, momentum: float,
+               oracle_lookup=None, penalty_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimizer step; this rank's mean loss as a tensor (reading it syncs the host, so only logged steps do)."""
+    total = torch.zeros((), device=rt.device)
+    batches = loader.step_batches(cfg.train_batch_tokens, accum_steps, cfg.train_seq_len, rt.device)
+    for micro, batch in enumerate(batches):
+        total += micro_step(train_model, batch, oracle_lookup, penalty_scale, rt, accum_steps, micro == accum_steps - 1)
+    total /= accum_steps
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+    if cfg.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for opt in optimizers for g in opt.param_groups for p in g["params"]],
+                                       cfg.grad_clip_norm, foreach=True)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_time_ms: float
+    stopped_early: bool
+    recompiles: int = 0  # graphs compiled while the training clock ran
+
+
+def build_oracle(cfg: Hyperparameters, rt: Runtime, files: Sequence[str]) -> NgramModel:
+    """The frozen n-gram oracle over the first NGRAM_ORACLE_TOKENS training tokens; every rank counts the same."""
+    tokens = torch.from_numpy(oracle_tokens_from_shards(files, cfg.vocab_size, cfg.ngram_oracle_tokens)
+                              .astype(np.int32)).to(rt.device)  # int32: it stays in memory while orders are counted
+    oracle = NgramModel(cfg.ngram_orders, cfg.vocab_size, rt.device)
+    oracle.add_stream(tokens, 1, tokens.numel())
+    oracle.counted_tokens = tokens.numel()
+    return oracle
+
+
+def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime, log,
+          evaluate_val=None, oracle: NgramModel | None = None) -> TrainResult:
+    """Trains to ITERATIONS or the wall-clock stop; counting an oracle is training time, validation is not."""
+    accum_steps = grad_accum_steps_for(cfg, rt.world_size)
+    files = shard_files(cfg.data_path, "train")
+    t0, oracle_lookup = rt.synced_time(), None
+    if model.mixer_head is not None and oracle is None:
+        oracle = build_oracle(cfg, rt, files)
+        log(f"ngram_oracle tokens:{oracle.counted_tokens} orders:{','.join(map(str, oracle.orders))} "
+            f"bytes:{oracle.nbytes()} time:{1000 * (rt.synced_time() - t0):.0f}ms")
+    if oracle is not None:  # compiled, the lookup's ~230 ops are one graph
+        lookup = torch.compile(oracle_probs_for_batch, dynamic=False) if cfg.compile else oracle_probs_for_batch
+        oracle_lookup = lambda b: lookup(oracle, b.inputs, b.targets, b.oracle_run, cfg.ngram_prior_beta)
+    train_ms = 1000 * (time.perf_counter() - t0)
+    penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
+    optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
+    if cfg.compile and cfg.warmup_steps:
+        warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
+    loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
+                                    0 if oracle is None else oracle.counted_tokens)
+    ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
+    stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
+    step, stopped_early, reading, start_ms, compiles = 0, False, None, train_ms, compile_count()
+    t0 = rt.synced_time()
+    while step < cfg.iterations:
+        if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
+            reading = (step, agreed_max([train_ms + 1000 * (rt.synced_time() - t0)], rt)[0])
+        step_ms = (reading[1] - start_ms) / reading[0] if reading[0] else 0.0
+        elapsed = reading[1] + (step - reading[0]) * step_ms
+        stopped_early = stop_ms is not None and elapsed >= stop_ms
+        if stopped_early:
+            break
+        scale = lr_scale(step, elapsed, stop_ms, cfg)
+        warming_down = step >= cfg.lr_warmup_steps and scale < 1.0  # CROWN-Q's window: where the weights settle
+        if penalty_scale is not None:
+            penalty_scale.fill_(float(warming_down))
+        loss = train_step(train_model, optimizers, loader, cfg, rt, accum_steps, scale, muon_momentum_at(step, cfg),
+                          oracle_lookup, penalty_scale if cfg.compile or warming_down else None)  # compiled: one graph
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        if cfg.train_log_every and (step % cfg.train_log_every == 0 or step <= 10 or step == cfg.iterations):
+            now = train_ms + 1000 * (rt.synced_time() - t0)
+            eta = (cfg.iterations - step) * (now - start_ms) / step  # at the steps' pace, no oracle prefill
+            eta = eta if stop_ms is None else max(0.0, min(eta, stop_ms - now))
+            log(f"step:{step}/{cfg.iterations} train_loss:{float(loss):.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / step:.2f}ms eta:{eta:.0f}ms")
+        if evaluate_val is not None and cfg.val_loss_every and step % cfg.val_loss_every == 0 and step < cfg.iterations:
+            train_ms += 1000 * (rt.synced_time() - t0)
+            paused = compile_count()
+            val = evaluate_val()
+            compiles += compile_count() - paused  # compiled while the clock was stopped
+            log(f"step:{step}/{cfg.iterations} val_loss:{val.val_loss:.4f} val_bpb:{val.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / step:.2f}ms")
+            t0, reading = rt.synced_time(), None
+    train_ms += 1000 * (rt.synced_time() - t0)
+    if stopped_early:
+        log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{cfg.iterations}")
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema:applied decay:{cfg.ema_decay}")
+    return TrainResult(step, train_ms, stopped_early, compile_count() - compiles)
+
+
+def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimizer], cfg: Hyperparameters,
+                     rt: Runtime, accum_steps: int, oracle_lookup, penalty_scale: torch.Tensor | None, log) -> None:
+    """Compiles the training step before the clock (../shared/CONVENTIONS.md, "What the clocks count") on synthetic
+    batches laid out as the loader's. No trace: no optimizer step; data, optimizers, EMA and global RNG untouched."""
+    t0, compiles = time.perf_counter(), compile_count()
+    generator = torch.Generator().manual_seed(0)
+    rows = cfg.train_batch_tokens // (accum_steps * rt.world_size * cfg.train_seq_len)
+    steps = max(cfg.warmup_steps, 2 if rt.distributed else 1)  # DDP takes another path from its second step
+    for _ in range(steps):
+        for micro in range(accum_steps):
+            stream = torch.randint(cfg.vocab_size, (rows * cfg.train_seq_len + 1,), generator=generator).to(rt.device)
+            run = torch.zeros_like(stream)[1:].view(rows, -1)  # no leave-one-out
+            micro_step(train_model, Batch(stream[:-1].view(rows, -1), stream[1:].view(rows, -1), run), oracle_lookup,
+                       penalty_scale, rt, accum_steps, micro == accum_steps - 1)
+    train_model.zero_grad(set_to_none=True)
+    for opt in (opt for opt in optimizers if isinstance(opt, Muon)):
+        opt.compile_shapes()
+    log(f"compile_warmup phase:train steps:{steps} graphs:{compile_count() - compiles} "
+        f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
+
+
+# =============================================================================
+# QUANTIZATION AND PACKING
+# =============================================================================
+# Each matrix as signed integers, one fp16 step per row, then zstd. GPTQ (Frantar et al. 2022) rounds column by
+# column, moving each error onto the later columns through the inverse Hessian E[x x^T]; GPTQ=0 rounds to nearest.
+EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
+CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
+PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
+# One zstd frame per tensor, compressed in parallel and reused across tries (vs one body: minutes less, 6% smaller).
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQW", 2
+ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
+TENSOR_HEAD = struct.Struct("<HBBBBI")    # name length, ndim, bits (0: raw), layout, dtype code, frame bytes
+FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: a fraction of 22's time, within 0.1% of its size here
+LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
+LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
+DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
+DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be made to fit, or a blob that is not a sound artifact."""
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """bits > 0: int8 `values` (rows, cols) in [-qmax, qmax], fp16 `scale` (rows,); bits 0: fp16 `values` alone."""
+    bits: int
+    values: torch.Tensor
+    scale: torch.Tensor | None = None
+
+
+def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
+    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and under `min_numel`."""
+    if tensor.ndim != 2 or tensor.numel() < min_numel:
+        return "raw"
+    if name in EMBED_TENSOR_NAMES:
+        return "embed"
+    return "mlp" if name.startswith("blocks.") and ".mlp." in name else "attn"  # attn: also bigram, VE projections
+
+
+def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
+    """Bit width `tensor` is stored with; 0 means raw fp16."""
+    return {"raw": 0, "mlp": cfg.quant_mlp_bits, "attn": cfg.quant_attn_bits,
+            "embed": cfg.quant_embed_bits}[tensor_class(name, tensor, cfg.quant_min_numel)]
+
+
+def qmax_for(bits: int) -> int:
+    return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
+
+
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
+    qmax, w = qmax_for(bits), w.float()
+    row_max = w.abs().amax(dim=1)
+    best_scale, best_err = None, None
+    for ratio in CLIP_RATIOS:
+        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)  # fp16: the stored step is searched
+        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
+        err = (w - q * scale[:, None]).square()
+        err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
+        if best_scale is None:
+            best_scale, best_err = scale, err
+        better = err < best_err
+        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
+    return best_scale
+
+
+def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) by rounding to nearest."""
+    scale = row_scales(w, bits)
+    q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax_for(bits), qmax_for(bits))
+    return q.to(torch.int8), scale.half()
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the damping raised 10x (up to 5 times) until PD."""
+    eye, mean_diag = torch.eye(h.size(0), device=h.device, dtype=h.dtype), h.diagonal().mean()
+    for attempt in range(6):
+        chol, info = torch.linalg.cholesky_ex(h + damp * 10 ** attempt * mean_diag * eye)
+        if int(info) == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    raise ArtifactError(f"GPTQ: Hessian not positive definite even with damping {damp * 10 ** 5:g}")
+
+
+def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.Tensor, qmax: int,
+                       block_size: int) -> torch.Tensor:
+    """Integer values (float) of w (rows, cols) by GPTQ's lazy batch updates: a dozen GPU launches per column."""
+    w, q = w.clone(), torch.zeros_like(w)
+    for start in range(0, w.size(1), block_size):
+        end = min(start + block_size, w.size(1))
+        block, h_block = w[:, start:end].clone(), hinv_upper[start:end, start:end]
+        pivots, later = h_block.diagonal().tolist(), h_block.triu(1)  # later[j]: row j right of the diagonal
+        for j, pivot in enumerate(pivots):
+            column = block[:, j]  # its value when rounded: later columns' updates never touch it
+            error = (column - torch.clamp(torch.round(column / scale), -qmax, qmax) * scale) / pivot
+            block -= error[:, None] * later[j]
+        q[:, start:end] = q_block = torch.clamp(torch.round(block / scale[:, None]), -qmax, qmax)
+        errors = (block - q_block * scale[:, None]) / h_block.diagonal()
+        w[:, end:] -= errors @ hinv_upper[start:end, end:]
+    return q
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
+    with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
+        w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
+        dead = h.diagonal() == 0  # inputs that were always zero: any weight there is free, store 0
+        h[dead, dead] = 1.0
+        w = w.masked_fill(dead[None, :], 0.0)
+        scale = row_scales(w, bits, h.diagonal())
+        order = torch.argsort(h.diagonal(), descending=True)  # act-order: largest inputs first, most columns left
+        hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
+        q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
+    return q[:, torch.argsort(order)].to(torch.int8), scale.half()
+
+
+@torch.no_grad()
+def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: int, batch_seqs: int = 64,
+                               bos_id: int = 1) -> torch.Tensor:
+    """(num_seqs, seq_len) int64 sequences sampled from BOS at temperature 1: no data needed after training."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    was_training, batches = model.training, []
+    model.eval()
+    for start in range(0, num_seqs, batch_seqs):
+        seqs = torch.full((min(batch_seqs, num_seqs - start), seq_len), bos_id, dtype=torch.int64, device=device)
+        cache = DecodeCache(len(model.blocks), seq_len)
+        for t in range(1, seq_len):
+            logits = model.logits_from_hidden(model.forward_hidden(seqs[:, t - 1:t], cache)[:, -1])  # (B, V)
+            seqs[:, t] = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)[:, 0]
+        batches.append(seqs)
+    model.train(was_training)
+    return torch.cat(batches)
+
+
+def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens, self-generated or from 1-D `train_tokens`; never validation's."""
+    if cfg.gptq_calib == "selfgen":
+        return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
+    need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
+    if train_tokens is None or train_tokens.numel() < need:
+        have = 0 if train_tokens is None else train_tokens.numel()
+        raise ArtifactError(f"GPTQ_CALIB=train needs {need} training tokens, got {have}")
+    return train_tokens[:need].to(torch.int64).view(cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
+    """Mean x x^T of each nn.Linear's input by weight name (the F.linear head: none, RTN); c_q, c_k, c_v share one."""
+    sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        if x is last[0]:
+            shared[name] = last[1]
+            return
+        last[:] = x, name
+        x = x.detach().flatten(0, -2).float()  # (tokens, in_features)
+        if name not in sums:
+            sums[name], counts[name] = torch.zeros(x.size(1), x.size(1), device=x.device), 0
+        sums[name].addmm_(x.T, x)
+        counts[name] += x.size(0)
+    handles = [module.register_forward_hook(lambda _, inputs, out, name=f"{name}.weight": accumulate(name, inputs[0]))
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, calib_tokens.size(0), batch_seqs):
+            model.forward_hidden(calib_tokens[start:start + batch_seqs].to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    hessians = {name: total / counts[name] for name, total in sums.items()}
+    return hessians | {name: hessians[source] for name, source in shared.items()}
+
+
+@torch.no_grad()
+def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
+                   cache: dict | None = None) -> dict[str, QuantizedTensor]:
+    """Every state-dict entry as stored, on the CPU; GPTQ stacks matrices sharing a Hessian (a third of the steps)."""
+    state, tensors, gptq_groups = {}, model.state_dict(), {}
+    for name, tensor in tensors.items():
+        bits = quant_bits(name, tensor, cfg)
+        if cache is not None and (name, bits) in cache:
+            state[name] = cache[(name, bits)]
+        elif bits == 0:
+            state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
+        elif cfg.gptq and name in hessians:
+            state[name] = None  # keeps its place in the order
+            gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
+        else:
+            q, scale = rtn_quantize(tensor, bits)
+            state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
+    for (_, bits), names in gptq_groups.items():
+        q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp)
+        rows = [tensors[name].size(0) for name in names]
+        for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
+            state[name] = QuantizedTensor(bits, q_part, scale_part)
+    if cache is not None:
+        cache.update({(name, quant_bits(name, tensors[name], cfg)): quantized for name, quantized in state.items()})
+    return state
+
+
+@torch.no_grad()
+def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> GPT:
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(q.values.shape) for name, q in quantized_state.items()}
+    if expected != stored:
+        name = sorted(set(expected.items()) ^ set(stored.items()))[0][0]
+        raise ArtifactError(f"artifact does not match the model built from these settings: {name} "
+                            f"is {stored.get(name)} in the artifact, {expected.get(name)} in the model")
+    model.load_state_dict({name: q.values.float() * q.scale.float()[:, None] if q.bits else q.values.float()
+                           for name, q in quantized_state.items()})
+    return model
+
+
+def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
+    """CROWN_Q_LAMBDA x mean of mean(w^2 delta^2 / 12), delta the detached row step: pulls the coarsest rows in most."""
+    terms = []
+    for name, p in model.named_parameters():
+        if bits := quant_bits(name, p, cfg):
+            delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
+            terms.append((p.float().square() * delta.square()).mean() / 12)
+    if not terms:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return cfg.crown_q_lambda * torch.stack(terms).mean()
+
+
+def prune_smallest(quantized_state: dict[str, QuantizedTensor], fraction: float) -> dict[str, QuantizedTensor]:
+    """A copy with `fraction` of MLP and attention values zeroed, those of least |q| * step: zstd likes zero runs."""
+    prunable = {name: q for name, q in quantized_state.items()
+                if q.bits and tensor_class(name, q.values) in ("mlp", "attn")}
+    sizes = [q.values.numel() for q in prunable.values()]
+    if int(fraction * sum(sizes)) == 0:
+        return dict(quantized_state)
+    cost = torch.cat([(q.values.float().abs() * q.scale.float()[:, None]).flatten() for q in prunable.values()])
+    cost[cost == 0] = float("inf")  # already zero: nothing to gain
+    k = min(int(fraction * sum(sizes)), int(torch.isfinite(cost).sum()))
+    zero = torch.zeros(cost.numel(), dtype=torch.bool)
+    zero[torch.topk(cost, k, largest=False).indices] = True
+    pruned = dict(quantized_state)
+    for (name, q), mask in zip(prunable.items(), zero.split(sizes)):
+        pruned[name] = QuantizedTensor(q.bits, q.values.masked_fill(mask.view_as(q.values), 0), q.scale)
+    return pruned
+
+
+def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
+    """One tensor's frame, uncompressed: its values in `layout` (LAYOUT_BITS: fields of value + qmax), then steps."""
+    if q.bits == 0:
+        return q.values.reshape(-1).view(torch.uint8).numpy().tobytes()
+    if q.values.dtype != torch.int8 or int(q.values.abs().max()) > qmax_for(q.bits) or not 2 <= q.bits <= 8:
+        raise ValueError(f"{name}: values do not fit {q.bits}-bit integers")
+    if layout == LAYOUT_BYTES:
+        packed = q.values.numpy().tobytes()
+    else:
+        fields = (q.values.numpy().astype(np.int16).ravel() + qmax_for(q.bits)).astype(np.uint8)
+        shifts = np.arange(q.bits - 1, -1, -1, dtype=np.uint8)  # most significant bit first
+        packed = np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
+    return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def compression_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
+    """Each record as its own zstd frame; `cache` maps (level, sha256 of a record) to its frame. 0 workers: all CPUs."""
+    cache = {} if cache is None else cache
+    keys = [(level, hashlib.sha256(record).digest()) for record in records]
+    todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
+                       key=lambda item: -len(item[1])))  # the longest first: no straggler at the end
+    if todo:
+        with ThreadPoolExecutor(min(len(todo), workers or compression_workers())) as pool:
+            frames = pool.map(lambda record: zstandard.ZstdCompressor(level=level).compress(record), todo.values())
+            cache.update(zip(todo, frames))
+    return [cache[key] for key in keys]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Per tensor, in state order: its layout (LAYOUT_RAW if raw), its record, that record's FAST_ZSTD_LEVEL frame."""
+    layouts: list[int]
+    records: list[bytes]
+    fast_frames: list[bytes]
+
+    @property
+    def layout(self) -> str:
+        return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
+
+
+def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None = None,
+                 layout: int | None = None) -> Packing:
+    """Integer tensors in `layout`, or (None) whichever zstd shrinks more at FAST_ZSTD_LEVEL (it ranks as the final)."""
+    candidates = [(name, option) for name, q in quantized_state.items()
+                  for option in ((LAYOUT_RAW,) if q.bits == 0 else (LAYOUT_BYTES, LAYOUT_BITS) if layout is None
+                                 else (layout,))]
+    records = [tensor_record(name, quantized_state[name], option) for name, option in candidates]
+    best = {}
+    for (name, option), record, frame in zip(candidates, records, zstd_frames(records, FAST_ZSTD_LEVEL, cache)):
+        if name not in best or len(frame) < len(best[name][2]):
+            best[name] = (option, record, frame)
+    return Packing(*map(list, zip(*best.values())))
+
+
+def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int],
+                     frames: Sequence[bytes]) -> bytes:
+    """The artifact around the tensors' frames: ARTIFACT_FRAME, then the payload: the zstd-compressed head table's
+    length (u32), that table (tensor count; per tensor TENSOR_HEAD, name, shape), the frames in state order."""
+    heads = [struct.pack("<I", len(quantized_state))]
+    for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames):
+        name_bytes, shape = name.encode(), tuple(q.values.shape)
+        dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
+        heads += [TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, len(frame)), name_bytes,
+                  struct.pack(f"<{len(shape)}I", *shape)]
+    head_frame = zstandard.ZstdCompressor(level=FAST_ZSTD_LEVEL).compress(b"".join(heads))
+    payload = b"".join([struct.pack("<I", len(head_frame)), head_frame, *frames])
+    return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
+
+
+def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
+                  layout: int | None = None, packing: Packing | None = None) -> bytes:
+    """The artifact, each frame the smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions."""
+    packing = packing or fast_packing(quantized_state, cache, layout)
+    final = zstd_frames(packing.records, zstd_level, cache)
+    frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
+    return blob_from_frames(quantized_state, packing.layouts, frames)
+
+
+def read_tensor_heads(table: bytes) -> list[tuple]:
+    """[(name, shape, bits, layout, dtype, frame length)] from the decompressed head table."""
+    (count,), offset, heads = struct.unpack_from("<I", table), 4, []
+    for _ in range(count):
+        name_len, ndim, bits, layout, dtype_code, frame_len = TENSOR_HEAD.unpack_from(table, offset)
+        offset += TENSOR_HEAD.size
+        name = table[offset:offset + name_len].decode()
+        shape = struct.unpack_from(f"<{ndim}I", table, offset + name_len)
+        offset += name_len + 4 * ndim
+        if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE:
+            raise ArtifactError(f"artifact header of {name} has unknown layout {layout} or dtype {dtype_code}")
+        if (layout == LAYOUT_RAW) != (bits == 0) or (bits and (ndim != 2 or not 2 <= bits <= 8)):
+            raise ArtifactError(f"artifact header of {name} is inconsistent: bits {bits}, layout {layout}, "
+                                f"shape {shape}")
+        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code], frame_len))
+    if offset != len(table):
+        raise ArtifactError(f"artifact head table has {len(table) - offset} bytes after its last tensor")
+    return heads
+
+
+def tensor_from_record(name: str, shape: tuple[int, ...], bits: int, layout: int, dtype: torch.dtype,
+                       record: bytes) -> QuantizedTensor:
+    count, dtype_bytes = math.prod(shape), torch.finfo(dtype).bits // 8
+    value_bytes = {LAYOUT_RAW: count * dtype_bytes, LAYOUT_BYTES: count, LAYOUT_BITS: (count * bits + 7) // 8}[layout]
+    expected = value_bytes + (0 if layout == LAYOUT_RAW else shape[0] * dtype_bytes)
+    if len(record) != expected:
+        raise ArtifactError(f"artifact tensor {name} holds {len(record)} bytes, its header says {expected}")
+    raw = record[:value_bytes]
+    if layout == LAYOUT_RAW:
+        return QuantizedTensor(0, torch.frombuffer(bytearray(raw), dtype=dtype).view(shape))
+    if layout == LAYOUT_BYTES:
+        values = torch.frombuffer(bytearray(raw), dtype=torch.int8).view(shape)
+    else:
+        fields = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count * bits).reshape(count, bits)
+        weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int32)
+        values = torch.from_numpy((fields.astype(np.int32) @ weights - qmax_for(bits)).astype(np.int8)).view(shape)
+    return QuantizedTensor(bits, values, torch.frombuffer(bytearray(record[value_bytes:]), dtype=dtype))
+
+
+def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
+    """The quantized state `pack_artifact` was given, exactly; ArtifactError for anything else."""
+    if len(blob) < ARTIFACT_FRAME.size:
+        raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than its {ARTIFACT_FRAME.size}-byte frame")
+    (magic, version, crc, length), payload = ARTIFACT_FRAME.unpack_from(blob), blob[ARTIFACT_FRAME.size:]
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"not a model artifact: magic {magic!r}, expected {ARTIFACT_MAGIC!r}")
+    if version != ARTIFACT_VERSION:
+        raise ArtifactError(f"artifact format version {version} is not supported: this script reads {ARTIFACT_VERSION}")
+    if len(payload) != length:
+        raise ArtifactError(f"artifact truncated or padded: payload is {len(payload)} bytes, header says {length}")
+    if zlib.crc32(payload) != crc:
+        raise ArtifactError("artifact corrupted: payload checksum does not match")
+    decompress = zstandard.ZstdDecompressor().decompress
+    try:
+        (table_len,) = struct.unpack_from("<I", payload)
+        offset, state = 4 + table_len, {}
+        for name, shape, bits, layout, dtype, frame_len in read_tensor_heads(decompress(payload[4:offset])):
+            if offset + frame_len > len(payload):
+                raise ArtifactError(f"artifact payload ends inside tensor {name}")
+            record = decompress(payload[offset:offset + frame_len])
+            state[name] = tensor_from_record(name, shape, bits, layout, dtype, record)
+            offset += frame_len
+    except (zstandard.ZstdError, struct.error, UnicodeDecodeError) as err:
+        raise ArtifactError(f"artifact unreadable: {err}") from None
+    if offset != len(payload):
+        raise ArtifactError(f"artifact payload has {len(payload) - offset} bytes after its last tensor")
+    return state
+
+
+def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
+    """(settings, prune) to try in order, none twice: more pruning, then the MLP a bit narrower, then attention too."""
+    mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
+    both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
+    entries = {}
+    for widths in (cfg, mlp_narrower, both_narrower):
+        for step in range(PRUNE_STEPS + 1):
+            prune = min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
+            entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
+    return list(entries.values())
+
+
+class ScheduleEntries:
+    """`shrink_schedule`'s entries, quantized, pruned and fast-packed when first asked for, reusing what recurs."""
+    def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
+        self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
+        self.entries = shrink_schedule(cfg)
+        self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
+
+    def runs(self, lo: int, hi: int) -> list[range]:
+        starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
+        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]  # runs of one width, pruning more along each
+
+    def describe(self, i: int) -> str:
+        widths, prune = self.entries[i]
+        return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
+                f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
+
+    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
+        """Entry i's quantized state, fast packing and their times; only the last is kept (each holds the model)."""
+        if self.last is None or self.last[0] != i:
+            widths, prune = self.entries[i]
+            t0 = time.perf_counter()
+            quantized = prune_smallest(quantize_state(self.model, widths, self.hessians, self.quant_cache), prune)
+            t1 = time.perf_counter()
+            packing = fast_packing(quantized, self.frame_cache)
+            times = f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
+            self.last = i, quantized, packing, times
+        return self.last[1:]
+
+    def fast_bytes(self, i: int) -> int:
+        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged once."""
+        if i not in self.fast_sizes:
+            quantized, packing, times = self.packed(i)
+            size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
+            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{size} "
+                     f"total_bytes:{self.code_bytes + size} target_bytes:{self.cfg.target_bytes} {times}")
+        return self.fast_sizes[i]
+
+    def final_blob(self, i: int) -> bytes:
+        t0, frames_before = time.perf_counter(), len(self.frame_cache)
+        quantized, packing, _ = self.packed(i)
+        blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
+        total = self.code_bytes + len(blob)
+        self.log(f"artifact_try {self.describe(i)} level:{self.cfg.zstd_level} layout:{packing.layout} "
+                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} "
+                 f"artifact_bytes:{len(blob)} total_bytes:{total} target_bytes:{self.cfg.target_bytes} "
+                 f"fits:{int(total <= self.cfg.target_bytes)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        return blob
+
+
+def first_fit(runs: Sequence[range], fits) -> int | None:
+    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run, so a run whose
+    first entry fits is done, one whose last does not is skipped, and the others are bisected."""
+    for run in runs:
+        if fits(run[0]):
+            return run[0]
+        no, yes = run[0], run[-1]
+        if no != yes and fits(yes):
+            while yes - no > 1:
+                mid = (no + yes) // 2
+                no, yes = (no, mid) if fits(mid) else (mid, yes)
+            return yes
+    return None
+
+
+def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[Hyperparameters, float]]:
+    """The artifact of the first `shrink_schedule` entry that fits TARGET_BYTES, and that entry. No frame exceeds its
+    fast one, so fast sizes that fit do fit; the final/fast ratio then predicts earlier entries."""
+    hessians = {}
+    if cfg.gptq:
+        if calib_tokens is None:
+            raise ValueError("fit_artifact: GPTQ=1 needs calib_tokens")
+        t0 = time.perf_counter()
+        hessians = collect_hessians(model, calib_tokens)
+        log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
+            f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+    entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
+    ratio, lo, hi, best = 1.0, 0, len(entries.entries), None
+    while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
+        i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
+        if i is None and best is None:
+            i = hi - 1  # none predicted to fit: the smallest, which decides between fitting and refusing
+        if i is None:
+            break
+        blob = entries.final_blob(i)
+        ratio = len(blob) / entries.fast_bytes(i)
+        if len(blob) <= budget:
+            best, hi = (blob, entries.entries[i]), i
+        else:
+            lo = i + 1
+    if best is None:
+        raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
+                            f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
+    return best
+
+
+def write_artifact(path: str | Path, blob: bytes) -> None:
+    """Writes to a temporary name, then renames: a crash never leaves half an artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# =============================================================================
+# EVALUATION
+# =============================================================================
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    val_loss: float      # mean nats per scored token
+    val_bpb: float       # bits per UTF-8 byte of the scored tokens
+    scored_tokens: int
+    scored_bytes: int
+
+
+@functools.lru_cache(maxsize=4)  # TTT asks for every chunk: ~1M spans on FineWeb take ~0.7 s to build
+def sliding_window_spans(num_tokens: int, seq_len: int, stride: int) -> tuple[tuple[int, int, int], ...]:
+    """(start, length, scored) full-length windows scoring each target 1..N-1 once, in the last `scored` predictions."""
+    spans, scored_end = [], 1
+    while scored_end < num_tokens:
+        end = min(scored_end + (seq_len if scored_end == 1 else stride), num_tokens)  # targets [scored_end, end)
+        start = max(0, end - 1 - seq_len)
+        spans.append((start, end - 1 - start, end - scored_end))
+        scored_end = end
+    return tuple(spans)
+
+
+def _owned_batches(num_items: int, batch_size: int, rt: Runtime) -> Iterator[tuple[int, int]]:
+    """(first, last+1) ranges of this rank's batches, cut from the global order: the same for any world size."""
+    num_batches = (num_items + batch_size - 1) // batch_size
+    per_rank = (num_batches + rt.world_size - 1) // rt.world_size
+    for b in range(rt.rank * per_rank, min(num_batches, (rt.rank + 1) * per_rank)):
+        yield b * batch_size, min(num_items, (b + 1) * batch_size)
+
+
+def _eval_result(batch_scores: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 rt: Runtime) -> EvalResult:
+    """All ranks' EvalResult of this rank's (-ln q (n,), bytes (n,)) batches; sums stay on the device: no stalls."""
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    byte_sum, count = torch.zeros((), dtype=torch.int64, device=device), 0
+    for nll, nbytes in batch_scores:
+        nll_sum += nll.double().sum()
+        byte_sum += nbytes.sum()
+        count += nll.numel()
+    sums = torch.tensor([float(nll_sum), float(int(byte_sum)), float(count)], dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    nll, nbytes, ntok = sums.tolist()
+    return EvalResult(nll / ntok, nll / (math.log(2) * nbytes), int(ntok), int(nbytes))
+
+
+@dataclass
+class WindowBatch:
+    """Windows and the predictions they score; `picked`'s size is known on the host: no sync per batch."""
+    index: torch.Tensor      # (B, L+1) positions in val_tokens of each row's window (padding clamped)
+    tokens: torch.Tensor     # (B, L+1) val_tokens[index]
+    positions: torch.Tensor  # (B, S) the predictions each row computes: window[p] predicts window[p+1]
+    picked: torch.Tensor     # (n,) flat indices into (B, S) of the scored ones, in target order
+
+    def pick(self, per_prediction: torch.Tensor) -> torch.Tensor:
+        return per_prediction.flatten(0, 1)[self.picked]  # (B, S, ...) -> (n, ...)
+
+    def scored(self, tables: TokenByteTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(next tokens (B, S), the scored targets' positions in val_tokens (n,), their bytes (n,))"""
+        next_tokens = self.tokens.gather(1, self.positions + 1)
+        nbytes = target_byte_counts(self.tokens.gather(1, self.positions), next_tokens, tables)
+        return next_tokens, self.pick(self.index.gather(1, self.positions + 1)), self.pick(nbytes)
+
+
+def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
+                           lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
+    """This rank's batches scoring targets [lo, hi), `stride` a row; a window straddling lo or hi is split, exactly."""
+    hi = val_tokens.numel() if hi is None else hi
+    spans = sliding_window_spans(val_tokens.numel(), seq_len, stride)
+    spans = spans[bisect.bisect_left(spans, lo, key=lambda sp: sp[0] + sp[1]):  # in order: [lo, hi)'s spans are a run
+                  bisect.bisect_left(spans, hi, key=lambda sp: sp[0] + sp[1] - sp[2] + 1)]
+    def window_rows(spans):  # (start, first, end): a span's scored predictions [n-k, n), `stride` per row
+        return [(s, f, min(f + stride, n)) for s, n, k in spans for f in range(n - k, n, stride)]
+    head = window_rows(spans[:1])  # every later span scores at most `stride`: one row each
+    rows = max(1, batch_tokens // seq_len)  # the same in every batch: the compiled model sees one shape
+    for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
+        tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
+        yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail), rows, seq_len, stride, lo, hi)
+
+
+def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, int, int]], rows: int, seq_len: int,
+                        scored: int, lo: int, hi: int) -> WindowBatch:
+    """(start, first, end) windows scoring predictions [first, end) with targets in [lo, hi); padding is not picked."""
+    device, N = val_tokens.device, val_tokens.numel()
+    hi = min(hi, N)
+    count = sum(max(0, min(s + e + 1, hi) - max(s + f + 1, lo)) for s, f, e in windows)
+    table = torch.tensor(list(windows) + [(0, 0, 0)] * (rows - len(windows)), dtype=torch.int64)
+    start, first, end = to_device_async(table, device).unbind(1)
+    positions = first.clamp(max=seq_len - scored)[:, None] + torch.arange(scored, device=device)[None, :]
+    targets = start[:, None] + positions + 1
+    keep = (positions >= first[:, None]) & (positions < end[:, None]) & (targets >= lo) & (targets < hi)
+    index = (start[:, None] + torch.arange(seq_len + 1, device=device)[None, :]).clamp_(max=N - 1)
+    return WindowBatch(index, val_tokens[index], positions, keep.flatten().nonzero_static(size=count).squeeze(1))
+
+
+@torch.no_grad()
+def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
+                   batch_tokens: int, rt: Runtime) -> EvalResult:
+    """Non-overlapping windows of seq_len (the last one shorter): each token scored once, context reset."""
+    N, rows = val_tokens.numel(), max(1, batch_tokens // seq_len)
+    def batch_scores():
+        for first, last in _owned_batches((N - 2) // seq_len + 1, rows, rt):
+            batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
+                                        seq_len, seq_len, 1, N)
+            inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]  # every position: the warmed-up graph
+            with rt.autocast():
+                nll = token_nll(inputs, targets)
+            yield batch.pick(nll), batch.pick(target_byte_counts(inputs, targets, tables))
+    return _eval_result(batch_scores(), val_tokens.device, rt)
+
+
+@dataclass
+class NeuralScores:
+    """What the neural pass keeps of each target this rank scores, in target order."""
+    targets: torch.Tensor                 # (n,) int64 positions in the validation stream
+    logprob: torch.Tensor                 # (n,) float64 ln p_nn(x_t)
+    mixer_logits: torch.Tensor | None     # (n, 1+K) float32, the learned head's output
+    nbytes: torch.Tensor                  # (n,) int64
+    audit_rows: dict[int, torch.Tensor]   # target position -> (V,) float64 neural log-probabilities
+
+
+@torch.no_grad()
+def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                rt: Runtime, audit_targets: torch.Tensor, lo: int = 1, hi: int | None = None) -> NeuralScores:
+    """The sliding-window pass of the model alone over targets [lo, hi); n-gram caches play no part in it."""
+    parts = []
+    for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
+                                        eval_batch_tokens(cfg, rt.world_size), rt, lo, hi):
+        next_tokens, targets, nbytes = batch.scored(tables)
+        with rt.autocast():
+            logprobs, mixer_logits = eval_outputs(batch.tokens[:, :-1], batch.positions)
+        audit_rows = {}
+        if audit_targets.numel():  # reads the hits back: only when auditing
+            hits = torch.isin(targets, audit_targets).nonzero().squeeze(1)
+            rows = logprobs.flatten(0, 1)[batch.picked[hits]].double()
+            audit_rows = dict(zip(targets[hits].tolist(), rows.unbind(0)))
+        target_logprob = batch.pick(logprobs.gather(-1, next_tokens[..., None])[..., 0]).double()
+        mixer_logits = None if mixer_logits is None else batch.pick(mixer_logits).float()
+        parts.append(NeuralScores(targets, target_logprob, mixer_logits, nbytes, audit_rows))
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
+        return NeuralScores(empty, empty.double(), None, empty, {})
+    return concatenated_scores(parts)
+
+
+def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
+    """The scores of consecutive target ranges as one, still in target order."""
+    parts = [p for p in parts if p.targets.numel()] or parts[:1]  # a rank may own nothing of a chunk
+    mixer = None if parts[0].mixer_logits is None else torch.cat([p.mixer_logits for p in parts])
+    return NeuralScores(torch.cat([p.targets for p in parts]), torch.cat([p.logprob for p in parts]), mixer,
+                        torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
+
+
+def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
+    """Groups by lr multiplier, without TTT_FREEZE_BLOCKS blocks or the mixer head (TTT's loss is the CE alone)."""
+    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
+    outputs = (".attn.proj.weight", ".mlp.proj.weight")
+    inputs = (".c_q.weight", ".c_k.weight", ".c_v.weight", ".mlp.fc.weight")
+    groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
+    for name, p in model.named_parameters():
+        if not name.startswith(frozen):
+            groups[cfg.ttt_proj_lr_mult if name.endswith(outputs) else
+                   cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0].append(p)
+    return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
+
+
+def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
+    """Cosine decay from TTT_LR over the chunks that are trained on."""
+    return cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_train_chunks)))
+
+
+def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
+    """(n, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
+    n = (hi - lo) // seq_len
+    starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
+    return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
+
+
+@torch.enable_grad()  # called from inside the evaluation's no_grad
+def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
+                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
+                    polyak: WeightEMA | None) -> None:
+    """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's share of a global batch, rounded up: one shape
+    for _ in range(cfg.ttt_epochs):
+        order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
+        for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
+            batch = order[b:b + cfg.ttt_batch_seqs]
+            inputs, targets = ttt_rank_batch(seqs, batch[rt.rank::rt.world_size].to(seqs.device), rows)
+            with rt.autocast():
+                loss = train_forward(inputs, targets)
+            (loss * (rows / batch.numel())).backward()  # sum / (rows * T), scaled to the global batch's mean
+            for p in params:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if rt.distributed:  # one collective per step, not one per parameter
+                flat = torch.cat([p.grad.flatten() for p in params])
+                dist.all_reduce(flat)
+                for p, g in zip(params, flat.split([p.numel() for p in params])):
+                    p.grad.copy_(g.view_as(p))
+            if cfg.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
+            if polyak is not None:
+                polyak.update(model)
+
+
+def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (rows, T) of sequences `mine`, padded to one compiled shape by the first, targets -100 (0)."""
+    x = torch.cat((seqs[mine], seqs[:1].expand(rows - mine.numel(), -1)))
+    return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
+
+
+def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
+                    cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
+                    eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
+    """neural_pass with score-first TTT (LEGALITY.md rule 4); adapting stops when the pace projects past
+    EVAL_BUDGET_SECONDS from `eval_start`. The model keeps its adapted weights; phases["ttt_train"] gains their ms."""
+    phases = {"ttt_train": 0.0} if phases is None else phases
+    C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
+    num_chunks = (N - 2) // C + 1
+    groups = ttt_param_groups(model, cfg)
+    optimizer = (torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
+                 else torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0))
+    polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    parts, adapting, trained = [], True, 0
+    score_s, train_s, t_start = 0.0, None, time.perf_counter()
+    for k in range(num_chunks):
+        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
+        t0 = time.perf_counter()
+        model.eval()
+        with polyak.swapped_in(model) if polyak is not None else contextlib.nullcontext():
+            parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
+        rt.synchronize()
+        score_s = max(score_s, time.perf_counter() - t0)
+        if k == num_chunks - 1 or not adapting:
+            continue
+        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s  # a guess: 3 forwards an epoch
+        own_elapsed = time.perf_counter() - eval_start
+        elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
+        if projected > cfg.eval_budget_seconds:
+            adapting = False
+            log(f"ttt_stopped chunk:{k + 1}/{num_chunks} elapsed:{elapsed:.1f}s projected:{projected:.1f}s "
+                f"budget:{cfg.eval_budget_seconds:.1f}s: the remaining chunks are scored without adapting")
+            continue
+        t0 = time.perf_counter()
+        model.train()
+        lr, seqs = ttt_lr_at(k, num_chunks - 1, cfg), chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len)
+        ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator, polyak)
+        rt.synchronize()
+        train_s = time.perf_counter() - t0
+        trained += 1
+        phases["ttt_train"] += 1000 * train_s
+    model.eval()
+    log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
+        f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
+    return concatenated_scores(parts)
+
+
+def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
+    """(|sum - 1|, min, |q[target] - exp(-fast_nll)|) of q (V,) float64: a normalized q's entry is scored (rule 2)."""
+    return abs(float(q.sum()) - 1.0), float(q.min()), abs(float(q[target]) - math.exp(-fast_nll))
+
+
+def materialized_mixture(neural_logprobs: torch.Tensor, rows: Sequence[torch.Tensor], valid: Sequence[bool],
+                         weights: torch.Tensor, hedge: bool, beta: float = 0.0) -> torch.Tensor:
+    """The whole q_t (V,) float64 the fast path scores one entry of, from each order's counts row and the neural row."""
+    neural = neural_logprobs.exp()
+    q = weights[0].double() * neural
+    for i, row in enumerate(rows):
+        row = row.double()
+        if hedge:
+            q = q + weights[i + 1].double() * hedge_expert_probs(row, row.sum(), row.numel())
+        elif valid[i]:  # beta = 0: row / row.sum(), exactly (row + 0 = row)
+            q = q + weights[i + 1].double() * (row + beta * neural) / (row.sum() + beta)
+    return q
+
+
+@dataclass
+class AuditStats:
+    """NGRAM_AUDIT_POSITIONS' q_t materialized at `targets`, kept with -ln q_t(x_t) (V floats each: few positions)."""
+    targets: torch.Tensor
+    positions: int = 0
+    worst_sum_error: float = 0.0
+    min_prob: float = 1.0
+    worst_target_diff: float = 0.0
+    distributions: dict = dataclasses.field(default_factory=dict)
+    fast_nll: dict = dataclasses.field(default_factory=dict)
+
+    def add(self, t: int, q: torch.Tensor, target: int, nll: float) -> None:
+        sum_error, min_prob, target_diff = audit_distribution(q, target, nll)
+        self.positions += 1
+        self.worst_sum_error = max(self.worst_sum_error, sum_error)
+        self.min_prob = min(self.min_prob, min_prob)
+        self.worst_target_diff = max(self.worst_target_diff, target_diff)
+        self.distributions[t], self.fast_nll[t] = q, nll
+
+
+def counts_in_earlier_chunks(new_run: torch.Tensor, chunks: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per item sorted into runs of a key (chunks non-decreasing): its run's weight in earlier chunks."""
+    before = torch.cumsum(weights, 0) - weights  # non-decreasing, as cummax needs
+    new_chunk = new_run.clone()
+    new_chunk[1:] |= chunks[1:] != chunks[:-1]
+    run_start = torch.cummax(torch.where(new_run, before, 0), 0).values
+    return torch.cummax(torch.where(new_chunk, before, 0), 0).values - run_start
+
+
+def cache_items(val_tokens: torch.Tensor, targets: torch.Tensor, order: int, vocab_size: int,
+                chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows (context key, next token, chunk, weight) (m, 4) int64 of sorted targets, and each target's row (None: i).
+    Orders <= 2 merge equal rows, weighing that many: no owner receives a frequent context's every target."""
+    V = vocab_size
+    keys = context_keys_from(lambda k: val_tokens[targets - 1 - k], targets, order, V)
+    tokens, chunks = val_tokens[targets], (targets - 1) // chunk_tokens
+    if order > 2:
+        return torch.stack((keys, tokens, chunks, torch.ones_like(keys)), 1), None
+    rows, where, weights = torch.unique((chunks * V + keys) * V + tokens, return_inverse=True, return_counts=True)
+    return torch.stack((rows // V % V, rows % V, rows // (V * V), weights), 1), where
+
+
+def earlier_chunk_counts(items: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """c(ctx, x) and T(ctx) (n, 2) int64 before each row's chunk, for items (n, 4) holding every row of their
+    contexts. Stable sorts keep runs in chunk order: the cost does not grow with the number of chunks."""
+    in_order = None
+    if not bool((items[1:, 2] >= items[:-1, 2]).all()):  # the senders' blocks interleave (TTT shares each chunk)
+        in_order = torch.sort(items[:, 2], stable=True).indices
+        items = items[in_order]
+    by_key = torch.sort(items[:, 0], stable=True).indices
+    rows = items[by_key]  # whole rows: one cache miss per row, not per column (at 8M rows a gather costs)
+    new_context = run_starts(rows[:, 0])
+    pairs, by_pair = torch.sort((torch.cumsum(new_context, 0) - 1) * vocab_size + rows[:, 1], stable=True)
+    out = torch.empty_like(items[:, :2])
+    out[by_key, 1] = counts_in_earlier_chunks(new_context, rows[:, 2], rows[:, 3])
+    rows = rows[by_pair]
+    out[by_key[by_pair], 0] = counts_in_earlier_chunks(run_starts(pairs), rows[:, 2], rows[:, 3])
+    return out if in_order is None else torch.empty_like(out).index_copy_(0, in_order, out)
+
+
+def context_owners(keys: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The rank that counts each context: high bits of a hash, as a packed key's low bits are one token."""
+    return torch.remainder((keys * 0x5851F42D4C957F2D) >> 32, world_size)
+
+
+def owners_counts(items: torch.Tensor, vocab_size: int, rt: Runtime, audit_keys: torch.Tensor,
+                  audit_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """earlier_chunk_counts of this rank's rows by their contexts' owners, and its audit counts (A, V); all join."""
+    owned = items
+    if rt.distributed:
+        dest = context_owners(items[:, 0], rt.world_size)
+        by_dest = torch.sort(dest, stable=True).indices  # stable: each owner gets a sender's rows in chunk order
+        sent = torch.bincount(dest, minlength=rt.world_size)
+        received = torch.empty_like(sent)
+        dist.all_to_all_single(received, sent)
+        sent, received = sent.tolist(), received.tolist()
+        owned = items.new_empty((sum(received), items.size(1)))
+        dist.all_to_all_single(owned, items[by_dest], received, sent)
+        answers = items.new_empty((items.size(0), 2))
+        dist.all_to_all_single(answers, earlier_chunk_counts(owned, vocab_size), sent, received)
+        counts = torch.empty_like(answers).index_copy_(0, by_dest, answers)
+    else:
+        counts = earlier_chunk_counts(items, vocab_size)
+    keys, tokens, chunks, weights = owned.unbind(1)  # an owner holds every row of its contexts
+    audit_rows = torch.zeros(audit_keys.numel(), vocab_size, dtype=torch.float64, device=items.device)
+    near = torch.isin(keys, audit_keys).nonzero().squeeze(1)
+    for a, (key, chunk) in enumerate(zip(audit_keys.tolist(), audit_chunks.tolist())):
+        mine = near[(keys[near] == key) & (chunks[near] < chunk)]
+        audit_rows[a].index_add_(0, tokens[mine], weights[mine].double())
+    return counts, audit_rows
+
+
+def score_first_counts(val_tokens: torch.Tensor, orders: Sequence[int], vocab_size: int, chunk_tokens: int,
+                       targets: torch.Tensor, rt: Runtime, audit_targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(c(ctx_t, x_t), T(ctx_t) before t's chunk, available) (n, K) of sorted targets, audit rows (A, K, V); exact."""
+    V, K = vocab_size, len(orders)
+    stats = torch.zeros(targets.numel(), K, 2, dtype=torch.int64, device=targets.device)
+    available = torch.stack([targets >= order - 1 for order in orders], 1)
+    audit_chunks = (audit_targets - 1) // chunk_tokens
+    audit_rows = []
+    for i, order in enumerate(orders):
+        items, where = cache_items(val_tokens, targets[available[:, i]], order, V, chunk_tokens)
+        audit_keys = torch.where(audit_targets >= order - 1, context_keys_from(  # short context: -1, matches none
+            lambda k: val_tokens[(audit_targets - 1 - k).clamp(min=0)], audit_targets, order, V), -1)
+        counts, rows = owners_counts(items, V, rt, audit_keys, audit_chunks)
+        stats[available[:, i], i] = counts if where is None else counts[where]
+        audit_rows.append(rows)
+    audit_rows = torch.stack(audit_rows, 1)
+    if rt.distributed and audit_targets.numel():
+        dist.all_reduce(audit_rows)
+    return stats[..., 0], stats[..., 1], available, audit_rows
+
+
+@torch.no_grad()
+def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparameters, rt: Runtime,
+               audit: AuditStats) -> torch.Tensor:
+    """-ln q (n,) float64, each target mixed with the cache before its chunk (score-first, rule 4); all ranks join."""
+    C, hedge, prior = cfg.ngram_chunk_tokens, cfg.use_mixer == "hedge", None
+    audit_targets = torch.unique(audit.targets)
+    counts, totals, available, rows = score_first_counts(val_tokens, cfg.ngram_orders, cfg.vocab_size, C,
+                                                         scores.targets, rt, audit_targets)
+    if hedge:
+        probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
+        chunk = (scores.targets - 1) // C
+        num_chunks = (val_tokens.numel() - 2) // C + 1
+        neural_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
+        neural_loss.index_add_(0, chunk, -scores.logprob)
+        expert_loss = torch.zeros(num_chunks, probs.size(1), dtype=torch.float64, device=probs.device)
+        expert_loss.index_add_(0, chunk, -probs.log())
+        if rt.distributed:
+            dist.all_reduce(neural_loss)
+            dist.all_reduce(expert_loss)
+        losses = torch.cat((neural_loss[:, None], expert_loss), 1)
+        seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
+        K = len(cfg.ngram_orders)  # start: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams
+        start = torch.tensor([HEDGE_PRIOR_NEURAL] + [(1 - HEDGE_PRIOR_NEURAL) / K] * K, dtype=torch.float64)
+        log_w = start.to(probs.device).log() - cfg.mixer_eta * seen_loss
+        weights = log_w[chunk].softmax(-1)
+        valid = torch.ones_like(available)
+    elif scores.targets.numel():
+        valid = available & (totals > 0)
+        probs, prior = ngram_expert_probs(counts, totals, valid, cfg.ngram_prior_beta)
+        weights = mixer_weights(scores.mixer_logits, valid)
+    else:  # nothing scored here: no mixer logits to weigh
+        return torch.zeros(0, dtype=torch.float64, device=val_tokens.device)
+    nll = mixture_nll(scores.logprob, weights.double(), probs, prior)
+    for i in torch.isin(scores.targets, audit_targets).nonzero().squeeze(1).tolist():
+        t = int(scores.targets[i])
+        q = materialized_mixture(scores.audit_rows[t], rows[torch.searchsorted(audit_targets, t)],
+                                 valid[i].tolist(), weights[i], hedge, cfg.ngram_prior_beta)
+        audit.add(t, q, int(val_tokens[t]), float(nll[i]))
+    return nll
+
+
+@torch.no_grad()
+def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables, cfg: Hyperparameters,
+                           rt: Runtime, log, audit: AuditStats | None = None, neural_scores=None,
+                           phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
+    """(neural, n-gram mixed or None); neural_scores(audit_targets) replaces neural_pass (TTT); `phases` gains ms."""
+    phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
+    rt.synchronize()
+    t0, trained = time.perf_counter(), phases["ttt_train"]
+    if audit is None:  # NGRAM_AUDIT_POSITIONS targets drawn from the seed, the same on every rank
+        drawn = torch.randint(1, val_tokens.numel(), (cfg.ngram_audit_positions,),
+                              generator=torch.Generator().manual_seed(cfg.seed))
+        audit = AuditStats(drawn.to(val_tokens.device))
+    neural_scores = neural_scores or (lambda targets: neural_pass(eval_outputs, val_tokens, tables, cfg, rt, targets))
+    scores = neural_scores(audit.targets)
+    rt.synchronize()
+    phases["neural"] += 1000 * (time.perf_counter() - t0) - (phases["ttt_train"] - trained)
+    t0 = time.perf_counter()
+    neural = _eval_result([(-scores.logprob, scores.nbytes)], val_tokens.device, rt)
+    if cfg.use_mixer == "none":
+        return neural, None
+    mixed = _eval_result([(cache_pass(scores, val_tokens, cfg, rt, audit), scores.nbytes)], val_tokens.device, rt)
+    phases["cache"] += 1000 * (time.perf_counter() - t0)
+    if audit.targets.numel():
+        sum_error, neg_min_prob, target_diff = agreed_max([audit.worst_sum_error, -audit.min_prob,
+                                                           audit.worst_target_diff], rt)
+        positions = torch.tensor(float(audit.positions), dtype=torch.float64, device=val_tokens.device)
+        if rt.distributed:
+            dist.all_reduce(positions)
+        log(f"ngram_audit positions:{int(positions)} worst_abs_sum_minus_1:{sum_error:.3e} "
+            f"min_prob:{-neg_min_prob:.3e} worst_target_diff:{target_diff:.3e}")
+    return neural, mixed
+
+
+def log_final(log: RunLog, name: str, result: EvalResult, eval_ms: float) -> None:
+    log(f"{name} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{eval_ms:.0f}ms "
+        f"scored_tokens:{result.scored_tokens} scored_bytes:{result.scored_bytes}")
+    log(f"{name}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+
+# =============================================================================
+# MAIN
+# =============================================================================
+
+
+def runtime_device(env: Mapping[str, str], local_rank: int) -> torch.device:
+    """CUDA where it works, else the CPU; a node with NVIDIA devices but failing CUDA is refused (8 idle paid ranks)."""
+    wanted = env.get("DEVICE", "auto").strip()
+    if wanted not in DEVICES:
+        raise ConfigError(f"DEVICE={wanted!r} is not allowed: {' or '.join(DEVICES)}")
+    if wanted != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    hidden, nvidia = env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"), sorted(glob.glob("/dev/nvidia[0-9]*"))
+    if wanted == "cuda" or (wanted == "auto" and not hidden and nvidia):
+        raise ConfigError(f"DEVICE={wanted} is not allowed here: CUDA is not available on this machine, although "
+                          f"it has NVIDIA devices ({', '.join(nvidia) or 'none found'}); fix the "
+                          "driver or the torch build (a CPU wheel?), or set DEVICE=cpu to run on the CPU")
+    return torch.device("cpu")
+
+
+def init_runtime(env: Mapping[str, str]) -> Runtime:
+    """Joins torchrun's process group (RANK, WORLD_SIZE, LOCAL_RANK; absent: one process): NCCL on CUDA, else gloo."""
+    rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    local_rank, local_world = int(env.get("LOCAL_RANK", "0")), int(env.get("LOCAL_WORLD_SIZE", str(world_size)))
+    device = runtime_device(env, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device, local_world_size=local_world)
+
+
+WRAPPER_HEAD = b'import lzma,base64;exec(lzma.decompress(base64.b85decode(b"'
+WRAPPER_TAIL = b'")))\n'  # code counts as this wrapper of the source, as in the records (PR #1530 on)
+
+
+def self_extracting_wrapper(source: bytes) -> bytes:
+    """The counted train_gpt.py for `source`; deterministic (xz at a fixed preset records no time or name)."""
+    packed = lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)
+    return WRAPPER_HEAD + base64.b85encode(packed) + WRAPPER_TAIL
+
+
+def wrapped_source(script: bytes) -> bytes:
+    """The source a script runs: what a wrapper unpacks, or the script itself."""
+    if not script.startswith(WRAPPER_HEAD):
+        return script
+    return lzma.decompress(base64.b85decode(script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
+
+
+@functools.lru_cache(maxsize=1)
+def script_identity() -> tuple[str, int]:
+    """(sha256 of the running source, bytes of its self-extracting wrapper), whether run readable or wrapped."""
+    source = wrapped_source(Path(__file__).read_bytes())
+    return hashlib.sha256(source).hexdigest(), len(self_extracting_wrapper(source))
+
+
+def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
+    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing."""
+    calib, t0 = None, time.perf_counter()
+    if cfg.gptq:
+        train_tokens = None
+        if cfg.gptq_calib == "train":
+            stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size, cfg.seed)
+            train_tokens = torch.from_numpy(
+                stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
+        with rt.autocast():
+            calib = calibration_tokens(model, cfg, train_tokens)
+        log(f"gptq_calibration source:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
+            f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
+    return fit_artifact(model, cfg, script_identity()[1], log, calib)[0]
+
+
+def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
+    """The artifact on every rank, built once by rank 0 with all the cores; an ArtifactError there stops every rank."""
+    outcome, threads = [None, None], torch.get_num_threads()  # outcome: blob, error
+    if rt.is_main:
+        try:
+            if rt.device.type == "cpu":  # the other ranks on this machine only wait
+                torch.set_num_threads(threads * rt.local_world_size)
+            outcome[0] = built_artifact(model, cfg, rt, log)
+        except ArtifactError as err:
+            outcome[1] = str(err)
+        finally:
+            torch.set_num_threads(threads)
+    if rt.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise ArtifactError(outcome[1])
+    return outcome[0]
+
+
+def save_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log, train_ms: float) -> Path:
+    """Writes artifacts/<RUN_ID>.pgqw; returns its path. Its time counts against MAX_WALLCLOCK_SECONDS (as training)."""
+    t0, path = time.perf_counter(), Path("artifacts") / f"{cfg.run_id}.pgqw"
+    blob = rank0_artifact(model, cfg, rt, log)
+    if rt.is_main:
+        write_artifact(path, blob)
+    if rt.distributed:
+        dist.barrier()
+    artifact_ms = 1000 * (time.perf_counter() - t0)
+    log(f"artifact_saved path:{path} bytes:{len(blob)} time:{artifact_ms:.0f}ms")
+    phase_ms = train_ms + artifact_ms
+    log(f"training_phase train_time:{train_ms:.0f}ms artifact_time:{artifact_ms:.0f}ms total:{phase_ms:.0f}ms")
+    if cfg.max_wallclock_seconds and phase_ms > 1000 * cfg.max_wallclock_seconds:
+        log(f"warning: training and artifact took {phase_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS="
+            f"{cfg.max_wallclock_seconds:g}: raise TRAIN_RESERVE_SECONDS")
+    return path
+
+
+def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
+    """(training module (DDP with several ranks), TTT's forward, token_nll, eval_outputs), compiled with COMPILE=1."""
+    compiled = functools.partial(torch.compile, dynamic=False) if cfg.compile else lambda f: f
+    # DDP inside compile: each bucket's all-reduce overlaps the backward. The only buffer (rotary table) is constant.
+    train_model = model if not rt.distributed else nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
+    return compiled(train_model), compiled(model), compiled(model.token_nll), compiled(model.eval_outputs)
+
+
+def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
+    """Trains and writes the artifact (or takes EVAL_ARTIFACT's), then scores the artifact alone."""
+    torch.manual_seed(cfg.seed)  # numpy's global generator draws nothing: the stream has its own
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()}")
+    model = GPT(cfg).to(rt.device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
+    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
+    def plain_val() -> EvalResult:
+        model.eval()
+        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
+        model.train()
+        return result
+    path = cfg.eval_artifact
+    if not path:
+        log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+        result = train(model, train_model, cfg, rt, log, plain_val)
+        log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
+            f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms recompiles:{result.recompiles}")
+        prequant = plain_val()
+        log(f"prequant_plain val_loss:{prequant.val_loss:.8f} val_bpb:{prequant.val_bpb:.8f}")
+        path = save_artifact(model, cfg, rt, log, result.train_time_ms)
+    blob = Path(path).read_bytes()
+    dequantize_into(model, unpack_artifact(blob))  # every weight: what is evaluated is the artifact alone
+    log(f"artifact_loaded path:{path} bytes:{len(blob)} sha256:{hashlib.sha256(blob).hexdigest()}")
+    code_bytes = script_identity()[1]  # what counts: this script's wrapper and the artifact scored
+    log(f"Total submission size quantized+zstd: {code_bytes + len(blob)} bytes "
+        f"(code {code_bytes}, artifact {len(blob)})")
+    return evaluate_final(model, token_nll, eval_outputs, val_tokens, tables, cfg, rt, log, ttt_forward)
+
+
+def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
+                   cfg: Hyperparameters, rt: Runtime, log, train_forward=None,
+                   phases: dict[str, float] | None = None) -> EvalResult:
+    """Logs final plain, sliding (TTT) and mixed lines, the score last, then eval_phases (slowest rank's ms)."""
+    train_forward = model if train_forward is None else train_forward
+    phases = {} if phases is None else phases
+    phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
+    if cfg.compile:
+        phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
+    model.eval()
+    rt.synchronize()
+    compiles, start = compile_count(), time.perf_counter()
+    plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
+    phases["plain"] = 1000 * (rt.synced_time() - start)
+    log_final(log, "final_plain", plain, phases["plain"])
+    t0 = time.perf_counter()
+    name = "final_sliding_window_ttt" if cfg.ttt_epochs else "final_sliding_window"
+    ttt_scores = lambda audit_targets: ttt_neural_pass(model, eval_outputs, train_forward, val_tokens, tables, cfg,
+                                                       rt, audit_targets, log, start, phases)
+    neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
+                                           neural_scores=ttt_scores if cfg.ttt_epochs else None, phases=phases)
+    elapsed = 1000 * (rt.synced_time() - t0)
+    log_final(log, name, neural, elapsed)
+    if mixed is not None:
+        log_final(log, f"{name}_ngram_{cfg.use_mixer}", mixed, elapsed)
+    eval_s = time.perf_counter() - start
+    if eval_s > cfg.eval_budget_seconds:
+        log(f"warning: evaluation took {eval_s:.1f}s, over EVAL_BUDGET_SECONDS={cfg.eval_budget_seconds:g}")
+    phases.update(zip(phases, agreed_max(list(phases.values()), rt)))
+    log(f"eval_phases {' '.join(f'{name}:{ms:.0f}ms' for name, ms in phases.items())}")
+    log(f"eval_done eval_time:{1000 * eval_s:.0f}ms recompiles:{compile_count() - compiles}")
+    return neural if mixed is None else mixed
+
+
+def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
+                       log) -> float:
+    """Compiles what evaluation calls, in its one padded shape, before the clock; returns ms. TTT takes no step."""
+    t0, compiles = time.perf_counter(), compile_count()
+    generator = torch.Generator().manual_seed(0)
+    L, S = cfg.eval_seq_len, cfg.eval_stride
+    rows = max(1, eval_batch_tokens(cfg, rt.world_size) // L)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, L + 1), generator=generator).to(rt.device)  # as val_tokens[index]
+    positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
+    model.eval()
+    with torch.no_grad(), rt.autocast():
+        token_nll(tokens[:, :-1], tokens[:, 1:])
+        eval_outputs(tokens[:, :-1], positions)
+    if cfg.ttt_epochs:
+        rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # as ttt_train_chunk's
+        seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
+        model.train()
+        with rt.autocast():
+            loss = train_forward(*ttt_rank_batch(seqs, torch.arange(rows, device=rt.device), rows))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    warmup_ms = 1000 * (rt.synced_time() - t0)
+    log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{warmup_ms:.0f}ms")
+    return warmup_ms
+
+
+def main(job=None, log_suffix: str = "") -> int:
+    """Trains and evaluates, or runs job(cfg, rt, log) -> exit status (preflight; logs/<RUN_ID><log_suffix>.txt)."""
+    rt = None
+    try:
+        if job is None and os.environ.get("PREFLIGHT", "0").strip() not in ("", "0"):
+            raise ConfigError("PREFLIGHT=1 is not allowed here: the preflight is its own script, run with the same "
+                              "settings: torchrun --standalone --nproc_per_node=8 scripts/preflight.py")
+        rt = init_runtime(os.environ)
+        cfg = hyperparameters_from_env(os.environ, rt.device.type == "cuda")
+        rt = dataclasses.replace(rt, bf16=cfg.bf16)
+        grad_accum_steps_for(cfg, rt.world_size)
+        log = RunLog(Path("logs") / f"{cfg.run_id}{log_suffix}.txt" if rt.is_main else None)
+        sha, code_bytes = script_identity()
+        log(f"script:{Path(__file__).name} script_sha256:{sha} code_bytes:{code_bytes}")
+        device_name = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
+                       else platform.processor() or "cpu")
+        log(f"torch_version:{torch.__version__} python:{platform.python_version()} device:{rt.device.type} "
+            f"world_size:{rt.world_size} hardware:{rt.world_size}x{device_name.replace(' ', '_')}")
+        for line in cfg.as_log_lines() + unknown_setting_warnings(os.environ, cfg):
+            log(line)
+        if job is not None:
+            return job(cfg, rt, log)
+        run(cfg, rt, log)
+        return 0
+    except (ConfigError, ShardError, ArtifactError) as err:
+        if (rt.rank if rt else int(os.environ.get("RANK", "0"))) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            gc.collect()  # free DDP's reducer cycles: gloo torn down at exit aborts (SIGABRT, 1 run in 3)
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
