@@ -28,13 +28,6 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-# PREFLIGHT=1 in the command a user is about to pay for measures this machine with these settings for
-# about a minute and projects the run against its budgets: the oracle's prefill on a slice of its text,
-# PREFLIGHT_STEPS real training steps (real batches, oracle lookups, CROWN-Q, EMA, compiled as the run
-# compiles), one artifact build from those weights, and the evaluation of a slice of the validation split
-# from that artifact. Nothing is kept: no artifact is written, the run's own log is not touched (lines go
-# to logs/<RUN_ID>_preflight.txt), and no score line is printed (the slice's scores mean nothing).
-
 PREFLIGHT_STEPS, PREFLIGHT_SKIP = 20, 5  # steps run; the first ones (allocator, DDP buckets) are not timed
 PREFLIGHT_ORACLE_TOKENS = 2_000_000
 PREFLIGHT_EVAL_TOKENS = 262_144
