@@ -2005,8 +2005,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         model.eval()
         with polyak.swapped_in(model) if polyak is not None else contextlib.nullcontext():
             parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
-        rt.synchronize()
-        score_s = max(score_s, time.perf_counter() - t0)
+        score_s = max(score_s, rt.synced_time() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
         guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s  # a guess: 3 forwards an epoch
@@ -2021,8 +2020,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         model.train()
         lr, seqs = ttt_lr_at(k, num_chunks - 1, cfg), chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len)
         ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator, polyak)
-        rt.synchronize()
-        train_s = time.perf_counter() - t0
+        train_s = rt.synced_time() - t0
         trained += 1
         phases["ttt_train"] += 1000 * train_s
     model.eval()
@@ -2210,16 +2208,14 @@ def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: Token
                            phases: dict[str, float] | None = None) -> tuple[EvalResult, EvalResult | None]:
     """(neural, n-gram mixed or None); neural_scores(audit_targets) replaces neural_pass (TTT); `phases` gains ms."""
     phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
-    rt.synchronize()
-    t0, trained = time.perf_counter(), phases["ttt_train"]
+    t0, trained = rt.synced_time(), phases["ttt_train"]
     if audit is None:  # NGRAM_AUDIT_POSITIONS targets drawn from the seed, the same on every rank
         drawn = torch.randint(1, val_tokens.numel(), (cfg.ngram_audit_positions,),
                               generator=torch.Generator().manual_seed(cfg.seed))
         audit = AuditStats(drawn.to(val_tokens.device))
     neural_scores = neural_scores or (lambda targets: neural_pass(eval_outputs, val_tokens, tables, cfg, rt, targets))
     scores = neural_scores(audit.targets)
-    rt.synchronize()
-    phases["neural"] += 1000 * (time.perf_counter() - t0) - (phases["ttt_train"] - trained)
+    phases["neural"] += 1000 * (rt.synced_time() - t0) - (phases["ttt_train"] - trained)
     t0 = time.perf_counter()
     neural = _eval_result([(-scores.logprob, scores.nbytes)], val_tokens.device, rt)
     if cfg.use_mixer == "none":
@@ -2408,8 +2404,7 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     if cfg.compile:
         phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
     model.eval()
-    rt.synchronize()
-    compiles, start = compile_count(), time.perf_counter()
+    compiles, start = compile_count(), rt.synced_time()
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
     phases["plain"] = 1000 * (rt.synced_time() - start)
     log_final(log, "final_plain", plain, phases["plain"])
