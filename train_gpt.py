@@ -1832,6 +1832,11 @@ class WindowBatch:
         return next_tokens, self.pick(self.index.gather(1, self.positions + 1)), self.pick(nbytes)
 
 
+def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
+    """Windows in every evaluation batch (padded to it): one shape, the one warm_up_evaluation compiles."""
+    return max(1, batch_tokens // seq_len)
+
+
 def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, batch_tokens: int, rt: Runtime,
                            lo: int = 1, hi: int | None = None) -> Iterator[WindowBatch]:
     """This rank's batches scoring targets [lo, hi), `stride` a row; a window straddling lo or hi is split, exactly."""
@@ -1842,7 +1847,7 @@ def sliding_window_batches(val_tokens: torch.Tensor, seq_len: int, stride: int, 
     def window_rows(spans):  # (start, first, end): a span's scored predictions [n-k, n), `stride` per row
         return [(s, f, min(f + stride, n)) for s, n, k in spans for f in range(n - k, n, stride)]
     head = window_rows(spans[:1])  # every later span scores at most `stride`: one row each
-    rows = max(1, batch_tokens // seq_len)  # the same in every batch: the compiled model sees one shape
+    rows = eval_batch_rows(batch_tokens, seq_len)
     for first, last in _owned_batches(len(head) + max(0, len(spans) - 1), rows, rt):
         tail = spans[1 + max(0, first - len(head)):1 + max(0, last - len(head))]
         yield padded_window_batch(val_tokens, head[first:last] + window_rows(tail), rows, seq_len, stride, lo, hi)
@@ -1867,7 +1872,7 @@ def padded_window_batch(val_tokens: torch.Tensor, windows: Sequence[tuple[int, i
 def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables, seq_len: int,
                    batch_tokens: int, rt: Runtime) -> EvalResult:
     """Non-overlapping windows of seq_len (the last one shorter): each token scored once, context reset."""
-    N, rows = val_tokens.numel(), max(1, batch_tokens // seq_len)
+    N, rows = val_tokens.numel(), eval_batch_rows(batch_tokens, seq_len)
     def batch_scores():
         for first, last in _owned_batches((N - 2) // seq_len + 1, rows, rt):
             batch = padded_window_batch(val_tokens, [(i * seq_len, 0, seq_len) for i in range(first, last)], rows,
@@ -2433,7 +2438,7 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     L, S = cfg.eval_seq_len, cfg.eval_stride
-    rows = max(1, eval_batch_tokens(cfg, rt.world_size) // L)
+    rows = eval_batch_rows(eval_batch_tokens(cfg, rt.world_size), L)
     tokens = torch.randint(0, cfg.vocab_size, (rows, L + 1), generator=generator).to(rt.device)  # as val_tokens[index]
     positions = torch.arange(L - S, L, device=rt.device).repeat(rows, 1)  # the predictions a window scores
     model.eval()
