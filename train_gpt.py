@@ -2214,8 +2214,8 @@ def evaluate_sliding_mixed(eval_outputs, val_tokens: torch.Tensor, tables: Token
     """(neural, n-gram mixed or None); neural_scores(audit_targets) replaces neural_pass (TTT); `phases` gains ms."""
     phases = {"neural": 0.0, "ttt_train": 0.0, "cache": 0.0} if phases is None else phases
     t0, trained = rt.synced_time(), phases["ttt_train"]
-    if audit is None:  # NGRAM_AUDIT_POSITIONS targets drawn from the seed, the same on every rank
-        drawn = torch.randint(1, val_tokens.numel(), (cfg.ngram_audit_positions,),
+    if audit is None:  # NGRAM_AUDIT_POSITIONS targets from the seed, the same on every rank; no cache: none
+        drawn = torch.randint(1, val_tokens.numel(), (cfg.ngram_audit_positions if cfg.ngram_orders else 0,),
                               generator=torch.Generator().manual_seed(cfg.seed))
         audit = AuditStats(drawn.to(val_tokens.device))
     neural_scores = neural_scores or (lambda targets: neural_pass(eval_outputs, val_tokens, tables, cfg, rt, targets))
