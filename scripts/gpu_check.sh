@@ -15,6 +15,13 @@ missing = [m for m in ("torch", "numpy", "sentencepiece", "zstandard") if u.find
 sys.exit("error: gpu_check needs the Python packages " + ", ".join(missing) + ": pip install them" if missing else 0)'
 
 tiny="${GPU_CHECK_TINY:-0}"
+if [[ "$tiny" != 0 && "$tiny" != 1 ]]; then
+  echo "error: GPU_CHECK_TINY=$tiny is not allowed: 0 or 1" >&2; exit 2
+fi
+if [[ -n "${GPU_CHECK_EVAL_TOKENS:-}" && ! "${GPU_CHECK_EVAL_TOKENS}" =~ ^[0-9]+$ || "${GPU_CHECK_EVAL_TOKENS:-2}" -lt 2 ]]; then
+  echo "error: GPU_CHECK_EVAL_TOKENS=${GPU_CHECK_EVAL_TOKENS} is not allowed: a whole number of tokens, at least 2" >&2
+  exit 2
+fi
 if [[ "$tiny" == 1 ]]; then
   eval_tokens="${GPU_CHECK_EVAL_TOKENS:-20000}"
   export NUM_LAYERS="${NUM_LAYERS:-2}" MODEL_DIM="${MODEL_DIM:-32}" NUM_HEADS="${NUM_HEADS:-2}"
@@ -45,13 +52,16 @@ from make_sample_data import write_shard  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 source, target, count = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+try:
+    train = tg.shard_files(source, "train")
+except tg.ShardError as err:
+    sys.exit(f"error: {err}")
 target.mkdir(parents=True, exist_ok=True)
-train = tg.shard_files(source, "train")
 for f in train:  # the same training shards, linked
     link = target / Path(f).name
     if not link.exists():
         link.symlink_to(Path(f).resolve())
-tokens = np.concatenate([tg.load_shard(f, 65536) for f in train])
+tokens = tg.oracle_tokens_from_shards(train, 65536, count)  # the first `count` only: FineWeb has billions
 write_shard(target / "fineweb_val_000000.bin", np.resize(tokens, count))
 EOF
 
