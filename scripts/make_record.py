@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -230,28 +229,6 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def repo_train_gpt() -> types.ModuleType:
-    """The repository's train_gpt.py (beside scripts/) as a module, for the wrapper's format where the
-    submitted script cannot supply it: unpacking a wrapper given as --script (its source is not known
-    until it is unpacked), and a submitted source older than the wrapper functions."""
-    path = (ROOT / "train_gpt.py").resolve()
-    loaded = sys.modules.get("train_gpt")
-    if loaded is not None and Path(getattr(loaded, "__file__", None) or "").resolve() == path:
-        return loaded
-    name = "train_gpt" if loaded is None else "make_record_repo_train_gpt"
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-        module.wrapped_source, module.self_extracting_wrapper  # noqa: B018  (both must exist)
-    except Exception as err:  # any failure to import is reported the same way: one line
-        sys.modules.pop(name, None)
-        raise RecordError(f"{path}: cannot import it for the self-extracting wrapper's format "
-                          f"({type(err).__name__}: {err})") from None
-    return module
-
-
 def check_same_script(runs: list[RunSummary]) -> None:
     first = runs[0]
     for run in runs[1:]:
@@ -266,11 +243,14 @@ def submitted_source(runs: list[RunSummary], script_path: Path, script_bytes: by
     logged = runs[0].script_sha256
     if sha256_hex(script_bytes) == logged:
         return script_bytes  # the readable source itself (no wrapper unpacks to its own bytes)
-    # Not the source itself: perhaps its wrapper. Unpacked with the repository's train_gpt.py, as the
-    # submitted source is only known once unpacked; the source is then checked against the logs' sha256.
-    unpack = repo_train_gpt().wrapped_source
+    # Not the source itself: perhaps its wrapper, in the format of the repository's train_gpt.py (the
+    # submitted source is only known once unpacked); the source is then checked against the logs' sha256.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train_gpt
+
     try:
-        source = unpack(script_bytes)
+        source = train_gpt.wrapped_source(script_bytes)
     except Exception as err:  # a file that starts like a wrapper but does not decode
         raise RecordError(f"{script_path} starts like a self-extracting wrapper but cannot be unpacked "
                           f"({type(err).__name__}: {err})") from None
@@ -286,13 +266,12 @@ def submitted_source(runs: list[RunSummary], script_path: Path, script_bytes: by
 
 def counted_wrapper(module: types.ModuleType, source: bytes) -> tuple[bytes, bytes]:
     """(the self-extracting wrapper of `source`, what that wrapper unpacks to), made with the submitted
-    source's own self_extracting_wrapper and wrapped_source (make_record loads the submitted script as a
-    module anyway, for its default settings), so that the file written is the one that script counts;
-    a source from before the wrapper functions gets the repository's train_gpt.py's instead."""
-    functions = module if hasattr(module, "self_extracting_wrapper") and hasattr(module, "wrapped_source") \
-        else repo_train_gpt()
-    wrapper = functions.self_extracting_wrapper(source)
-    return wrapper, functions.wrapped_source(wrapper)
+    source's own functions (loaded anyway for its default settings): the file written is the one it counts."""
+    if not hasattr(module, "self_extracting_wrapper"):
+        raise RecordError("the script has no self_extracting_wrapper: it is from before code was counted as "
+                          "its wrapper (PR #1530's count), and its logs' code_bytes are the raw file's")
+    wrapper = module.self_extracting_wrapper(source)
+    return wrapper, module.wrapped_source(wrapper)
 
 
 def check_wrapper(runs: list[RunSummary], source: bytes, wrapper: bytes, unpacked: bytes) -> None:

@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -321,6 +322,19 @@ def test_a_wrapper_that_would_not_run_the_logged_source_is_refused(tiny_runs, tm
     assert len(lines) == 1 and re.fullmatch(r"error: the self-extracting wrapper made for the source unpacks to sha256 "
                                             rf"\w{{12}}\.\.\., not the logs' {sha[:12]}\.\.\.: it would not run "
                                             r"the script that wrote the logs", lines[0]), lines
+    assert not records.exists()
+
+
+def test_a_script_from_before_the_wrapper_is_refused(tiny_runs, tmp_path, capsys, monkeypatch):
+    _, script, logs = tiny_runs
+    real = make_record.load_submitted
+    monkeypatch.setattr(make_record, "load_submitted",  # the submitted module as a pre-wrapper script's
+                        lambda path, source: (types.SimpleNamespace(), real(path, source)[1]))
+    records = tmp_path / "records"
+    assert make_record.main(record_args([logs[1], logs[2]], records, script)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: the script has no self_extracting_wrapper: it is from before code was counted as its "
+                     "wrapper (PR #1530's count), and its logs' code_bytes are the raw file's"]
     assert not records.exists()
 
 
