@@ -73,9 +73,20 @@ class Hyperparameters:
     rope_base: float = 10000.0
     rope_dims: int = 16
     logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0  # #1413 (4 to 5: -0.0008)
     unet_skips: bool = True
-    xsa_last_n: int | None = None  # None: the last 4 layers (all of them when fewer)
+    skip_gates_enabled: bool = True  # sigmoid-gated U-Net skips (#1179, #1204)
+    xsa_last_n: int | None = None  # None: every layer (#1019)
+    ln_scale: bool = True  # each block's norms scaled 1/sqrt(layer + 1) (records since 2026-03-21)
+    disable_layer0_attn: bool = True  # layer 0 is an MLP alone (#1204)
+    parallel_residual: bool = True  # attention and MLP on two lanes from PARALLEL_START_LAYER (#1204: -0.0022)
+    parallel_start_layer: int | None = None  # None: 7 of 11 layers, kept after LOOP_END
+    num_loops: int = 1  # extra passes over LOOP_START..LOOP_END once ENABLE_LOOPING_AT of the budget is spent
+    loop_start: int | None = None  # None: the two layers at the U-Net hinge (#1204: 4,5 of 11)
+    loop_end: int | None = None
+    enable_looping_at: float = 0.5  # #1204: step 3000 of ~6,240
+    smear_gate: bool = True  # each token embedding takes a gated share of the previous one (#1667)
+    gate_attn_out: bool = True  # per-head sigmoid gate on attention's output (#1667)
     bigram_vocab_size: int = 6144
     bigram_dim: int = 128
     ve_enabled: bool = True
@@ -95,6 +106,9 @@ class Hyperparameters:
     quant_attn_bits: int = 6
     quant_embed_bits: int = 8
     quant_min_numel: int = 65_536
+    mlp_clip_sigmas: float = 0.0  # SDClip: a row's step is this x its std / qmax; 0: the least-squares clip search
+    attn_clip_sigmas: float = 0.0
+    embed_clip_sigmas: float = 0.0
     gptq: bool = True
     gptq_calib: str = "selfgen"
     gptq_calib_seqs: int = 64
@@ -121,7 +135,8 @@ class Hyperparameters:
     embed_lr: float = 0.6
     tied_embed_lr: float = 0.035
     head_lr: float = 0.008
-    muon_momentum: float = 0.99
+    muon_momentum: float = 0.97  # #1514
+    muon_row_normalize: bool = True  # MuonEq-R: update rows normalized before Newton-Schulz (#1285)
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
@@ -136,10 +151,14 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda or cpu (see init_runtime)
 
     def __post_init__(self):
-        if self.xsa_last_n is None:  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
-            object.__setattr__(self, "xsa_last_n", min(4, self.num_layers))
-        if self.ve_layers is None:
-            object.__setattr__(self, "ve_layers", tuple(range(max(0, self.num_layers - 2), self.num_layers)))
+        L = self.num_layers  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
+        hinge = min(L - 1, L // 2)
+        defaults = dict(xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(0, L - 2), L)),
+                        loop_start=lambda: max(0, hinge - 1), loop_end=lambda: hinge,  # in order: the next reads them
+                        parallel_start_layer=lambda: max(L * 7 // 11, (self.loop_end + 1) * (self.num_loops > 0)))
+        for name, default in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default())
 
     @property
     def ngram_orders(self) -> tuple[int, ...]:
@@ -154,7 +173,7 @@ class Hyperparameters:
         values = {}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
-                like = {"xsa_last_n": 0, "ve_layers": ()}.get(field.name, field.default)
+                like = {"ve_layers": ()}.get(field.name, 0 if field.default is None else field.default)
                 values[field.name] = parse_setting(field.name.upper(), env[field.name.upper()].strip(), like)
         for switch in ("compile", "bf16"):
             values.setdefault(switch, cuda)
@@ -178,6 +197,10 @@ class Hyperparameters:
             (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
              f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
             (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
+            (self.loop_start < 0 or self.loop_start <= self.loop_end < L, "LOOP_END",
+             f"LOOP_START ({self.loop_start})..{L - 1}"),
+            (not (self.parallel_residual and self.num_loops) or self.parallel_start_layer > self.loop_end,
+             "PARALLEL_START_LAYER", f"after LOOP_END ({self.loop_end}) with NUM_LOOPS > 0: no lanes inside a loop"),
             (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
             (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
              "VE_LAYERS", f"distinct layer indices in 0..{L - 1}"),
@@ -223,7 +246,8 @@ class Hyperparameters:
 
 
 SETTING_MINIMUMS = {
-    0: ("WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
+    0: ("PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS",
+        "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
         "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
         "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT", "TTT_FREEZE_BLOCKS",
@@ -234,7 +258,7 @@ SETTING_MINIMUMS = {
     2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
-                     "TTT_POLYAK")
+                     "TTT_POLYAK", "ENABLE_LOOPING_AT")
 SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
 
 
@@ -501,6 +525,8 @@ def load_tokenizer(path: str):
 # =============================================================================
 # MODEL
 # =============================================================================
+GATE_WIDTH = 12  # the smear and attention output gates read this many channels of their input (#1667)
+BOS_ID = 1  # the tokenizer's document start: the smear gate never carries a token across it (#1851)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -538,14 +564,18 @@ class CausalSelfAttention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
-        self.layer, self.xsa = layer, layer >= cfg.num_layers - cfg.xsa_last_n
-        self.mixes_first_value = cfg.value_residual and layer > 0
+        self.xsa = layer >= cfg.num_layers - cfg.xsa_last_n
+        self.mixes_first_value = cfg.value_residual and layer > int(cfg.disable_layer0_attn)
         if self.mixes_first_value:  # ResFormer: v = a * v + b * v_first, starting as the plain v
             self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
+        if cfg.gate_attn_out:  # y_h x 2 sigmoid(W x[:GATE_WIDTH]): 1 at init (W = 0)
+            self.out_gate = nn.Linear(min(GATE_WIDTH, cfg.model_dim), cfg.num_heads, bias=False)
+            nn.init.zeros_(self.out_gate.weight)
 
     def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
-                cache: DecodeCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues its positions."""
+                cache: DecodeCache | None = None, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, this layer's value before mixing) for x: (B, T, D); with `cache`, x continues its positions
+        and its keys and values go to the cache's `slot` (the layer's place in the order it runs in)."""
         B, T, D = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
@@ -557,7 +587,7 @@ class CausalSelfAttention(nn.Module):
         offset = 0 if cache is None else cache.length
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        k_all, v_all = (k, v) if cache is None else cache.store(self.layer, k, v)
+        k_all, v_all = (k, v) if cache is None else cache.store(slot, k, v)
         mask = None if cache is None else torch.ones(T, offset + T, dtype=torch.bool, device=x.device).tril(offset)
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.num_kv_heads != self.num_heads)  # (B, H, T, hd)
@@ -565,6 +595,8 @@ class CausalSelfAttention(nn.Module):
             y = y.view(B, self.num_kv_heads, self.num_heads // self.num_kv_heads, T, self.head_dim)
             v_unit = F.normalize(v.float(), dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd): fp32 on every device
             y = (y - (y * v_unit).sum(-1, keepdim=True) * v_unit).view(B, self.num_heads, T, self.head_dim)
+        if hasattr(self, "out_gate"):
+            y = y * (2 * torch.sigmoid(self.out_gate(x[..., :self.out_gate.in_features]))).transpose(1, 2)[..., None]
         return self.proj(y.transpose(1, 2).reshape(B, T, D)), raw_v
 
 
@@ -582,18 +614,30 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention then MLP on one residual stream; or, from PARALLEL_START_LAYER, side by side on two lanes."""
     def __init__(self, cfg: Hyperparameters, layer: int):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, layer)
+        self.attn = None if cfg.disable_layer0_attn and layer == 0 else CausalSelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
-        self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.attn_scale = None if self.attn is None else nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0  # deeper layers' inputs scaled down
+        self.parallel = cfg.parallel_residual and layer >= cfg.parallel_start_layer
+        if self.parallel:  # lane_weights[i]: each lane's carry, then what attention and the MLP write into lane i
+            self.lane_weights = nn.Parameter(torch.ones(2, 3))
 
-    def forward(self, x, value_embed, first_value, cache=None):
-        attn_out, raw_v = self.attn(rms_norm(x), value_embed, first_value, cache)
-        x = x + self.attn_scale.to(x.dtype) * attn_out
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
-        return x, raw_v
+    def forward(self, x, value_embed, first_value, cache=None, slot=0):
+        """x: (B, T, D), or (2, B, T, D) in a parallel block: attention reads lane 0, the MLP lane 1."""
+        attn_in, attn_out, raw_v = x[0] if self.parallel else x, 0.0, None
+        if self.attn is not None:
+            attn_out, raw_v = self.attn(rms_norm(attn_in) * self.norm_scale, value_embed, first_value, cache, slot)
+            attn_out = self.attn_scale.to(x.dtype) * attn_out
+        if not self.parallel:
+            x = x + attn_out
+            return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale), raw_v
+        mlp_out = self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x[1]) * self.norm_scale)
+        w = self.lane_weights.to(x.dtype)[:, :, None, None, None]  # (2, 3, 1, 1, 1)
+        return w[:, 0] * x + w[:, 1] * attn_out + w[:, 2] * mlp_out, raw_v
 
 
 class BigramHashEmbedding(nn.Module):
@@ -617,19 +661,19 @@ class BigramHashEmbedding(nn.Module):
 
 class DecodeCache:
     """Each layer's keys and values of the positions run so far: forward_hidden then runs new positions only."""
-    def __init__(self, num_layers: int, capacity: int):
+    def __init__(self, capacity: int):
         self.capacity, self.length, self.last_tokens = capacity, 0, None
-        self.keys, self.values = [None] * num_layers, [None] * num_layers
+        self.keys, self.values = {}, {}
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every key and value of `layer` so far, (B, Hkv, length + T, hd), the new ones (B, Hkv, T, hd) included."""
-        if self.keys[layer] is None:  # buffers of the whole capacity: no copy of the past per token
-            self.keys[layer] = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
-            self.values[layer] = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
+    def store(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every key and value of `slot` so far, (B, Hkv, length + T, hd), the new ones (B, Hkv, T, hd) included."""
+        if slot not in self.keys:  # buffers of the whole capacity: no copy of the past per token
+            self.keys[slot] = k.new_empty(*k.shape[:2], self.capacity, k.size(3))
+            self.values[slot] = v.new_empty(*v.shape[:2], self.capacity, v.size(3))
         end = self.length + k.size(2)  # past the capacity, the copies below fail
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[slot][:, :, self.length:end] = k
+        self.values[slot][:, :, self.length:end] = v
+        return self.keys[slot][:, :, :end], self.values[slot][:, :, :end]
 
 
 class GPT(nn.Module):
@@ -646,10 +690,17 @@ class GPT(nn.Module):
             nn.init.normal_(self.value_embed.weight, std=0.01)
             self.value_embed_proj = nn.Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
             self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        if cfg.smear_gate:  # x_t + lambda sigmoid(W x_t[:GATE_WIDTH]) x_(t-1): the identity at init (lambda = W = 0)
+            self.smear_gate = nn.Linear(min(GATE_WIDTH, cfg.model_dim), 1, bias=False)
+            nn.init.zeros_(self.smear_gate.weight)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.num_skips = cfg.num_layers // 2 if cfg.unet_skips else 0
+        self.looping = cfg.num_loops > 0  # training turns it off until ENABLE_LOOPING_AT; evaluation runs looped
+        self.num_skips = len(self.layer_order()) // 2 if cfg.unet_skips else 0  # pairs of the longer order
         if self.num_skips:
             self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
+            if cfg.skip_gates_enabled:  # a skip's share sigmoid(g), 1/2 at init
+                self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
@@ -660,26 +711,48 @@ class GPT(nn.Module):
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
 
+    def layer_order(self) -> list[int]:
+        """The blocks in the order they run: LOOP_START..LOOP_END NUM_LOOPS more times while `looping`."""
+        cfg, layers = self.cfg, list(range(self.cfg.num_layers))
+        if not (self.looping and cfg.num_loops):
+            return layers
+        loop = layers[cfg.loop_start:cfg.loop_end + 1]
+        return layers[:cfg.loop_end + 1] + loop * cfg.num_loops + layers[cfg.loop_end + 1:]
+
+    def smeared(self, x: torch.Tensor, tokens: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
+        """The smear gate on embeddings x (B, T, D); with `cache`, position 0 takes the cached last token's."""
+        first = torch.zeros_like(x[:, :1]) if cache is None or cache.last_tokens is None else self.tok_emb(
+            cache.last_tokens)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        return x + gate.masked_fill((tokens == BOS_ID)[..., None], 0.0) * torch.cat((first, x[:, :-1]), dim=1)
+
     def forward_hidden(self, tokens: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
         """Final normalized hidden state (B, T, D) of tokens (B, T), causal; with `cache`, continuing its positions."""
-        x = self.tok_emb(tokens)
+        x = self.smeared(self.tok_emb(tokens), tokens, cache) if self.cfg.smear_gate else self.tok_emb(tokens)
         if self.bigram is not None:
             x = x + self.bigram(tokens, None if cache is None else cache.last_tokens)
         x = rms_norm(x)
         embed = self.value_embed_proj(self.value_embed(tokens)) if self.ve_layers else None
         value_embeds = {layer: self.value_embed_scales[i].to(x.dtype) * embed for i, layer in enumerate(self.ve_layers)}
-        skips, first_value = [], None
-        for i, block in enumerate(self.blocks):
-            if self.num_skips and i >= len(self.blocks) - self.num_skips:  # U-Net: first half's outputs, mirrored
-                x = x + self.skip_weights[len(self.blocks) - 1 - i].to(x.dtype) * skips.pop()
-            x, raw_v = block(x, value_embeds.get(i), first_value, cache)
+        order, skips, first_value = self.layer_order(), [], None
+        num_skips = len(order) // 2 if self.num_skips else 0
+        for slot, i in enumerate(order):
+            if slot >= len(order) - num_skips:  # U-Net: the first half's outputs, mirrored, into (lane 0 of) x
+                pair = len(order) - 1 - slot
+                skip, lane = self.skip_weights[pair].to(x.dtype) * skips.pop(), x[0] if x.dim() == 4 else x
+                lane = lane + skip if not hasattr(self, "skip_gates") else torch.lerp(
+                    skip, lane, torch.sigmoid(self.skip_gates[pair]).to(x.dtype))
+                x = torch.stack((lane, x[1])) if x.dim() == 4 else lane
+            if self.blocks[i].parallel and x.dim() == 3:
+                x = torch.stack((x, x))  # the lanes part
+            x, raw_v = self.blocks[i](x, value_embeds.get(i), first_value, cache, slot)
             first_value = raw_v if first_value is None else first_value
-            if i < self.num_skips:
-                skips.append(x)
+            if slot < num_skips:
+                skips.append(x[0] if x.dim() == 4 else x)
         if cache is not None:
             cache.length += tokens.size(1)
             cache.last_tokens = tokens[:, -1:]
-        return rms_norm(x)
+        return rms_norm(x.mean(0) if x.dim() == 4 else x)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
@@ -905,10 +978,15 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
     return (x.T if transposed else x).to(g.dtype)
 
 
-def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int) -> torch.Tensor:
-    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall."""
+def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int,
+                row_normalize: bool = False) -> torch.Tensor:
+    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall;
+    MuonEq-R first scales each row of the direction to norm 1, so no row dominates the orthogonalization."""
     buf.mul_(momentum).add_(grad)
-    update = newton_schulz_orthogonalize(grad + momentum * buf, steps)
+    direction = grad + momentum * buf
+    if row_normalize:
+        direction = direction / direction.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(direction.dtype)
+    update = newton_schulz_orthogonalize(direction, steps)
     return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
 
 
@@ -916,9 +994,9 @@ class Muon(torch.optim.Optimizer):
     """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
     r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, compile: bool = False):
+                 rank: int = 0, world_size: int = 1, compile: bool = False, row_normalize: bool = False):
         super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                            weight_decay=weight_decay))
+                                            weight_decay=weight_decay, row_normalize=row_normalize))
         self.rank, self.world_size = rank, world_size
         self.update = torch.compile(muon_update, dynamic=False) if compile else muon_update  # fused, a graph per shape
 
@@ -930,7 +1008,7 @@ class Muon(torch.optim.Optimizer):
             momentum = torch.tensor(group["momentum"], device=device)
             for shape in sorted({tuple(p.shape) for p in group["params"]}):
                 self.update(torch.zeros(shape, device=device), torch.zeros(shape, device=device), momentum,
-                            group["backend_steps"])
+                            group["backend_steps"], group["row_normalize"])
 
     @torch.no_grad()
     def step(self):
@@ -948,7 +1026,8 @@ class Muon(torch.optim.Optimizer):
                 if i % self.world_size == self.rank and p.grad is not None:
                     if "momentum" not in self.state[p]:
                         self.state[p]["momentum"] = torch.zeros_like(p.grad)
-                    updates[i].copy_(self.update(p.grad, self.state[p]["momentum"], momentum, group["backend_steps"]))
+                    updates[i].copy_(self.update(p.grad, self.state[p]["momentum"], momentum, group["backend_steps"],
+                                                 group["row_normalize"]))
             if self.world_size > 1:
                 dist.all_reduce(flat)
             if group["weight_decay"]:
@@ -964,7 +1043,8 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif p.ndim == 2 and not name.startswith("mixer_head."):  # the 7 x 512 mixer head is too small for Muon
+        elif p.ndim == 2 and not name.startswith(("mixer_head.", "smear_gate.")) and not name.endswith(
+                ("out_gate.weight", "lane_weights")):  # the mixer head, the gates and lane weights: too small for Muon
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -981,7 +1061,8 @@ def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: in
     # fused: one kernel for all parameters, and no host sync for the step count (the CPU has it too)
     adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=cfg.adam_wd, fused=True)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.muon_wd, rank=rank, world_size=world_size, compile=cfg.compile)
+                weight_decay=cfg.muon_wd, rank=rank, world_size=world_size, compile=cfg.compile,
+                row_normalize=cfg.muon_row_normalize)
     return [adam, muon]
 
 
@@ -1180,8 +1261,10 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     train_ms = 1000 * (time.perf_counter() - t0)
     penalty_scale = torch.zeros((), device=rt.device) if cfg.crown_q_lambda else None
     optimizers = build_optimizers(model, cfg, rt.rank, rt.world_size)
-    if cfg.compile and cfg.warmup_steps:
-        warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
+    for looping in sorted({cfg.num_loops > 0, cfg.num_loops > 0 and not cfg.enable_looping_at}, reverse=True):
+        model.looping = looping  # both graphs compiled before the clock; the loop then starts unlooped (or not)
+        if cfg.compile and cfg.warmup_steps:
+            warm_up_training(train_model, optimizers, cfg, rt, accum_steps, oracle_lookup, penalty_scale, log)
     loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
                                     0 if oracle is None else oracle.counted_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
@@ -1192,7 +1275,12 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
         if reading is None or step - reading[0] >= CLOCK_READ_EVERY:
             reading = (step, agreed_max([train_ms + 1000 * (rt.synced_time() - t0)], rt)[0])
         step_ms = (reading[1] - start_ms) / reading[0] if reading[0] else 0.0
-        elapsed = reading[1] + (step - reading[0]) * step_ms
+        elapsed = reading[1] + (step - reading[0]) * step_ms  # the same on every rank: from agreed readings
+        spent = max((step + 1) / cfg.iterations, elapsed / stop_ms if stop_ms else 0.0)
+        if not model.looping and cfg.num_loops and spent >= cfg.enable_looping_at:
+            model.looping = True
+            log(f"looping_enabled step:{step} train_time:{elapsed:.0f}ms "
+                f"layer_order:{','.join(map(str, model.layer_order()))}")
         stopped_early = stop_ms is not None and elapsed >= stop_ms
         if stopped_early:
             break
@@ -1299,9 +1387,17 @@ def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
 
 
-def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
+def clip_sigmas(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> float:
+    return {"mlp": cfg.mlp_clip_sigmas, "attn": cfg.attn_clip_sigmas, "embed": cfg.embed_clip_sigmas}.get(
+        tensor_class(name, tensor), 0.0)
+
+
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, sigmas: float = 0.0) -> torch.Tensor:
+    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest.
+    With `sigmas` (SDClip, #1394), sigmas x the row's std / qmax instead: coarser steps, fewer distinct values."""
     qmax, w = qmax_for(bits), w.float()
+    if sigmas:
+        return (sigmas * w.std(dim=1) / qmax).half().float().clamp_min(2.0 ** -24)
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = None, None
     for ratio in CLIP_RATIOS:
@@ -1316,9 +1412,9 @@ def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = Non
     return best_scale
 
 
-def rtn_quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_quantize(w: torch.Tensor, bits: int, sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) by rounding to nearest."""
-    scale = row_scales(w, bits)
+    scale = row_scales(w, bits, sigmas=sigmas)
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax_for(bits), qmax_for(bits))
     return q.to(torch.int8), scale.half()
 
@@ -1351,15 +1447,15 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
     return q
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float,
-                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float, block_size: int = 128,
+                  sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
     with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
         w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
         dead = h.diagonal() == 0  # inputs that were always zero: any weight there is free, store 0
         h[dead, dead] = 1.0
         w = w.masked_fill(dead[None, :], 0.0)
-        scale = row_scales(w, bits, h.diagonal())
+        scale = row_scales(w, bits, h.diagonal(), sigmas)
         order = torch.argsort(h.diagonal(), descending=True)  # act-order: largest inputs first, most columns left
         hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
         q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
@@ -1376,7 +1472,7 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
     model.eval()
     for start in range(0, num_seqs, batch_seqs):
         seqs = torch.full((min(batch_seqs, num_seqs - start), seq_len), bos_id, dtype=torch.int64, device=device)
-        cache = DecodeCache(len(model.blocks), seq_len)
+        cache = DecodeCache(seq_len)
         for t in range(1, seq_len):
             logits = model.logits_from_hidden(model.forward_hidden(seqs[:, t - 1:t], cache)[:, -1])  # (B, V)
             seqs[:, t] = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator)[:, 0]
@@ -1439,10 +1535,11 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
             state[name] = None  # keeps its place in the order
             gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
-            q, scale = rtn_quantize(tensor, bits)
+            q, scale = rtn_quantize(tensor, bits, clip_sigmas(name, tensor, cfg))
             state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
-    for (_, bits), names in gptq_groups.items():
-        q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp)
+    for (_, bits), names in gptq_groups.items():  # names sharing a Hessian share a class (c_q, c_k, c_v: attn)
+        q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp,
+                                 sigmas=clip_sigmas(names[0], tensors[names[0]], cfg))
         rows = [tensors[name].size(0) for name in names]
         for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
             state[name] = QuantizedTensor(bits, q_part, scale_part)

@@ -143,7 +143,7 @@ def test_dtypes_under_bf16_autocast_are_those_cuda_computes(cpu_runtime):
             seen[name] = inputs[0].dtype  # returns None: the output is left as it is
         return hook
 
-    model.blocks[0].attn.rotary.register_forward_hook(record("rotary_in"))
+    model.blocks[1].attn.rotary.register_forward_hook(record("rotary_in"))
     model.blocks[0].mlp.proj.register_forward_hook(record("mlp_hidden"))
     rt = dataclasses.replace(cpu_runtime, bf16=True)
     with rt.autocast():

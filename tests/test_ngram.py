@@ -318,7 +318,7 @@ def test_mixer_loss_trains_the_head_and_the_transformer():
     def grads(*expert_inputs):
         model.zero_grad()
         model(x, x, *expert_inputs).backward()
-        return model.mixer_head.weight.grad, model.blocks[0].attn.c_q.weight.grad.clone()
+        return model.mixer_head.weight.grad, model.blocks[1].attn.c_q.weight.grad.clone()
 
     head_plain, cq_plain = grads()
     head_mixed, cq_mixed = grads(probs, valid)

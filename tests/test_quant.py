@@ -141,11 +141,13 @@ def test_bit_widths_follow_the_tensor_names():
     bits = {name: tg.quant_bits(name, p, cfg) for name, p in model.named_parameters()}
     assert bits["blocks.3.mlp.fc.weight"] == bits["blocks.3.mlp.proj.weight"] == 5
     for part in ("c_q", "c_k", "c_v", "proj"):
-        assert bits[f"blocks.0.attn.{part}.weight"] == 6
+        assert bits[f"blocks.1.attn.{part}.weight"] == 6
     assert bits["bigram.proj.weight"] == bits["value_embed_proj.weight"] == 6
     for name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight"):
         assert bits[name] == 8, name
-    assert bits["blocks.0.attn.q_gain"] == bits["skip_weights"] == bits["blocks.0.attn_scale"] == 0
+    for name in ("blocks.1.attn.q_gain", "skip_weights", "skip_gates", "blocks.1.attn_scale", "smear_gate.weight",
+                 "blocks.1.attn.out_gate.weight", "blocks.10.lane_weights"):
+        assert bits[name] == 0, name
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
@@ -263,7 +265,7 @@ def test_cached_sampling_gives_the_tokens_and_logits_of_the_full_forward(options
     with torch.no_grad():
         full = model.logits_from_hidden(model.forward_hidden(tokens))
         for first in (1, 17):  # one position at a time from the start, or from a prefix run at once
-            cache = tg.DecodeCache(cfg.num_layers, 40)
+            cache = tg.DecodeCache(40)
             parts = [tokens[:, :first]] + list(tokens[:, first:].split(1, dim=1))
             cached = torch.cat([model.logits_from_hidden(model.forward_hidden(part, cache)) for part in parts], dim=1)
             assert (cached - full).abs().max() < 2e-5 * full.abs().max(), first  # fp32 rounding: ~1e-6
@@ -444,7 +446,7 @@ def test_crown_q_penalty_is_positive_and_reaches_the_weights():
     grad = model.blocks[0].mlp.fc.weight.grad
     assert grad is not None and float(grad.abs().sum()) > 0
     assert torch.allclose(grad, 0.5 / len(terms) * 2 * w * delta.square() / 12 / w.numel())
-    assert model.blocks[0].attn.q_gain.grad is None
+    assert model.blocks[1].attn.q_gain.grad is None
 
 
 def test_write_artifact_replaces_atomically(tmp_path):
