@@ -1043,8 +1043,8 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
             groups["embed"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
-        elif p.ndim == 2 and not name.startswith(("mixer_head.", "smear_gate.")) and not name.endswith(
-                ("out_gate.weight", "lane_weights")):  # the mixer head, the gates and lane weights: too small for Muon
+        elif p.ndim == 2 and name.endswith(".weight") and "gate." not in name and not name.startswith("mixer_head."):
+            # not the mixer head, the gates, the skip and lane weights: too small for Muon, or not maps
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)

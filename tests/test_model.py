@@ -26,6 +26,12 @@ OPTIONS = {
     "odd_layers": dict(num_layers=5, ve_layers=(4,), xsa_last_n=1),
     "no_mixer_head": dict(use_mixer="none"),
     "hedge_no_head": dict(use_mixer="hedge"),
+    "serial_residual": dict(parallel_residual=False),
+    "no_loops": dict(num_loops=0),
+    "lanes_from_layer_0": dict(num_loops=0, parallel_start_layer=0, disable_layer0_attn=False),
+    "three_loops_of_one_layer": dict(num_loops=3, loop_start=1, loop_end=1, parallel_start_layer=2),
+    "layer0_attention": dict(disable_layer0_attn=False),
+    "no_gates_or_scales": dict(smear_gate=False, gate_attn_out=False, skip_gates_enabled=False, ln_scale=False),
 }
 
 
@@ -64,11 +70,13 @@ def test_options_change_the_model():
         return model.forward_hidden(x)
 
     base = output(base_cfg)
-    for name in ("no_xsa", "no_bigram", "no_value_embeddings", "no_value_residual", "full_rope", "no_unet"):
+    for name in ("no_xsa", "no_bigram", "no_value_embeddings", "no_value_residual", "full_rope", "no_unet",
+                 "serial_residual", "no_loops", "lanes_from_layer_0", "layer0_attention", "no_gates_or_scales"):
         assert not torch.allclose(output(dataclasses.replace(base_cfg, **OPTIONS[name])), base, atol=1e-5), name
 
 
-@pytest.mark.parametrize("name", ["all_on", "multi_query", "untied_head"])
+@pytest.mark.parametrize("name", ["all_on", "multi_query", "untied_head", "lanes_from_layer_0",
+                                  "three_loops_of_one_layer"])
 def test_position_t_depends_on_tokens_up_to_t_only(name):
     torch.manual_seed(0)
     cfg = tiny_config(**OPTIONS[name])
