@@ -15,12 +15,12 @@ speed of a step does not depend on the token values, and no data files are neede
 stack ALL_OFF, then all of them: the defaults, with depth recurrence off and on), every row measured in this
 one process so that the rows compare as ratios. Rows run USE_MIXER=none; the mixer has a table of its own.
   - FLOPs per optimizer step at the preset's shape, counted by torch.utils.flop_counter.FlopCounterMode on a
-    CPU. Forward and backward are counted on one sequence and multiplied by the sequences in TRAIN_BATCH_TOKENS
-    (their FLOPs are linear in the batch); the optimizer's (Muon's Newton-Schulz, the same at any batch) are counted
-    once, by a train_step given no micro-batch, on the gradients the counted forward and backward left: all
-    matrices (a rank of 8 orthogonalizes about 1/8 of them). Matmuls and attention only: elementwise work (norms, gates, XSA's
-    projection, MuonEq-R's row norms) costs time but no FLOPs here. Attention counts the scores a causal
-    kernel computes: (T + 1) / 2T of the T x T.
+    CPU. Forward and backward are counted on one sequence and multiplied by the sequences in
+    TRAIN_BATCH_TOKENS (their FLOPs are linear in the batch); the optimizer's (Muon's Newton-Schulz, the same at
+    any batch) are counted once, by a train_step given no micro-batch, on the gradients the counted forward
+    and backward left: all matrices (a rank of 8 orthogonalizes about 1/8 of them). Matmuls and attention
+    only: elementwise work (norms, gates, XSA's projection, MuonEq-R's row norms) costs time but no FLOPs
+    here. Attention counts the scores a causal kernel computes: (T + 1) / 2T of the T x T.
   - ms per step of train_step at --cpu-batch-tokens (default two sequences: a full-size step on a small CPU
     takes minutes), and its ratio to the all-off row.
   - The learned mixer (USE_MIXER=learned) on the all-defaults, recurrence-off model: the oracle lookup alone
@@ -254,7 +254,8 @@ def measure_lookup(lookup, cfg: tg.Hyperparameters, rt: tg.Runtime, steps: int, 
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def mixer_traffic(cfg: tg.Hyperparameters, rt: tg.Runtime, oracle: tg.NgramModel) -> tuple[TrafficCounter, TrafficCounter]:
+def mixer_traffic(cfg: tg.Hyperparameters, rt: tg.Runtime,
+                  oracle: tg.NgramModel) -> tuple[TrafficCounter, TrafficCounter]:
     """Kernel ops and bytes of one micro-batch at cfg's shape: (the oracle lookup, eager; the mixer head and the
     mixture loss in forward and backward, as the difference between micro_step with and without experts)."""
     accum = tg.grad_accum_steps_for(cfg, rt.world_size)
@@ -278,7 +279,7 @@ def mixer_traffic(cfg: tg.Hyperparameters, rt: tg.Runtime, oracle: tg.NgramModel
 
 def measure_mixer(cfg: tg.Hyperparameters, cpu_cfg: tg.Hyperparameters, rt: tg.Runtime, args) -> dict:
     """USE_MIXER=learned's costs at cpu_cfg's batch (cfg and cpu_cfg: the learned mixer on) and the traffic
-    projected to cfg's: figures for mixer_lines."""
+    projected to cfg's: the figures mixer_report prints."""
     oracle, build_ms = synthetic_oracle(cfg, rt, args.oracle_tokens)
     lookup = torch.compile(tg.oracle_probs_for_batch, dynamic=False) if cfg.compile else tg.oracle_probs_for_batch
     as_trained = lambda b: lookup(oracle, b.inputs, b.targets, b.oracle_run, cfg.ngram_prior_beta)  # noqa: E731
@@ -325,7 +326,8 @@ def measure_techniques(configs: dict[str, tuple], rt: tg.Runtime, args, budget_s
         ms = measure_steps(cpu_cfg, rt, args.steps, args.warmup, looping)["ms_per_step"]
         row = dict(fwd_bwd_gflops=forward_backward / 1e9, optimizer_gflops=optimizer / 1e9, ms=ms)
         first = next(iter(results.values()), row)  # the all-off row
-        row["flop_ratio"] = (forward_backward + optimizer) / (1e9 * (first["fwd_bwd_gflops"] + first["optimizer_gflops"]))
+        all_off_gflops = first["fwd_bwd_gflops"] + first["optimizer_gflops"]
+        row["flop_ratio"] = (forward_backward + optimizer) / 1e9 / all_off_gflops
         row["ms_ratio"] = ms / first["ms"]
         row["gpu_ms"] = PUBLISHED_STEP_MS * row["flop_ratio"]
         row["steps"] = 1000 * budget_s / row["gpu_ms"]
@@ -354,34 +356,37 @@ def technique_table(results: dict[str, dict], device: str, batch_tokens: int, bu
 
 def mixer_report(mixer: dict, none_row: dict, device: str, batch_tokens: int, budget_s: float) -> str:
     """The mixer's table, its projection's assumptions, and its key:value line."""
-    none_ms, neural_gpu_ms = none_row["ms"], none_row["gpu_ms"]
+    none_ms, learned_ms, lookup_ms = none_row["ms"], mixer["learned_ms"], mixer["lookup_ms"]
+    neural_gpu_ms = none_row["gpu_ms"]
     learned_gpu_ms = neural_gpu_ms + mixer["lookup_gpu_ms"] + mixer["head_gpu_ms"]
     header = ["mixer, all (recurrence off)", f"{device} ms/step at {batch_tokens:,} tokens", "ratio to USE_MIXER=none",
               "H100 ms/step, projected", f"steps in {budget_s:g} s, projected"]
     table = markdown_table(header, [
-        ["USE_MIXER=none", f"{none_ms:,.1f}", "1.000", f"{neural_gpu_ms:.1f}", f"{1000 * budget_s / neural_gpu_ms:,.0f}"],
-        ["oracle lookup alone", f"{mixer['lookup_ms']:,.1f}", f"{mixer['lookup_ms'] / none_ms:.3f}",
-         f"{mixer['lookup_gpu_ms']:.2f}", "-"],
-        ["USE_MIXER=learned (lookup + mixer loss)", f"{mixer['learned_ms']:,.1f}", f"{mixer['learned_ms'] / none_ms:.3f}",
+        ["USE_MIXER=none", f"{none_ms:,.1f}", "1.000", f"{neural_gpu_ms:.1f}",
+         f"{1000 * budget_s / neural_gpu_ms:,.0f}"],
+        ["oracle lookup alone", f"{lookup_ms:,.1f}", f"{lookup_ms / none_ms:.3f}", f"{mixer['lookup_gpu_ms']:.2f}",
+         "-"],
+        ["USE_MIXER=learned (lookup + mixer loss)", f"{learned_ms:,.1f}", f"{learned_ms / none_ms:.3f}",
          f"{learned_gpu_ms:.1f}", f"{1000 * budget_s / learned_gpu_ms:,.0f}"]])
     lookup, head = mixer["lookup_ops"], mixer["head_ops"]
     notes = [
-        f"- lookup: oracle over {mixer['oracle_tokens']:,} synthetic tokens (counted in {mixer['oracle_build_ms']:,.0f} "
-        f"ms here, training time in train(), not in these steps); each binary search "
-        f"{mixer['search_depth_added']:.1f} probes deeper for the real oracle's tables",
-        f"- lookup on an H100: {lookup.kernels} kernel ops and {lookup.views} view ops x {mixer['calls']} micro-batches "
-        f"at {US_PER_KERNEL_OP:g} / {US_PER_VIEW_OP:g} us (eager launches; compiled, as trained, fewer), "
-        f"{mixer['lookup_gbytes']:.3f} GB at {GPU_HBM_BYTES_PER_S / 1e12:g} TB/s ({SECTOR_BYTES}-byte sector a "
-        f"random read)",
+        f"- lookup: oracle over {mixer['oracle_tokens']:,} synthetic tokens (counted in "
+        f"{mixer['oracle_build_ms']:,.0f} ms here: training time in train(), not in these steps); each binary "
+        f"search {mixer['search_depth_added']:.1f} probes deeper for the real oracle's tables",
+        f"- lookup on an H100: {lookup.kernels} kernel ops and {lookup.views} view ops x {mixer['calls']} "
+        f"micro-batches at {US_PER_KERNEL_OP:g} / {US_PER_VIEW_OP:g} us (eager launches; compiled, as trained, "
+        f"fewer), {mixer['lookup_gbytes']:.3f} GB at {GPU_HBM_BYTES_PER_S / 1e12:g} TB/s ({SECTOR_BYTES}-byte "
+        "sector a random read)",
         f"- mixer head and loss on an H100: {head.kernels} more kernel ops, {head.views} more view ops and "
         f"{mixer['head_gbytes']:.3f} GB more in forward and backward, at the same rates",
     ]
     line = (f"bench_train mixer oracle_tokens:{mixer['oracle_tokens']} oracle_build_ms:{mixer['oracle_build_ms']:.1f} "
-            f"{device}_batch_tokens:{batch_tokens} none_{device}_ms:{none_ms:.1f} lookup_{device}_ms:{mixer['lookup_ms']:.1f} "
-            f"learned_{device}_ms:{mixer['learned_ms']:.1f} learned_ratio:{mixer['learned_ms'] / none_ms:.3f} "
+            f"{device}_batch_tokens:{batch_tokens} none_{device}_ms:{none_ms:.1f} lookup_{device}_ms:{lookup_ms:.1f} "
+            f"learned_{device}_ms:{learned_ms:.1f} learned_ratio:{learned_ms / none_ms:.3f} "
             f"lookup_kernel_ops:{lookup.kernels} lookup_gbytes_per_step:{mixer['lookup_gbytes']:.4f} "
             f"lookup_h100_ms_projected:{mixer['lookup_gpu_ms']:.2f} head_h100_ms_projected:{mixer['head_gpu_ms']:.2f} "
-            f"learned_h100_ms_projected:{learned_gpu_ms:.1f} learned_steps_projected:{1000 * budget_s / learned_gpu_ms:.0f}")
+            f"learned_h100_ms_projected:{learned_gpu_ms:.1f} "
+            f"learned_steps_projected:{1000 * budget_s / learned_gpu_ms:.0f}")
     return "\n".join([table, "", *notes, "", line])
 
 
