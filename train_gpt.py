@@ -231,18 +231,16 @@ class Hyperparameters:
         checks += [(getattr(self, name.lower()) > 0, name, "greater than 0") for name in SETTING_POSITIVE]
         for ok, name, allowed in checks:
             if not ok:
-                value = getattr(self, name.lower())
-                value = ",".join(map(str, value)) if isinstance(value, tuple) else value
-                raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+                raise ConfigError(f"{name}={setting_text(getattr(self, name.lower()))!r} is not allowed: {allowed}")
 
     def as_log_lines(self) -> list[str]:
-        lines = []
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, (tuple, bool)):
-                value = ",".join(map(str, value)) if isinstance(value, tuple) else int(value)
-            lines.append(f"setting {field.name.upper()}={value}")
-        return lines
+        return [f"setting {field.name.upper()}={setting_text(getattr(self, field.name))}"
+                for field in dataclasses.fields(self)]
+
+
+def setting_text(value):
+    """A setting as it is written in the environment: 0/1 for a switch, comma-separated for a tuple."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
 
 
 SETTING_MINIMUMS = {
@@ -1392,21 +1390,20 @@ def clip_sigmas(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> float:
         tensor_class(name, tensor), 0.0)
 
 
-def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, sigmas: float = 0.0) -> torch.Tensor:
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None,
+               sigmas: float = 0.0) -> torch.Tensor:
     """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest.
     With `sigmas` (SDClip, #1394), sigmas x the row's std / qmax instead: coarser steps, fewer distinct values."""
     qmax, w = qmax_for(bits), w.float()
     if sigmas:
         return (sigmas * w.std(dim=1) / qmax).half().float().clamp_min(2.0 ** -24)
     row_max = w.abs().amax(dim=1)
-    best_scale, best_err = None, None
+    best_scale, best_err = torch.zeros_like(row_max), torch.full_like(row_max, math.inf)
     for ratio in CLIP_RATIOS:
         scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)  # fp16: the stored step is searched
         q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
         err = (w - q * scale[:, None]).square()
         err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
-        if best_scale is None:
-            best_scale, best_err = scale, err
         better = err < best_err
         best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
     return best_scale

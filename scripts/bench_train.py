@@ -55,7 +55,7 @@ PRESETS = {
     # The README's CPU demo (scripts/run_demo.sh).
     "demo": dict(NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", MLP_MULT="3",
                  TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", GRAD_ACCUM_STEPS="1", BIGRAM_VOCAB_SIZE="2048",
-                 BIGRAM_DIM="64", VE_DIM="64", VE_LAYERS="2,3", XSA_LAST_N="2"),
+                 BIGRAM_DIM="64", VE_DIM="64"),
     # The 11-layer defaults at one GPU's share of the 786,432-token global batch on 8 GPUs.
     "full": dict(TRAIN_SEQ_LEN="2048", TRAIN_BATCH_TOKENS="98304", GRAD_ACCUM_STEPS="1"),
 }

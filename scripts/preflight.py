@@ -78,9 +78,10 @@ def preflight_step_ms(model: tg.GPT, train_model: nn.Module, cfg: tg.Hyperparame
                       lines: list[str]) -> tuple[float, int]:
     """(milliseconds per training step, graphs compiled while timing) from PREFLIGHT_STEPS real steps,
     the first PREFLIGHT_SKIP not counted. No warm-up in the schedule, so that the CROWN-Q penalty (on in
-    the warm-down) is in every step, as it is in the run's last steps."""
+    the warm-down) is in every step, as it is in the run's last steps; looped from the first step (the
+    slower pace and the higher peak of a run with NUM_LOOPS, so its projected steps are a floor)."""
     short = dataclasses.replace(cfg, iterations=PREFLIGHT_STEPS, lr_warmup_steps=0, max_wallclock_seconds=0.0,
-                                val_loss_every=0, train_log_every=1)
+                                val_loss_every=0, train_log_every=1, enable_looping_at=0.0)
     result = tg.train(model, train_model, short, rt, log, oracle=oracle)
     times = [float(t) for t in re.findall(r"^step:\d+/\d+ train_loss:\S+ train_time:(\S+)ms", "\n".join(lines),
                                           re.M)]

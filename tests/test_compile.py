@@ -90,12 +90,21 @@ def test_two_processes_compiled_give_the_eager_final_lines(dataset, wrapper_scri
     data, tok = dataset
     env = dict(COMPILE_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, BF16=bf16, GRAD_ACCUM_STEPS="2",
                TRAIN_BATCH_TOKENS="512", **mixer)
+    if bf16 == "1":  # 4 layers and the layer defaults: every technique of docs/frontier.md on
+        env = dict({k: v for k, v in env.items() if k not in ("XSA_LAST_N", "VE_LAYERS")}, NUM_LAYERS="4")
     compiled = logged_run(dict(env, COMPILE="1"), tmp_path, "c2", TORCHRUN, script=wrapper_script)
     eager = logged_run(dict(env, COMPILE="0"), tmp_path, "e2", TORCHRUN)
     assert "world_size:2" in compiled and f"setting BF16={bf16}" in compiled
     assert all(f"setting {name}=" in compiled for name in mixer)
     assert_nothing_compiled_on_the_clocks(compiled)
     assert_same_finals(finals(compiled), finals(eager), tolerance)
+    audit = re.search(r"^ngram_audit positions:8 worst_abs_sum_minus_1:(\S+) min_prob:\S+ worst_target_diff:(\S+)$",
+                      compiled, re.M)
+    assert audit and float(audit.group(1)) < 1e-6 and float(audit.group(2)) < 1e-6, audit and audit.group(0)
+    if bf16 == "1":
+        for line in ("setting XSA_LAST_N=4", "setting PARALLEL_START_LAYER=3", "setting LOOP_END=2",
+                     "looping_enabled step:1 ", "layer_order:0,1,2,1,2,3"):
+            assert line in compiled, line
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
