@@ -2267,15 +2267,13 @@ WRAPPER_TAIL = b'")))\n'  # code counts as this wrapper of the source, as in the
 
 def self_extracting_wrapper(source: bytes) -> bytes:
     """The counted train_gpt.py for `source`; deterministic (xz at a fixed preset records no time or name)."""
-    packed = lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)
-    return WRAPPER_HEAD + base64.b85encode(packed) + WRAPPER_TAIL
+    return WRAPPER_HEAD + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)) + WRAPPER_TAIL
 
 
 def wrapped_source(script: bytes) -> bytes:
     """The source a script runs: what a wrapper unpacks, or the script itself."""
-    if not script.startswith(WRAPPER_HEAD):
-        return script
-    return lzma.decompress(base64.b85decode(script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
+    packed = script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]
+    return lzma.decompress(base64.b85decode(packed)) if script.startswith(WRAPPER_HEAD) else script
 
 
 @functools.lru_cache(maxsize=1)
@@ -2357,12 +2355,11 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
-    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
     def plain_val() -> EvalResult:
         model.eval()
-        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
+        val = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
         model.train()
-        return result
+        return val
     path = cfg.eval_artifact
     if not path:
         log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
