@@ -1931,9 +1931,8 @@ def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
 
 
 def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
-    """(n, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
-    n = (hi - lo) // seq_len
-    starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
+    """((hi - lo) // seq_len, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
+    starts = lo - 1 + seq_len * torch.arange((hi - lo) // seq_len, device=val_tokens.device)
     return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
 
 
