@@ -392,8 +392,7 @@ def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tens
 class TokenStream:
     """An endless stream over the training shards, each pass in a new order drawn from the seed."""
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int):
-        self.files = list(files)
-        self.vocab_size = vocab_size
+        self.files, self.vocab_size = list(files), vocab_size
         self.rng = np.random.default_rng(seed)
         self.offsets = np.cumsum([0] + [shard_token_count(f) for f in self.files])
         self.order: list[int] = []
@@ -408,8 +407,7 @@ class TokenStream:
                 if not self.order:
                     self.order = list(self.rng.permutation(len(self.files)))
                 self.shard = self.order.pop(0)
-                self.tokens = load_shard(self.files[self.shard], self.vocab_size)
-                self.pos = 0
+                self.tokens, self.pos = load_shard(self.files[self.shard], self.vocab_size), 0
             piece = self.tokens[self.pos:self.pos + left]
             parts.append(piece)
             places.append(self.offsets[self.shard] + self.pos + np.arange(piece.size, dtype=np.int64))
@@ -442,8 +440,7 @@ class DistributedBatchLoader:
     def __init__(self, files: Sequence[str], vocab_size: int, seed: int, rank: int, world_size: int,
                  oracle_tokens: int = 0):
         self.stream = TokenStream(files, vocab_size, seed)
-        self.rank, self.world_size = rank, world_size
-        self.oracle_tokens = oracle_tokens
+        self.rank, self.world_size, self.oracle_tokens = rank, world_size, oracle_tokens
 
     def step_batches(self, batch_tokens: int, accum: int, seq_len: int, device: torch.device) -> list[Batch]:
         """This rank's `accum` micro-batches of the next step, each (rows, seq_len)."""
@@ -453,19 +450,15 @@ class DistributedBatchLoader:
         for m in range(accum):
             mine = slice((self.rank * accum + m) * piece, (self.rank * accum + m + 1) * piece + 1)
             local = to_device_async(torch.from_numpy(chunk[mine].astype(np.int64)), device)
-            run = None
-            if self.oracle_tokens:
-                run = to_device_async(torch.from_numpy(oracle_run_lengths(places[mine], self.oracle_tokens)), device)
-                run = run[1:].view(-1, seq_len)
+            runs = oracle_run_lengths(places[mine], self.oracle_tokens) if self.oracle_tokens else None
+            run = None if runs is None else to_device_async(torch.from_numpy(runs), device)[1:].view(-1, seq_len)
             batches.append(Batch(local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len), run))
         return batches
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy on `device` that does not block the host (a CUDA copy from pageable memory would: pin first)."""
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 # =============================================================================
@@ -498,14 +491,10 @@ def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             continue
         boundary[i] = False
-        if sp.is_byte(i):
-            base[i] = 1
-            continue
         piece = sp.id_to_piece(i)
-        if piece.startswith("\u2581"):
-            space[i] = True
-            piece = piece[1:]
-        base[i] = len(piece.replace("\u2581", " ").encode("utf-8"))  # an inner marker (runs of spaces) is a space
+        space[i] = not sp.is_byte(i) and piece.startswith("\u2581")
+        # an inner marker (runs of spaces) is a space
+        base[i] = 1 if sp.is_byte(i) else len(piece.removeprefix("\u2581").replace("\u2581", " ").encode("utf-8"))
     return TokenByteTables(base, space, boundary)
 
 
@@ -955,7 +944,6 @@ def mixture_nll(neural_logprob: torch.Tensor, weights: torch.Tensor, expert_prob
 def hedge_expert_probs(counts: torch.Tensor, totals: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Hedge's experts (c + a) / (T + a V), (..., K) float64: positive, and any rank can compute them from counts."""
     return (counts.double() + HEDGE_ALPHA) / (totals.double() + HEDGE_ALPHA * vocab_size)
-
 
 
 # =============================================================================
@@ -2006,10 +1994,8 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
         target_logprob = batch.pick(logprobs.gather(-1, next_tokens[..., None])[..., 0]).double()
         mixer_logits = None if mixer_logits is None else batch.pick(mixer_logits).float()
         parts.append(NeuralScores(targets, target_logprob, mixer_logits, nbytes, audit_rows))
-    if not parts:
-        empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)
-        return NeuralScores(empty, empty.double(), None, empty, {})
-    return concatenated_scores(parts)
+    empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)  # a rank may own no window of [lo, hi)
+    return concatenated_scores(parts or [NeuralScores(empty, empty.double(), None, empty, {})])
 
 
 def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
@@ -2039,9 +2025,8 @@ def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
 
 
 def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
-    """(n, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
-    n = (hi - lo) // seq_len
-    starts = lo - 1 + seq_len * torch.arange(n, device=val_tokens.device)
+    """((hi - lo) // seq_len, seq_len+1) non-overlapping, already scored sequences of the chunk of targets [lo, hi)."""
+    starts = lo - 1 + seq_len * torch.arange((hi - lo) // seq_len, device=val_tokens.device)
     return val_tokens[starts[:, None] + torch.arange(seq_len + 1, device=val_tokens.device)[None, :]]
 
 
@@ -2272,14 +2257,10 @@ def cache_pass(scores: NeuralScores, val_tokens: torch.Tensor, cfg: Hyperparamet
         probs = hedge_expert_probs(counts, totals, cfg.vocab_size)
         chunk = (scores.targets - 1) // C
         num_chunks = (val_tokens.numel() - 2) // C + 1
-        neural_loss = torch.zeros(num_chunks, dtype=torch.float64, device=val_tokens.device)
-        neural_loss.index_add_(0, chunk, -scores.logprob)
-        expert_loss = torch.zeros(num_chunks, probs.size(1), dtype=torch.float64, device=probs.device)
-        expert_loss.index_add_(0, chunk, -probs.log())
+        losses = torch.zeros(num_chunks, 1 + probs.size(1), dtype=torch.float64, device=probs.device)
+        losses.index_add_(0, chunk, -torch.cat((scores.logprob[:, None], probs.log()), 1))  # (chunks, 1+K)
         if rt.distributed:
-            dist.all_reduce(neural_loss)
-            dist.all_reduce(expert_loss)
-        losses = torch.cat((neural_loss[:, None], expert_loss), 1)
+            dist.all_reduce(losses)
         seen_loss = F.pad(torch.cumsum(losses, 0)[:-1], (0, 0, 1, 0))  # cumsum - own loss would leak rounding
         K = len(cfg.ngram_orders)  # start: HEDGE_PRIOR_NEURAL on the neural model, the rest shared by the n-grams
         start = torch.tensor([HEDGE_PRIOR_NEURAL] + [(1 - HEDGE_PRIOR_NEURAL) / K] * K, dtype=torch.float64)
@@ -2379,15 +2360,13 @@ WRAPPER_TAIL = b'")))\n'  # code counts as this wrapper of the source, as in the
 
 def self_extracting_wrapper(source: bytes) -> bytes:
     """The counted train_gpt.py for `source`; deterministic (xz at a fixed preset records no time or name)."""
-    packed = lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)
-    return WRAPPER_HEAD + base64.b85encode(packed) + WRAPPER_TAIL
+    return WRAPPER_HEAD + base64.b85encode(lzma.compress(source, preset=9 | lzma.PRESET_EXTREME)) + WRAPPER_TAIL
 
 
 def wrapped_source(script: bytes) -> bytes:
     """The source a script runs: what a wrapper unpacks, or the script itself."""
-    if not script.startswith(WRAPPER_HEAD):
-        return script
-    return lzma.decompress(base64.b85decode(script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]))
+    packed = script[len(WRAPPER_HEAD):-len(WRAPPER_TAIL)]
+    return lzma.decompress(base64.b85decode(packed)) if script.startswith(WRAPPER_HEAD) else script
 
 
 @functools.lru_cache(maxsize=1)
@@ -2469,12 +2448,11 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
-    batch_tokens = eval_batch_tokens(cfg, rt.world_size)
     def plain_val() -> EvalResult:
         model.eval()
-        result = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, batch_tokens, rt)
+        val = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
         model.train()
-        return result
+        return val
     path = cfg.eval_artifact
     if not path:
         log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
