@@ -13,7 +13,9 @@
 #   DATA_PATH=data/datasets/prose_sp1024 TOKENIZER_PATH=data/tokenizers/prose_1024_bpe.model \
 #       bash scripts/compare_stacks.sh
 # SEEDS (default "1337 42"), STACKS (default "new off"), TAG (run ids ${TAG}_<stack>_<seed>, default
-# "stack"), ITERATIONS (default 300) and any other run_demo.sh setting pass through the environment.
+# "stack"), ITERATIONS (default 300) and any other run_demo.sh setting pass through the environment;
+# TABLE_ONLY=1 prints the table from the logs of earlier runs (e.g. of STACKS=new and STACKS=off run side
+# by side with LOCAL_WORLD_SIZE=2, one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ITERATIONS="${ITERATIONS:-300}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
@@ -35,6 +37,7 @@ log_value() {  # log_value LOG REGEX KEY: the KEY:value of the last line of LOG 
 
 for stack in $STACKS; do
   for seed in $SEEDS; do
+    [ "${TABLE_ONLY:-0}" = 1 ] && continue
     run_id="${TAG}_${stack}_${seed}"
     settings=(SEED="$seed")
     [ "$stack" = off ] && settings+=("${OFF[@]}")

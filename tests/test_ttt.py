@@ -123,9 +123,11 @@ def test_parameter_groups_scale_projection_learning_rates():
     model = trained_like(cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["lr_mult"]: {names[id(p)] for p in g["params"]} for g in tg.ttt_param_groups(model, cfg)}
-    assert groups[3.0] == {f"blocks.{i}.{m}.proj.weight" for i in range(4) for m in ("attn", "mlp")}
-    assert groups[0.5] == {f"blocks.{i}.{n}.weight" for i in range(4)
-                           for n in ("attn.c_q", "attn.c_k", "attn.c_v", "mlp.fc")}
+    attention = range(1, 4)  # layer 0 has none (DISABLE_LAYER0_ATTN)
+    assert groups[3.0] == {f"blocks.{i}.mlp.proj.weight" for i in range(4)} | {
+        f"blocks.{i}.attn.proj.weight" for i in attention}
+    assert groups[0.5] == {f"blocks.{i}.mlp.fc.weight" for i in range(4)} | {
+        f"blocks.{i}.attn.{n}.weight" for i in attention for n in ("c_q", "c_k", "c_v")}
     assert "tok_emb.weight" in groups[1.0] and not any(n.startswith("mixer_head") for n in groups[1.0])
     assert tg.ttt_lr_at(0, 6, cfg) == cfg.ttt_lr and tg.ttt_lr_at(6, 6, cfg) == pytest.approx(0, abs=1e-12)
 
