@@ -1023,15 +1023,10 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Muon takes the 2-D weights of blocks and projections ("matrix"); AdamW embeddings, untied head, vectors."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
-            groups["embed"].append(p)
-        elif name == "lm_head.weight":
-            groups["head"].append(p)
-        elif p.ndim == 2 and name.endswith(".weight") and "gate." not in name and not name.startswith("mixer_head."):
-            # not the mixer head, the gates, the skip and lane weights: too small for Muon, or not maps
-            groups["matrix"].append(p)
-        else:
-            groups["scalar"].append(p)
+        embed = name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight")
+        # not the mixer head, the gates, the skip and lane weights: too small for Muon, or not maps
+        matrix = p.ndim == 2 and name.endswith(".weight") and "gate." not in name and not name.startswith("mixer_head.")
+        groups["embed" if embed else "head" if name == "lm_head.weight" else "matrix" if matrix else "scalar"].append(p)
     return groups
 
 
@@ -1580,8 +1575,7 @@ def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
         packed = q.values.numpy().tobytes()
     else:
         fields = (q.values.numpy().astype(np.int16).ravel() + qmax_for(q.bits)).astype(np.uint8)
-        shifts = np.arange(q.bits - 1, -1, -1, dtype=np.uint8)  # most significant bit first
-        packed = np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
+        packed = np.packbits(np.unpackbits(fields[:, None], axis=1)[:, 8 - q.bits:]).tobytes()  # most significant first
     return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
