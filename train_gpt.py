@@ -170,30 +170,26 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, env: Mapping[str, str], cuda: bool) -> "Hyperparameters":
         """Every setting from `env`, checked; COMPILE and BF16 default on with CUDA only (slower on a CPU)."""
-        values = {}
+        values = {"compile": cuda, "bf16": cuda}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
                 like = {"ve_layers": ()}.get(field.name, 0 if field.default is None else field.default)
                 values[field.name] = parse_setting(field.name.upper(), env[field.name.upper()].strip(), like)
-        for switch in ("compile", "bf16"):
-            values.setdefault(switch, cuda)
         hp = cls(**values)
         hp.validate()
         return hp
 
     def validate(self) -> None:
-        head_dim = self.model_dim // max(self.num_heads, 1)
-        L = self.num_layers
+        H, KV, L = self.num_heads, self.num_kv_heads, self.num_layers
+        head_dim = self.model_dim // max(H, 1)
         checks = [
             (2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "2..65536 (token ids are uint16)"),
             (1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE", f"1..EVAL_SEQ_LEN ({self.eval_seq_len})"),
             (self.val_batch_size >= max(self.eval_seq_len, self.train_seq_len), "VAL_BATCH_SIZE",
              "tokens per evaluation batch, at least one sequence"),
-            (self.num_heads >= 1 and self.model_dim % self.num_heads == 0, "MODEL_DIM",
-             f"a multiple of NUM_HEADS ({self.num_heads})"),
+            (H >= 1 and self.model_dim % H == 0, "MODEL_DIM", f"a multiple of NUM_HEADS ({H})"),
             (head_dim % 2 == 0, "MODEL_DIM", "MODEL_DIM / NUM_HEADS must be even (rotary pairs)"),
-            (1 <= self.num_kv_heads <= self.num_heads and self.num_heads % self.num_kv_heads == 0, "NUM_KV_HEADS",
-             f"a divisor of NUM_HEADS ({self.num_heads})"),
+            (1 <= KV <= H and H % KV == 0, "NUM_KV_HEADS", f"a divisor of NUM_HEADS ({H})"),
             (0 <= self.rope_dims <= head_dim and self.rope_dims % 2 == 0, "ROPE_DIMS",
              f"an even number from 0 to the head size ({head_dim}); 0 means the whole head"),
             (0 <= self.xsa_last_n <= L, "XSA_LAST_N", f"0..NUM_LAYERS ({L})"),
@@ -300,9 +296,7 @@ def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None
     if cfg is not None and "WARMUP_STEPS" in env and not cfg.compile:
         lines.append("warning: WARMUP_STEPS primes the compiled graphs before the clock (as upstream) and does "
                      "nothing with COMPILE=0; the learning-rate warm-up is LR_WARMUP_STEPS")
-    for name in sorted(env):
-        if name in known or not SETTING_NAME.fullmatch(name):
-            continue
+    for name in sorted(name for name in env if name not in known and SETTING_NAME.fullmatch(name)):
         if name in RENAMED_SETTINGS:
             lines.append(f"warning: {name} is no longer a setting and changes nothing; use {RENAMED_SETTINGS[name]}")
         elif name in FOREIGN_SETTINGS:
@@ -567,8 +561,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)    # (B, Hkv, T, hd)
         v = self.c_v(x) if value_embed is None else self.c_v(x) + value_embed
-        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)              # (B, Hkv, T, hd)
-        raw_v = v
+        v = raw_v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)      # (B, Hkv, T, hd)
         if self.mixes_first_value and first_value is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * first_value
         offset = 0 if cache is None else cache.length
@@ -747,11 +740,6 @@ class GPT(nn.Module):
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def scored_hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """forward_hidden at `positions` (B, S) only (the head need not run where nothing is scored), or everywhere."""
-        hidden = self.forward_hidden(tokens)
-        return hidden if positions is None else hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
-
     def token_nll(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """-ln q(target), (B, T) float32, at every position of tokens (B, T)."""
         logits = self.logits_from_hidden(self.forward_hidden(tokens))
@@ -760,7 +748,9 @@ class GPT(nn.Module):
     def eval_outputs(self, tokens: torch.Tensor,
                      positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probabilities (B, S, V) float32, mixer logits (B, S, 1+K) or None) at `positions`, or everywhere."""
-        hidden = self.scored_hidden(tokens, positions)
+        hidden = self.forward_hidden(tokens)
+        if positions is not None:  # (B, S): the head need not run where nothing is scored
+            hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.size(-1)))
         logprobs = torch.log_softmax(self.logits_from_hidden(hidden), -1)
         return logprobs, None if self.mixer_head is None else self.mixer_head(hidden).float()
 
@@ -966,19 +956,16 @@ def newton_schulz_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: torch.Tensor, steps: int,
                 row_normalize: bool = False) -> torch.Tensor:
-    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall;
-    MuonEq-R first scales each row of the direction to norm 1, so no row dominates the orthogonalization."""
+    """One matrix's update: momentum into `buf` in place, the Nesterov direction orthogonalized, RMS kept if tall."""
     buf.mul_(momentum).add_(grad)
     direction = grad + momentum * buf
-    if row_normalize:
+    if row_normalize:  # MuonEq-R: each row to norm 1 first, so no row dominates the orthogonalization
         direction = direction / direction.float().norm(dim=1, keepdim=True).clamp_min(1e-7).to(direction.dtype)
-    update = newton_schulz_orthogonalize(direction, steps)
-    return update.float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
+    return newton_schulz_orthogonalize(direction, steps).float() * max(1.0, grad.size(0) / grad.size(1)) ** 0.5
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes parameters
-    r, r+W, ...; one all-reduce of a flat buffer gives every rank every update."""
+    """Nesterov momentum, orthogonalized; decoupled weight decay. Rank r of W orthogonalizes matrices r, r+W, ..."""
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, compile: bool = False, row_normalize: bool = False):
         super().__init__(list(params), dict(lr=lr, base_lr=lr, momentum=momentum, backend_steps=backend_steps,
@@ -1001,9 +988,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             if "flat" not in group:  # one buffer for the all-reduce, and each matrix's view of it, kept
-                group["flat"] = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
-                group["updates"] = [u.view_as(p) for u, p in zip(group["flat"].split([p.numel() for p in params]),
-                                                                  params)]
+                group["flat"] = flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+                group["updates"] = [u.view_as(p) for u, p in zip(flat.split([p.numel() for p in params]), params)]
                 group["momentum_tensor"] = torch.zeros((), device=params[0].device)  # a tensor: no recompiles
             flat, updates, momentum = group["flat"], group["updates"], group["momentum_tensor"]
             flat.zero_()
@@ -1014,7 +1000,7 @@ class Muon(torch.optim.Optimizer):
                         self.state[p]["momentum"] = torch.zeros_like(p.grad)
                     updates[i].copy_(self.update(p.grad, self.state[p]["momentum"], momentum, group["backend_steps"],
                                                  group["row_normalize"]))
-            if self.world_size > 1:
+            if self.world_size > 1:  # zeros but for this rank's matrices: the sum gives every rank every update
                 dist.all_reduce(flat)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
@@ -1025,15 +1011,10 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
     """Muon takes the 2-D weights of blocks and projections ("matrix"); AdamW embeddings, untied head, vectors."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "scalar": [], "embed": [], "head": []}
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight"):
-            groups["embed"].append(p)
-        elif name == "lm_head.weight":
-            groups["head"].append(p)
-        elif p.ndim == 2 and name.endswith(".weight") and "gate." not in name and not name.startswith("mixer_head."):
-            # not the mixer head, the gates, the skip and lane weights: too small for Muon, or not maps
-            groups["matrix"].append(p)
-        else:
-            groups["scalar"].append(p)
+        embed = name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight")
+        # not the mixer head, the gates, the skip and lane weights: too small for Muon, or not maps
+        matrix = p.ndim == 2 and name.endswith(".weight") and "gate." not in name and not name.startswith("mixer_head.")
+        groups["embed" if embed else "head" if name == "lm_head.weight" else "matrix" if matrix else "scalar"].append(p)
     return groups
 
 
@@ -1145,9 +1126,9 @@ class WeightEMA:
         torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)  # one fused kernel
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
+    def copy_to(self, model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
         for name, p in model.named_parameters():
-            p.copy_(self.shadow[name].to(p.dtype))
+            p.copy_((self.shadow if weights is None else weights)[name].to(p.dtype))
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
@@ -1156,9 +1137,7 @@ class WeightEMA:
         try:
             yield model
         finally:
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    p.copy_(own[name])
+            self.copy_to(model, own)
 
 
 def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
@@ -1378,12 +1357,10 @@ def clip_sigmas(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> float:
         tensor_class(name, tensor), 0.0)
 
 
-def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None,
-               sigmas: float = 0.0) -> torch.Tensor:
-    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest.
-    With `sigmas` (SDClip, #1394), sigmas x the row's std / qmax instead: coarser steps, fewer distinct values."""
+def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, sigmas: float = 0.0) -> torch.Tensor:
+    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
     qmax, w = qmax_for(bits), w.float()
-    if sigmas:
+    if sigmas:  # SDClip (#1394): sigmas x the row's std / qmax instead, coarser steps and fewer distinct values
         return (sigmas * w.std(dim=1) / qmax).half().float().clamp_min(2.0 ** -24)
     row_max = w.abs().amax(dim=1)
     best_scale, best_err = torch.zeros_like(row_max), torch.full_like(row_max, math.inf)
@@ -1586,8 +1563,7 @@ def tensor_record(name: str, q: QuantizedTensor, layout: int) -> bytes:
         packed = q.values.numpy().tobytes()
     else:
         fields = (q.values.numpy().astype(np.int16).ravel() + qmax_for(q.bits)).astype(np.uint8)
-        shifts = np.arange(q.bits - 1, -1, -1, dtype=np.uint8)  # most significant bit first
-        packed = np.packbits(((fields[:, None] >> shifts) & 1).ravel()).tobytes()
+        packed = np.packbits(np.unpackbits(fields[:, None], axis=1)[:, 8 - q.bits:]).tobytes()  # most significant first
     return packed + q.scale.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
