@@ -124,8 +124,6 @@ class Hyperparameters:
     ttt_optimizer: str = "sgd"
     ttt_lr: float = 0.002
     ttt_momentum: float = 0.95
-    ttt_proj_lr_mult: float = 1.0
-    ttt_in_lr_mult: float = 1.0
     ttt_freeze_blocks: int = 0
     ttt_polyak: float = 0.998
     ttt_batch_seqs: int = 32
@@ -244,7 +242,7 @@ SETTING_MINIMUMS = {
         "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
         "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
-        "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT", "TTT_FREEZE_BLOCKS",
+        "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_FREEZE_BLOCKS",
         "MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
         "MUON_MOMENTUM_WARMUP_STEPS"),
     1: ("ITERATIONS", "NUM_LAYERS", "BIGRAM_DIM", "VE_DIM", "NGRAM_CHUNK_TOKENS", "GPTQ_CALIB_SEQS", "ZSTD_LEVEL",
@@ -285,7 +283,8 @@ FOREIGN_SETTINGS = {
     "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
     "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
-RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS"}
+RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS", "TTT_PROJ_LR_MULT": "TTT_LR (one rate for every weight)",
+                    "TTT_IN_LR_MULT": "TTT_LR (one rate for every weight)"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
@@ -1982,17 +1981,10 @@ def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
                         torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
 
 
-def ttt_param_groups(model: GPT, cfg: Hyperparameters) -> list[dict]:
-    """Groups by lr multiplier, without TTT_FREEZE_BLOCKS blocks or the mixer head (TTT's loss is the CE alone)."""
+def ttt_parameters(model: GPT, cfg: Hyperparameters) -> list[nn.Parameter]:
+    """What TTT adapts: all but TTT_FREEZE_BLOCKS blocks and the mixer head (TTT's loss is the CE alone)."""
     frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
-    outputs = (".attn.proj.weight", ".mlp.proj.weight")
-    inputs = (".c_q.weight", ".c_k.weight", ".c_v.weight", ".mlp.fc.weight")
-    groups = {cfg.ttt_proj_lr_mult: [], cfg.ttt_in_lr_mult: [], 1.0: []}
-    for name, p in model.named_parameters():
-        if not name.startswith(frozen):
-            groups[cfg.ttt_proj_lr_mult if name.endswith(outputs) else
-                   cfg.ttt_in_lr_mult if name.endswith(inputs) else 1.0].append(p)
-    return [dict(params=params, lr=cfg.ttt_lr * mult, lr_mult=mult) for mult, params in groups.items() if params]
+    return [p for name, p in model.named_parameters() if not name.startswith(frozen)]
 
 
 def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
@@ -2011,9 +2003,8 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
                     cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
                     polyak: WeightEMA | None) -> None:
     """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
+    params = optimizer.param_groups[0]["params"]
+    optimizer.param_groups[0]["lr"] = lr
     rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's share of a global batch, rounded up: one shape
     for _ in range(cfg.ttt_epochs):
         order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
@@ -2052,7 +2043,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
     phases = {"ttt_train": 0.0} if phases is None else phases
     C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
     num_chunks = (N - 2) // C + 1
-    groups = ttt_param_groups(model, cfg)
+    groups = ttt_parameters(model, cfg)
     optimizer = (torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
                  else torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0))
     polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None

@@ -118,18 +118,15 @@ def test_frozen_blocks_and_the_mixer_head_stay_as_trained():
         assert unchanged == name.startswith(("blocks.0.", "blocks.1.", "mixer_head.")), name
 
 
-def test_parameter_groups_scale_projection_learning_rates():
-    cfg = ttt_config(ttt_proj_lr_mult=3.0, ttt_in_lr_mult=0.5)
+def test_ttt_adapts_all_but_the_frozen_blocks_and_the_mixer_head():
+    cfg = ttt_config(ttt_freeze_blocks=2)
     model = trained_like(cfg)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = {g["lr_mult"]: {names[id(p)] for p in g["params"]} for g in tg.ttt_param_groups(model, cfg)}
-    attention = range(1, 4)  # layer 0 has none (DISABLE_LAYER0_ATTN)
-    assert groups[3.0] == {f"blocks.{i}.mlp.proj.weight" for i in range(4)} | {
-        f"blocks.{i}.attn.proj.weight" for i in attention}
-    assert groups[0.5] == {f"blocks.{i}.mlp.fc.weight" for i in range(4)} | {
-        f"blocks.{i}.attn.{n}.weight" for i in attention for n in ("c_q", "c_k", "c_v")}
-    assert "tok_emb.weight" in groups[1.0] and not any(n.startswith("mixer_head") for n in groups[1.0])
+    adapted = {id(p) for p in tg.ttt_parameters(model, cfg)}
+    for name, p in model.named_parameters():
+        assert (id(p) in adapted) == (not name.startswith(("blocks.0.", "blocks.1.", "mixer_head."))), name
     assert tg.ttt_lr_at(0, 6, cfg) == cfg.ttt_lr and tg.ttt_lr_at(6, 6, cfg) == pytest.approx(0, abs=1e-12)
+    assert any("TTT_PROJ_LR_MULT is no longer a setting" in w for w in tg.unknown_setting_warnings(
+        {"TTT_PROJ_LR_MULT": "3"}))
 
 
 def test_training_sequences_hold_only_scored_tokens_of_the_chunk():
