@@ -110,7 +110,6 @@ class Hyperparameters:
     attn_clip_sigmas: float = 0.0
     embed_clip_sigmas: float = 0.0
     gptq: bool = True
-    gptq_calib: str = "selfgen"
     gptq_calib_seqs: int = 64
     gptq_calib_seq_len: int = 512
     gptq_damp: float = 0.01
@@ -125,7 +124,6 @@ class Hyperparameters:
     ttt_lr: float = 0.002
     ttt_momentum: float = 0.95
     ttt_freeze_blocks: int = 0
-    ttt_polyak: float = 0.998
     ttt_batch_seqs: int = 32
     eval_budget_seconds: float = 540.0
     matrix_lr: float = 0.03
@@ -206,7 +204,6 @@ class Hyperparameters:
             (self.ngram_prior_beta == 0 or (math.isfinite(self.ngram_prior_beta) and self.ngram_prior_beta > 0
                                             and self.use_mixer == "learned"), "NGRAM_PRIOR_BETA",
              "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
-            (self.gptq_calib in ("selfgen", "train"), "GPTQ_CALIB", "selfgen or train"),
             (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
             (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
             (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
@@ -250,7 +247,7 @@ SETTING_MINIMUMS = {
     2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
-                     "TTT_POLYAK", "ENABLE_LOOPING_AT")
+                     "ENABLE_LOOPING_AT")
 SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
 
 
@@ -271,7 +268,7 @@ def parse_setting(name: str, raw: str, like):
 
 FOREIGN_SETTINGS = {
     "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
-    "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "TTT_POLYAK (0: off)", "POLYAK_DECAY": "TTT_POLYAK",
+    "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "none (no Polyak average)", "POLYAK_DECAY": "none",
     "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
     "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
     "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
@@ -283,8 +280,9 @@ FOREIGN_SETTINGS = {
     "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
     "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
-RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "WARMUP_STEPS", "TTT_PROJ_LR_MULT": "TTT_LR (one rate for every weight)",
-                    "TTT_IN_LR_MULT": "TTT_LR (one rate for every weight)"}
+RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "use WARMUP_STEPS", "TTT_PROJ_LR_MULT": "use TTT_LR",
+                    "TTT_IN_LR_MULT": "use TTT_LR", "TTT_POLYAK": "TTT scores the weights it adapted",
+                    "GPTQ_CALIB": "GPTQ's calibration is self-generated"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
@@ -297,7 +295,7 @@ def unknown_setting_warnings(env: Mapping[str, str], cfg: Hyperparameters | None
                      "nothing with COMPILE=0; the learning-rate warm-up is LR_WARMUP_STEPS")
     for name in sorted(name for name in env if name not in known and SETTING_NAME.fullmatch(name)):
         if name in RENAMED_SETTINGS:
-            lines.append(f"warning: {name} is no longer a setting and changes nothing; use {RENAMED_SETTINGS[name]}")
+            lines.append(f"warning: {name} is no longer a setting and changes nothing; {RENAMED_SETTINGS[name]}")
         elif name in FOREIGN_SETTINGS:
             lines.append(f"warning: {name} is a setting of other parameter-golf scripts, not of this one, and "
                          f"changes nothing here; use instead: {FOREIGN_SETTINGS[name]}")
@@ -693,10 +691,8 @@ class GPT(nn.Module):
     def layer_order(self) -> list[int]:
         """The blocks in the order they run: LOOP_START..LOOP_END NUM_LOOPS more times while `looping`."""
         cfg, layers = self.cfg, list(range(self.cfg.num_layers))
-        if not (self.looping and cfg.num_loops):
-            return layers
-        loop = layers[cfg.loop_start:cfg.loop_end + 1]
-        return layers[:cfg.loop_end + 1] + loop * cfg.num_loops + layers[cfg.loop_end + 1:]
+        loops = cfg.num_loops if self.looping else 0
+        return layers[:cfg.loop_end + 1] + layers[cfg.loop_start:cfg.loop_end + 1] * loops + layers[cfg.loop_end + 1:]
 
     def smeared(self, x: torch.Tensor, tokens: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
         """The smear gate on embeddings x (B, T, D); with `cache`, position 0 takes the cached last token's."""
@@ -1125,18 +1121,9 @@ class WeightEMA:
         torch._foreach_lerp_(list(self.shadow.values()), list(model.parameters()), 1 - decay)  # one fused kernel
 
     @torch.no_grad()
-    def copy_to(self, model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+    def copy_to(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
-            p.copy_((self.shadow if weights is None else weights)[name].to(p.dtype))
-
-    @contextlib.contextmanager
-    def swapped_in(self, model: nn.Module):
-        own = {name: p.detach().clone() for name, p in model.named_parameters()}
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            self.copy_to(model, own)
+            p.copy_(self.shadow[name].to(p.dtype))
 
 
 def agreed_max(values: Sequence[float], rt: Runtime) -> list[float]:
@@ -1351,11 +1338,6 @@ def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
 
 
-def clip_sigmas(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> float:
-    return {"mlp": cfg.mlp_clip_sigmas, "attn": cfg.attn_clip_sigmas, "embed": cfg.embed_clip_sigmas}.get(
-        tensor_class(name, tensor), 0.0)
-
-
 def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, sigmas: float = 0.0) -> torch.Tensor:
     """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
     qmax, w = qmax_for(bits), w.float()
@@ -1442,17 +1424,6 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
     return torch.cat(batches)
 
 
-def calibration_tokens(model: GPT, cfg: Hyperparameters, train_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """(GPTQ_CALIB_SEQS, GPTQ_CALIB_SEQ_LEN) tokens, self-generated or from 1-D `train_tokens`; never validation's."""
-    if cfg.gptq_calib == "selfgen":
-        return selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
-    need = cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len
-    if train_tokens is None or train_tokens.numel() < need:
-        have = 0 if train_tokens is None else train_tokens.numel()
-        raise ArtifactError(f"GPTQ_CALIB=train needs {need} training tokens, got {have}")
-    return train_tokens[:need].to(torch.int64).view(cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len)
-
-
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
     """Mean x x^T of each nn.Linear's input by weight name (the F.linear head: none, RTN); c_q, c_k, c_v share one."""
@@ -1486,6 +1457,7 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
                    cache: dict | None = None) -> dict[str, QuantizedTensor]:
     """Every state-dict entry as stored, on the CPU; GPTQ stacks matrices sharing a Hessian (a third of the steps)."""
     state, tensors, gptq_groups = {}, model.state_dict(), {}
+    sigmas = {"mlp": cfg.mlp_clip_sigmas, "attn": cfg.attn_clip_sigmas, "embed": cfg.embed_clip_sigmas}  # SDClip's
     for name, tensor in tensors.items():
         bits = quant_bits(name, tensor, cfg)
         if cache is not None and (name, bits) in cache:
@@ -1496,11 +1468,11 @@ def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.T
             state[name] = None  # keeps its place in the order
             gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
         else:
-            q, scale = rtn_quantize(tensor, bits, clip_sigmas(name, tensor, cfg))
+            q, scale = rtn_quantize(tensor, bits, sigmas.get(tensor_class(name, tensor), 0.0))
             state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
     for (_, bits), names in gptq_groups.items():  # names sharing a Hessian share a class (c_q, c_k, c_v: attn)
         q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp,
-                                 sigmas=clip_sigmas(names[0], tensors[names[0]], cfg))
+                                 sigmas=sigmas.get(tensor_class(names[0], tensors[names[0]]), 0.0))
         rows = [tensors[name].size(0) for name in names]
         for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
             state[name] = QuantizedTensor(bits, q_part, scale_part)
@@ -2000,8 +1972,7 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 
 @torch.enable_grad()  # called from inside the evaluation's no_grad
 def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
-                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator,
-                    polyak: WeightEMA | None) -> None:
+                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator) -> None:
     """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
     params = optimizer.param_groups[0]["params"]
     optimizer.param_groups[0]["lr"] = lr
@@ -2025,8 +1996,6 @@ def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer,
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
             optimizer.step()
             model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
-            if polyak is not None:
-                polyak.update(model)
 
 
 def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2046,7 +2015,6 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
     groups = ttt_parameters(model, cfg)
     optimizer = (torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
                  else torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0))
-    polyak = WeightEMA(model, cfg.ttt_polyak) if cfg.ttt_polyak else None
     generator = torch.Generator().manual_seed(cfg.seed)
     parts, adapting, trained = [], True, 0
     score_s, train_s, t_start = 0.0, None, time.perf_counter()
@@ -2054,8 +2022,7 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
         t0 = time.perf_counter()
         model.eval()
-        with polyak.swapped_in(model) if polyak is not None else contextlib.nullcontext():
-            parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
+        parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
         score_s = max(score_s, rt.synced_time() - t0)
         if k == num_chunks - 1 or not adapting:
             continue
@@ -2070,13 +2037,13 @@ def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.T
         t0 = time.perf_counter()
         model.train()
         lr, seqs = ttt_lr_at(k, num_chunks - 1, cfg), chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len)
-        ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator, polyak)
+        ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator)
         train_s = rt.synced_time() - t0
         trained += 1
         phases["ttt_train"] += 1000 * train_s
     model.eval()
     log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
-        f"lr:{cfg.ttt_lr} polyak:{cfg.ttt_polyak} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
+        f"lr:{cfg.ttt_lr} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
     return concatenated_scores(parts)
 
 
@@ -2346,15 +2313,10 @@ def script_identity() -> tuple[str, int]:
 def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
     """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing."""
     calib, t0 = None, time.perf_counter()
-    if cfg.gptq:
-        train_tokens = None
-        if cfg.gptq_calib == "train":
-            stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.vocab_size, cfg.seed)
-            train_tokens = torch.from_numpy(
-                stream.take(cfg.gptq_calib_seqs * cfg.gptq_calib_seq_len)[0].astype(np.int64))
+    if cfg.gptq:  # self-generated (the records'): no data read after training, none of validation's ever
         with rt.autocast():
-            calib = calibration_tokens(model, cfg, train_tokens)
-        log(f"gptq_calibration source:{cfg.gptq_calib} seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
+            calib = selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
+        log(f"gptq_calibration source:selfgen seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
             f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
     return fit_artifact(model, cfg, script_identity()[1], log, calib)[0]
 

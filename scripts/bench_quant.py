@@ -84,7 +84,7 @@ def quantize_and_score(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, v
     if cfg.gptq:
         def calibrate():
             with rt.autocast():
-                return tg.calibration_tokens(model, cfg)
+                return tg.selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
         calib, calib_s = timed(rt, calibrate)
         hessians, hessians_s = timed(rt, lambda: tg.collect_hessians(model, calib))
     quantized, quantize_s = timed(rt, lambda: tg.quantize_state(model, cfg, hessians))
@@ -348,7 +348,7 @@ def main(argv=None) -> int:
     print(f"bench_quant device:{device.replace(' ', '_')} layers:{cfg.num_layers} dim:{cfg.model_dim} "
           f"steps:{cfg.iterations} warmdown_iters:{cfg.warmdown_iters} bits(mlp/attn/embed):{cfg.quant_mlp_bits}/"
           f"{cfg.quant_attn_bits}/{cfg.quant_embed_bits} quant_min_numel:{cfg.quant_min_numel} "
-          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} gptq_calib:{cfg.gptq_calib} "
+          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} gptq_calib:selfgen "
           f"calib:{cfg.gptq_calib_seqs}x{cfg.gptq_calib_seq_len} val_tokens:{val_tokens.numel()}")
     rows, first_model = [], None
     runs = ((0.0, (("rtn", False), ("gptq", True))), (CROWN_Q_LAMBDA, (("gptq+crown_q", True),)))

@@ -16,7 +16,7 @@ def quant_config(**overrides) -> tg.Hyperparameters:
                 rope_dims=8, xsa_last_n=1, bigram_vocab_size=37, bigram_dim=8, ve_dim=8, ve_layers=(1,),
                 train_seq_len=32, eval_seq_len=32, eval_stride=8, train_batch_tokens=256, val_batch_size=64,
                 gptq_calib_seq_len=32,
-                compile=False, gptq_calib="train", gptq_calib_seqs=16, zstd_level=3,
+                compile=False, gptq_calib_seqs=16, zstd_level=3,
                 quant_min_numel=1024)  # quantize these small matrices, which the default would keep raw
     base.update(overrides)
     return tg.Hyperparameters(**base)
@@ -208,7 +208,7 @@ def test_gptq_beats_rtn_on_a_trained_model(trained_model):
     task, the divergence from the float model's predictions is."""
     cfg, model = trained_model
     held_out = structured_tokens(64, cfg.train_seq_len + 1, cfg.vocab_size, seed=2)
-    calib = tg.calibration_tokens(model, cfg, structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3).flatten())
+    calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
     hessians = tg.collect_hessians(model, calib)
     assert "blocks.0.mlp.fc.weight" in hessians and "lm_head.weight" not in hessians
 
@@ -270,13 +270,6 @@ def test_cached_sampling_gives_the_tokens_and_logits_of_the_full_forward(options
             cached = torch.cat([model.logits_from_hidden(model.forward_hidden(part, cache)) for part in parts], dim=1)
             assert (cached - full).abs().max() < 2e-5 * full.abs().max(), first  # fp32 rounding: ~1e-6
             assert not torch.equal(cached[:, 1:], full[:, :-1])  # (the positions really are distinct)
-
-
-def test_calibration_from_train_tokens_needs_enough_of_them():
-    cfg = quant_config(gptq_calib_seqs=2, gptq_calib_seq_len=8)
-    assert tg.calibration_tokens(None, cfg, torch.arange(20)).shape == (2, 8)
-    with pytest.raises(tg.ArtifactError, match="needs 16 training tokens, got 10"):
-        tg.calibration_tokens(None, cfg, torch.arange(10))
 
 
 def test_loaded_model_gives_exactly_the_dequantized_logits(trained_model):

@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 def ttt_config(**overrides):
     """Chunks of 48 targets, 3 sequences of 16 each; a learning rate large enough that adapting shows."""
     base = dict(ttt_epochs=2, ttt_chunk_tokens=48, ttt_batch_seqs=2, ttt_lr=0.05, ttt_momentum=0.9,
-                ttt_polyak=0.5, ngram_chunk_tokens=40, use_mixer="learned")
+                ngram_chunk_tokens=40, use_mixer="learned")
     base.update(overrides)
     return tiny_config(**base)
 
