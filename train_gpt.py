@@ -149,7 +149,8 @@ class Hyperparameters:
     def __post_init__(self):
         L = self.num_layers  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
         hinge = min(L - 1, L // 2)
-        defaults = dict(xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(0, L - 2), L)),
+        first = int(self.disable_layer0_attn)  # the first layer with attention (and values)
+        defaults = dict(xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(first, L - 2), L)),
                         loop_start=lambda: max(0, hinge - 1), loop_end=lambda: hinge,  # in order: the next reads them
                         parallel_start_layer=lambda: max(L * 7 // 11, (self.loop_end + 1) * (self.num_loops > 0)))
         for name, default in defaults.items():
@@ -176,7 +177,7 @@ class Hyperparameters:
         return hp
 
     def validate(self) -> None:
-        H, KV, L = self.num_heads, self.num_kv_heads, self.num_layers
+        H, KV, L, first = self.num_heads, self.num_kv_heads, self.num_layers, int(self.disable_layer0_attn)
         head_dim = self.model_dim // max(H, 1)
         checks = [
             (2 <= self.vocab_size <= 65536, "VOCAB_SIZE", "2..65536 (token ids are uint16)"),
@@ -194,8 +195,8 @@ class Hyperparameters:
             (not (self.parallel_residual and self.num_loops) or self.parallel_start_layer > self.loop_end,
              "PARALLEL_START_LAYER", f"after LOOP_END ({self.loop_end}) with NUM_LOOPS > 0: no lanes inside a loop"),
             (self.bigram_vocab_size != 1, "BIGRAM_VOCAB_SIZE", "0 (off) or at least 2"),
-            (all(0 <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
-             "VE_LAYERS", f"distinct layer indices in 0..{L - 1}"),
+            (all(first <= i < L for i in self.ve_layers) and len(set(self.ve_layers)) == len(self.ve_layers),
+             "VE_LAYERS", f"distinct indices of layers with attention, {first}..{L - 1}"),
             (self.use_mixer in MIXER_CHOICES, "USE_MIXER", " or ".join(MIXER_CHOICES)),
             (self.ngram_min_order <= self.ngram_max_order <= 16, "NGRAM_MAX_ORDER",
              f"NGRAM_MIN_ORDER ({self.ngram_min_order})..16"),

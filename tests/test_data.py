@@ -163,11 +163,11 @@ def test_settings_of_other_scripts_and_typos_are_named_not_ignored():
 def test_layer_indexed_defaults_follow_num_layers_and_explicit_values_are_checked():
     assert (tg.Hyperparameters().xsa_last_n, tg.Hyperparameters().ve_layers) == (11, (9, 10))
     two = tg.Hyperparameters.from_env({"NUM_LAYERS": "2"}, cuda=False)
-    assert (two.xsa_last_n, two.ve_layers) == (2, (0, 1))
-    assert "setting XSA_LAST_N=2" in two.as_log_lines() and "setting VE_LAYERS=0,1" in two.as_log_lines()
+    assert (two.xsa_last_n, two.ve_layers) == (2, (1,))  # layer 0 has no attention to add values to
+    assert "setting XSA_LAST_N=2" in two.as_log_lines() and "setting VE_LAYERS=1" in two.as_log_lines()
     one = tg.Hyperparameters.from_env({"NUM_LAYERS": "1", "VE_LAYERS": ""}, cuda=False)
     assert (one.xsa_last_n, one.ve_layers) == (1, ())
-    with pytest.raises(tg.ConfigError, match=r"^VE_LAYERS='9' is not allowed: distinct layer indices in 0\.\.1$"):
+    with pytest.raises(tg.ConfigError, match=r"^VE_LAYERS='9' is not allowed: distinct indices of layers with attention, 1\.\.1$"):
         tg.Hyperparameters.from_env({"NUM_LAYERS": "2", "VE_LAYERS": "9"}, cuda=False)
 
 

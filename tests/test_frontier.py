@@ -30,6 +30,7 @@ def test_layer_defaults_follow_num_layers():
         assert cfg.xsa_last_n == layers and 0 <= cfg.loop_start <= cfg.loop_end < layers
         assert cfg.parallel_start_layer > cfg.loop_end  # lanes never run inside a loop
     assert "setting PARALLEL_START_LAYER=7" in tg.Hyperparameters().as_log_lines()
+    assert tg.Hyperparameters(num_layers=1).ve_layers == ()  # its one layer has no attention to take values
 
 
 @pytest.mark.parametrize("env, allowed", [
@@ -38,6 +39,7 @@ def test_layer_defaults_follow_num_layers():
     (dict(LOOP_START="-1"), "LOOP_START=-1 is not allowed: at least 0"),
     (dict(PARALLEL_START_LAYER="2"), "PARALLEL_START_LAYER=2 is not allowed: after LOOP_END (2)"),
     (dict(ENABLE_LOOPING_AT="1"), "ENABLE_LOOPING_AT=1.0 is not allowed: in [0, 1)"),
+    (dict(VE_LAYERS="0"), "VE_LAYERS='0' is not allowed: distinct indices of layers with attention, 1..3"),
 ])
 def test_bad_layer_settings_stop_with_one_line(env, allowed):
     with pytest.raises(tg.ConfigError, match=allowed.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
