@@ -247,7 +247,7 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(TRAIN_BATCH_TOKENS="100"), "TRAIN_BATCH_TOKENS=100 is not allowed"),
     (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
     (dict(QUANT_MLP_BITS="9"), "QUANT_MLP_BITS=9 is not allowed: 2..8"),
-    (dict(GPTQ_CALIB="val"), "GPTQ_CALIB='val' is not allowed: selfgen or train"),
+    (dict(LOOP_END="5"), "LOOP_END=5 is not allowed: LOOP_START \\(0\\)..1"),
     (dict(TTT_OPTIMIZER="adam"), "TTT_OPTIMIZER='adam' is not allowed: sgd or adamw"),
     (dict(TTT_CHUNK_TOKENS="16"), "TTT_CHUNK_TOKENS=16 is not allowed: at least TRAIN_SEQ_LEN"),
     (dict(EVAL_ARTIFACT="/no/such.pgqw"), "EVAL_ARTIFACT='/no/such.pgqw' is not allowed"),
