@@ -56,7 +56,7 @@ for stack in $STACKS; do
   scores=()
   for seed in $SEEDS; do
     log="logs/${TAG}_${stack}_${seed}.txt"
-    bpb=$(log_value "$log" '^final_sliding_window ' val_bpb)
+    bpb=$(log_value "$log" '^final_sliding_window_exact ' val_bpb)
     scores+=("$bpb")
     printf '| %s | %s | %s | %s | %s |\n' "$stack" "$seed" "$(log_value "$log" '^train_done' steps)" \
       "$(log_value "$log" '^train_done' step_avg | tr -d 'ms')" "$bpb"
