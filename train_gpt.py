@@ -7,9 +7,10 @@ every scored q_t is a full, normalized distribution over the vocabulary that dep
 
 Sources: Muon for the matrices, AdamW for the rest (modded-nanogpt); tied embeddings, logit softcap 30, RMSNorm, RoPE,
 QK-norm with a learned per-head gain, zero-initialised output projections, U-Net skips (the parameter-golf baseline);
-LeakyReLU(0.5)^2 MLP 3.5x wide, partial RoPE, XSA on the last XSA_LAST_N layers, BigramHash, shared value embeddings,
-value residual (ResFormer), Muon weight decay, EMA, a warm-down ending with the wall clock (the 11-layer records).
-"""
+LeakyReLU(0.5)^2 MLP 3.5x wide, partial RoPE, XSA, BigramHash, shared value embeddings, value residual (ResFormer),
+Muon weight decay, EMA, a warm-down ending with the wall clock (the 11-layer records); parallel residual lanes, depth
+recurrence, layer 0 without attention, gated skips, LN scale, QK gain 5, MuonEq-R, smear and attention-output gates,
+SDClip (later records; docs/frontier.md names each one's PR and published gain)."""
 
 from __future__ import annotations
 
