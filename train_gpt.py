@@ -14,7 +14,8 @@ SDClip (later records; docs/frontier.md names each one's PR and published gain).
 
 from __future__ import annotations
 
-import base64, bisect, contextlib, dataclasses, difflib, functools, gc, glob, hashlib, lzma, math, os, platform, re
+import base64, bisect, contextlib, dataclasses, difflib, functools, gc, glob, hashlib, importlib.util, lzma, math, os
+import platform, re
 import struct, sys, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigra
 HEDGE_ALPHA = 0.05
 HEDGE_PRIOR_NEURAL = 0.9
 TTT_OPTIMIZERS = ("sgd", "adamw")
+COMPRESSORS = ("brotli", "zstd")
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -59,7 +61,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: 8 // WORLD_SIZE when that divides, else 1
     max_wallclock_seconds: float = 600.0
-    train_reserve_seconds: float = 20.0  # of the wall clock, for EMA, GPTQ calibration and GPTQ after the loop
+    gptq_reserve_seconds: float = 12.0  # of the wall clock, for EMA, GPTQ calibration, GPTQ and packing after the loop
     eval_seq_len: int = 2048
     eval_stride: int = 64
     val_loss_every: int = 0
@@ -68,8 +70,8 @@ class Hyperparameters:
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
-    num_kv_heads: int = 8
-    mlp_mult: float = 3.5
+    num_kv_heads: int | None = None  # None (as every None below): the vocabulary's recipe, VOCAB_RECIPES
+    mlp_mult: float | None = None
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     rope_dims: int = 16
@@ -81,16 +83,16 @@ class Hyperparameters:
     ln_scale: bool = True  # each block's norms scaled 1/sqrt(layer + 1) (records since 2026-03-21)
     disable_layer0_attn: bool = True  # layer 0 is an MLP alone (#1204)
     parallel_residual: bool = True  # attention and MLP on two lanes from PARALLEL_START_LAYER (#1204: -0.0022)
-    parallel_start_layer: int | None = None  # None: 7 of 11 layers, kept after LOOP_END
-    num_loops: int = 1  # extra passes over LOOP_START..LOOP_END once ENABLE_LOOPING_AT of the budget is spent
-    loop_start: int | None = None  # None: the two layers at the U-Net hinge (#1204: 4,5 of 11)
+    parallel_start_layer: int | None = None  # kept after LOOP_END
+    num_loops: int | None = None  # extra passes over LOOP_START..LOOP_END once ENABLE_LOOPING_AT of the budget is spent
+    loop_start: int | None = None  # None: ending at the U-Net hinge (#1204: 4,5 of 11)
     loop_end: int | None = None
-    enable_looping_at: float = 0.5  # #1204: step 3000 of ~6,240
+    enable_looping_at: float | None = None
     smear_gate: bool = True  # each token embedding takes a gated share of the previous one (#1667)
     gate_attn_out: bool = True  # per-head sigmoid gate on attention's output (#1667)
-    bigram_vocab_size: int = 6144
+    bigram_vocab_size: int | None = None
     bigram_dim: int = 128
-    ve_enabled: bool = True
+    ve_enabled: bool | None = None
     ve_dim: int = 128
     ve_layers: tuple[int, ...] | None = None  # None: the last two layers
     value_residual: bool = True
@@ -103,19 +105,20 @@ class Hyperparameters:
     ngram_chunk_tokens: int = 131_072
     ngram_audit_positions: int = 0
     ngram_prior_beta: float = 0.0  # 0: off (see ngram_expert_probs)
-    quant_mlp_bits: int = 5
-    quant_attn_bits: int = 6
-    quant_embed_bits: int = 8
+    matrix_bits: int = 6  # all-int6 (#1285); the size fitter may spend spare bytes on a finer step (see fit_ladder)
+    embed_bits: int | None = None
     quant_min_numel: int = 65_536
-    mlp_clip_sigmas: float = 0.0  # SDClip: a row's step is this x its std / qmax; 0: the least-squares clip search
-    attn_clip_sigmas: float = 0.0
-    embed_clip_sigmas: float = 0.0
+    matrix_clip_sigmas: float = 12.85  # SDClip (#1394): a row's step is this x its std / qmax; other matrices
+    mlp_clip_sigmas: float = 12.0  # #1769
+    attn_clip_sigmas: float = 13.0  # #1610
+    embed_clip_sigmas: float | None = None
     gptq: bool = True
     gptq_calib_seqs: int = 64
     gptq_calib_seq_len: int = 512
     gptq_damp: float = 0.01
     crown_q_lambda: float = 0.01
-    prune_fraction: float = 0.03
+    prune_fraction: float = 0.0  # pruning is the fitter's last resort, after its coarsest step
+    compressor: str = "brotli"
     zstd_level: int = 22
     target_bytes: int = 16_000_000
     eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
@@ -127,7 +130,8 @@ class Hyperparameters:
     ttt_freeze_blocks: int = 0
     ttt_batch_seqs: int = 32
     eval_budget_seconds: float = 540.0
-    matrix_lr: float = 0.03
+    matrix_lr: float = 0.026  # #1586 (MATRIX_LR and weight decays as tuned with QK gain 5, MuonEq-R, momentum 0.97)
+    min_lr: float = 0.1  # the warm-down's floor, a fraction of each learning rate (#1787)
     scalar_lr: float = 0.025
     embed_lr: float = 0.6
     tied_embed_lr: float = 0.035
@@ -137,8 +141,9 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
-    muon_wd: float = 0.04
-    adam_wd: float = 0.04
+    muon_wd: float = 0.095  # compressed size tracks the weights' RMS (#1218, #1285)
+    embed_wd: float = 0.085
+    adam_wd: float = 0.02
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip_norm: float = 0.3
@@ -148,12 +153,15 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda or cpu (see init_runtime)
 
     def __post_init__(self):
+        recipe = dict(VOCAB_RECIPES[max(v for v in VOCAB_RECIPES if v <= self.vocab_size)])
         L = self.num_layers  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
-        hinge = min(L - 1, L // 2)
+        hinge, loop_length, lanes_from = min(L - 1, L // 2), recipe.pop("loop_length"), recipe.pop("lanes_from_of_11")
         first = int(self.disable_layer0_attn)  # the first layer with attention (and values)
-        defaults = dict(xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(first, L - 2), L)),
-                        loop_start=lambda: max(0, hinge - 1), loop_end=lambda: hinge,  # in order: the next reads them
-                        parallel_start_layer=lambda: max(L * 7 // 11, (self.loop_end + 1) * (self.num_loops > 0)))
+        defaults = {name: (lambda value=value: value) for name, value in recipe.items()} | dict(
+            xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(first, L - 2), L)),
+            loop_start=lambda: max(0, hinge + 1 - loop_length), loop_end=lambda: hinge,
+            parallel_start_layer=lambda: max(L * lanes_from // 11, (self.loop_end + 1) * (self.num_loops > 0)),
+            embed_clip_sigmas=lambda: 20.0 if self.embed_bits == 8 else 15.0)  # in order: later ones read earlier
         for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default())
@@ -171,7 +179,8 @@ class Hyperparameters:
         values = {"compile": cuda, "bf16": cuda}
         for field in dataclasses.fields(cls):
             if field.name.upper() in env:
-                like = {"ve_layers": ()}.get(field.name, 0 if field.default is None else field.default)
+                like = {"int": 0, "float": 0.0, "bool": False, "tuple[int, ...]": ()}.get(
+                    field.type.split(" | ")[0], field.default)  # a None default parses as its annotated type
                 values[field.name] = parse_setting(field.name.upper(), env[field.name.upper()].strip(), like)
         hp = cls(**values)
         hp.validate()
@@ -208,6 +217,9 @@ class Hyperparameters:
              "0 (off), or a finite number above 0 with USE_MIXER=learned (Hedge's experts are add-alpha smoothed)"),
             (self.prune_fraction < 1, "PRUNE_FRACTION", "in [0, 1)"),
             (self.zstd_level <= 22, "ZSTD_LEVEL", "1..22"),
+            (self.compressor in COMPRESSORS, "COMPRESSOR", " or ".join(COMPRESSORS)),
+            (self.compressor != "brotli" or importlib.util.find_spec("brotli"), "COMPRESSOR",
+             "zstd, or brotli once its package is installed (pip install brotli)"),
             (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
              f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
             (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
@@ -219,7 +231,7 @@ class Hyperparameters:
         checks += [(getattr(self, name.lower()) >= least, name, f"at least {least}")
                    for least, names in SETTING_MINIMUMS.items() for name in names]
         checks += [(2 <= getattr(self, name.lower()) <= 8, name, "2..8")
-                   for name in ("QUANT_MLP_BITS", "QUANT_ATTN_BITS", "QUANT_EMBED_BITS")]
+                   for name in ("MATRIX_BITS", "EMBED_BITS")]
         checks += [(0 <= getattr(self, name.lower()) < 1, name, "in [0, 1)") for name in SETTING_FRACTIONS]
         checks += [(getattr(self, name.lower()) > 0, name, "greater than 0") for name in SETTING_POSITIVE]
         for ok, name, allowed in checks:
@@ -231,15 +243,28 @@ class Hyperparameters:
                 for field in dataclasses.fields(self)]
 
 
+# The recipe of the records that moved to each vocabulary, for settings left unset (docs/frontier.md: PRs, gains):
+# sp1024 #1204's (layers 4-5 looped once from 50%, lanes from layer 7); from sp4096 #1218's 4 KV heads and MLP 4x
+# without BigramHash or value embeddings, #1493's loop of layers 3-5 twice from 35%, lanes from layer 8; at sp8192
+# #1586's int7 embedding. Layer indices are of 11 and follow NUM_LAYERS.
+VOCAB_RECIPES = {
+    2: dict(num_kv_heads=8, mlp_mult=3.5, bigram_vocab_size=6144, ve_enabled=True, num_loops=1, enable_looping_at=0.5,
+            embed_bits=8, loop_length=2, lanes_from_of_11=7),
+    4096: dict(num_kv_heads=4, mlp_mult=4.0, bigram_vocab_size=0, ve_enabled=False, num_loops=2, enable_looping_at=0.35,
+               embed_bits=8, loop_length=3, lanes_from_of_11=8),
+}
+VOCAB_RECIPES[8192] = VOCAB_RECIPES[4096] | dict(embed_bits=7)
+
+
 def setting_text(value):
     """A setting as it is written in the environment: 0/1 for a switch, comma-separated for a tuple."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
 
 
 SETTING_MINIMUMS = {
-    0: ("PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS",
+    0: ("PARALLEL_START_LAYER", "NUM_LOOPS", "LOOP_START", "EMBED_WD",
         "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
-        "TRAIN_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
+        "GPTQ_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
         "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
         "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_FREEZE_BLOCKS",
         "MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
@@ -249,8 +274,9 @@ SETTING_MINIMUMS = {
     2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
-                     "ENABLE_LOOPING_AT")
-SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS")
+                     "ENABLE_LOOPING_AT", "MIN_LR")
+SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS", "MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
+                    "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS")
 
 
 def parse_setting(name: str, raw: str, like):
@@ -276,15 +302,16 @@ FOREIGN_SETTINGS = {
     "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
     "LAWA_ENABLED": "EMA_DECAY", "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS",
     "DATA_DIR": "DATA_PATH and TOKENIZER_PATH", "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS",
-    "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS", "GPTQ_RESERVE_SECONDS": "TRAIN_RESERVE_SECONDS", "USE_GPTQ": "GPTQ",
+    "GPTQ_CALIBRATION_BATCHES": "GPTQ_CALIB_SEQS", "USE_GPTQ": "GPTQ",
     "QAT_ENABLED": "CROWN_Q_LAMBDA", "LATE_QAT": "CROWN_Q_LAMBDA", "LATE_QAT_THRESHOLD": "CROWN_Q_LAMBDA",
-    "MATRIX_BITS": "QUANT_MLP_BITS and QUANT_ATTN_BITS", "EMBED_BITS": "QUANT_EMBED_BITS",
     "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
     "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
 RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "use WARMUP_STEPS", "TTT_PROJ_LR_MULT": "use TTT_LR",
                     "TTT_IN_LR_MULT": "use TTT_LR", "TTT_POLYAK": "TTT scores the weights it adapted",
-                    "GPTQ_CALIB": "GPTQ's calibration is self-generated"}
+                    "GPTQ_CALIB": "GPTQ's calibration is self-generated", "QUANT_MLP_BITS": "use MATRIX_BITS",
+                    "QUANT_ATTN_BITS": "use MATRIX_BITS", "QUANT_EMBED_BITS": "use EMBED_BITS",
+                    "TRAIN_RESERVE_SECONDS": "use GPTQ_RESERVE_SECONDS"}
 SETTING_NAME = re.compile(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+")
 
 
@@ -1018,7 +1045,7 @@ def parameter_groups(model: GPT) -> dict[str, list[nn.Parameter]]:
 def build_optimizers(model: GPT, cfg: Hyperparameters, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
     groups = parameter_groups(model)
     embed_lr = cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr
-    adam_groups = [dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr),
+    adam_groups = [dict(params=groups["embed"], lr=embed_lr, base_lr=embed_lr, weight_decay=cfg.embed_wd),
                    dict(params=groups["scalar"], lr=cfg.scalar_lr, base_lr=cfg.scalar_lr)]
     if groups["head"]:
         adam_groups.append(dict(params=groups["head"], lr=cfg.head_lr, base_lr=cfg.head_lr))
@@ -1096,12 +1123,13 @@ def grad_accum_steps_for(cfg: Hyperparameters, world_size: int) -> int:
 
 
 def lr_scale(step: int, elapsed_ms: float, stop_ms: float | None, cfg: Hyperparameters) -> float:
-    """Linear warm-up, then a linear warm-down to zero at ITERATIONS or, if sooner, at the wall-clock stop."""
+    """Linear warm-up, then a linear warm-down to MIN_LR at ITERATIONS or, if sooner, at the wall-clock stop."""
     scale = min(1.0, (step + 1) / cfg.lr_warmup_steps) if cfg.lr_warmup_steps else 1.0
     if cfg.warmdown_iters:
-        scale = min(scale, (cfg.iterations - step) / cfg.warmdown_iters)
+        down = (cfg.iterations - step) / cfg.warmdown_iters
         if stop_ms is not None and step > 0:
-            scale = min(scale, max(stop_ms - elapsed_ms, 0.0) / (cfg.warmdown_iters * elapsed_ms / step))
+            down = min(down, max(stop_ms - elapsed_ms, 0.0) / (cfg.warmdown_iters * elapsed_ms / step))
+        scale = min(scale, max(down, cfg.min_lr))
     return max(scale, 0.0)
 
 
@@ -1221,7 +1249,7 @@ def train(model: GPT, train_model: nn.Module, cfg: Hyperparameters, rt: Runtime,
     loader = DistributedBatchLoader(files, cfg.vocab_size, cfg.seed, rt.rank, rt.world_size,
                                     0 if oracle is None else oracle.counted_tokens)
     ema = WeightEMA(model, cfg.ema_decay, ramp=True) if cfg.ema_decay else None
-    stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.train_reserve_seconds) if cfg.max_wallclock_seconds else None
+    stop_ms = 1000 * (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) if cfg.max_wallclock_seconds else None
     step, stopped_early, reading, start_ms, compiles = 0, False, None, train_ms, compile_count()
     t0 = rt.synced_time()
     while step < cfg.iterations:
@@ -1293,16 +1321,19 @@ def warm_up_training(train_model: nn.Module, optimizers: list[torch.optim.Optimi
 # =============================================================================
 # QUANTIZATION AND PACKING
 # =============================================================================
-# Each matrix as signed integers, one fp16 step per row, then zstd. GPTQ (Frantar et al. 2022) rounds column by
-# column, moving each error onto the later columns through the inverse Hessian E[x x^T]; GPTQ=0 rounds to nearest.
+# Each matrix as signed integers, one fp16 step per row (SDClip: k standard deviations of the row / qmax), then
+# brotli or zstd. GPTQ (Frantar et al. 2022) rounds column by column, moving each error onto the later columns through
+# the inverse Hessian E[x x^T] of the matrix's input (the tied embedding's: the head's input); GPTQ=0 rounds to nearest.
 EMBED_TENSOR_NAMES = ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight")
-CLIP_RATIOS = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79)  # of a row's max |w|, searched per row
-PRUNE_STEP, PRUNE_STEPS = 0.02, 4  # size fitting raises PRUNE_FRACTION by up to 4 steps of 2 points
-# One zstd frame per tensor, compressed in parallel and reused across tries (vs one body: minutes less, 6% smaller).
-ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQW", 2
+FIT_STEPS = tuple(2 ** (i / 8) for i in range(-6, 9))  # the fitter's step multipliers, finest first: 0.59x to 2x
+FIT_PRUNES = (0.02, 0.04, 0.08)  # then, at the coarsest step, the fraction of smallest values zeroed
+FIT_TRIES = 4  # GPTQ-and-final-compression tries at most
+# One frame per tensor, compressed in parallel and reused across tries (vs one body: minutes less, 6% smaller).
+ARTIFACT_MAGIC, ARTIFACT_VERSION = b"PGQW", 3
 ARTIFACT_FRAME = struct.Struct("<4sHIQ")  # magic, version, crc32 of the payload, payload length
-TENSOR_HEAD = struct.Struct("<HBBBBI")    # name length, ndim, bits (0: raw), layout, dtype code, frame bytes
+TENSOR_HEAD = struct.Struct("<HBBBBBI")   # name length, ndim, bits (0: raw), layout, dtype code, codec, frame bytes
 FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: a fraction of 22's time, within 0.1% of its size here
+CODEC_ZSTD, CODEC_BROTLI = 0, 1
 LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
 LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
 DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
@@ -1322,42 +1353,39 @@ class QuantizedTensor:
 
 
 def tensor_class(name: str, tensor: torch.Tensor, min_numel: int = 0) -> str:
-    """'mlp', 'attn' or 'embed' for a matrix stored as integers; 'raw' (fp16) for the rest and under `min_numel`."""
+    """'mlp', 'attn', 'embed' or 'matrix' (BigramHash's, VE's projections) for a matrix stored as integers; 'raw'
+    (fp16) for the rest and under `min_numel`."""
     if tensor.ndim != 2 or tensor.numel() < min_numel:
         return "raw"
     if name in EMBED_TENSOR_NAMES:
         return "embed"
-    return "mlp" if name.startswith("blocks.") and ".mlp." in name else "attn"  # attn: also bigram, VE projections
+    return next((kind for kind in ("mlp", "attn") if name.startswith("blocks.") and f".{kind}." in name), "matrix")
 
 
-def quant_bits(name: str, tensor: torch.Tensor, cfg: Hyperparameters) -> int:
-    """Bit width `tensor` is stored with; 0 means raw fp16."""
-    return {"raw": 0, "mlp": cfg.quant_mlp_bits, "attn": cfg.quant_attn_bits,
-            "embed": cfg.quant_embed_bits}[tensor_class(name, tensor, cfg.quant_min_numel)]
+def class_quantizers(cfg: Hyperparameters, step: float = 1.0) -> dict[str, tuple[int, float]]:
+    """(bits, clip sigmas) of each class at the fitter's step multiplier `step`. Below 1 the class takes one more bit
+    (at most 8): the step shrinks while the clip stays beyond the set one (#1394: int b at k ~ int b+1 at 2k)."""
+    plan = {"raw": (0, 0.0)}
+    for kind, bits, sigmas in (("mlp", cfg.matrix_bits, cfg.mlp_clip_sigmas), ("attn", cfg.matrix_bits,
+                               cfg.attn_clip_sigmas), ("matrix", cfg.matrix_bits, cfg.matrix_clip_sigmas),
+                               ("embed", cfg.embed_bits, cfg.embed_clip_sigmas)):
+        wide = min(8, bits + 1) if step < 1 else bits
+        plan[kind] = (wide, sigmas * step * qmax_for(wide) / qmax_for(bits))
+    return plan
 
 
 def qmax_for(bits: int) -> int:
     return 2 ** (bits - 1) - 1  # symmetric [-qmax, qmax]: zero is exact, one code of 2^bits unused
 
 
-def row_scales(w: torch.Tensor, bits: int, col_weight: torch.Tensor | None = None, sigmas: float = 0.0) -> torch.Tensor:
-    """Per-row fp16 step (as float32) of least squared error over CLIP_RATIOS: clipping outliers refines the rest."""
-    qmax, w = qmax_for(bits), w.float()
-    if sigmas:  # SDClip (#1394): sigmas x the row's std / qmax instead, coarser steps and fewer distinct values
-        return (sigmas * w.std(dim=1) / qmax).half().float().clamp_min(2.0 ** -24)
-    row_max = w.abs().amax(dim=1)
-    best_scale, best_err = torch.zeros_like(row_max), torch.full_like(row_max, math.inf)
-    for ratio in CLIP_RATIOS:
-        scale = (row_max * ratio / qmax).half().float().clamp_min(2.0 ** -24)  # fp16: the stored step is searched
-        q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax)
-        err = (w - q * scale[:, None]).square()
-        err = (err * col_weight[None, :] if col_weight is not None else err).sum(dim=1)
-        better = err < best_err
-        best_scale, best_err = torch.where(better, scale, best_scale), torch.where(better, err, best_err)
-    return best_scale
+def row_scales(w: torch.Tensor, bits: int, sigmas: float) -> torch.Tensor:
+    """Per-row fp16 step (as float32): SDClip (#1394), `sigmas` x the row's std / qmax. Its compressed size follows
+    bits - log2(sigmas) (the row's histogram), so the size fitter steers by it; a search for the least squared error
+    would pick steps the compressor pays for unseen."""
+    return (sigmas * w.float().std(dim=1) / qmax_for(bits)).half().float().clamp_min(2.0 ** -24)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rtn_quantize(w: torch.Tensor, bits: int, sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) by rounding to nearest."""
     scale = row_scales(w, bits, sigmas=sigmas)
     q = torch.clamp(torch.round(w.float() / scale[:, None]), -qmax_for(bits), qmax_for(bits))
@@ -1392,15 +1420,15 @@ def gptq_round_columns(w: torch.Tensor, hinv_upper: torch.Tensor, scale: torch.T
     return q
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float, block_size: int = 128,
-                  sigmas: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, damp: float, sigmas: float,
+                  block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, fp16 per-row steps) for w (rows, cols) by GPTQ with `hessian` (cols, cols)."""
     with torch.autocast(w.device.type, enabled=False):  # the error propagation needs fp32, even under autocast
         w, h = w.detach().float(), hessian.detach().float().to(w.device).clone()
         dead = h.diagonal() == 0  # inputs that were always zero: any weight there is free, store 0
         h[dead, dead] = 1.0
         w = w.masked_fill(dead[None, :], 0.0)
-        scale = row_scales(w, bits, h.diagonal(), sigmas)
+        scale = row_scales(w, bits, sigmas)
         order = torch.argsort(h.diagonal(), descending=True)  # act-order: largest inputs first, most columns left
         hinv_upper = inverse_hessian_cholesky(h[order][:, order], damp)
         q = gptq_round_columns(w[:, order], hinv_upper, scale, qmax_for(bits), block_size)
@@ -1428,7 +1456,8 @@ def selfgen_calibration_tokens(model: GPT, num_seqs: int, seq_len: int, seed: in
 
 @torch.no_grad()
 def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8) -> dict[str, torch.Tensor]:
-    """Mean x x^T of each nn.Linear's input by weight name (the F.linear head: none, RTN); c_q, c_k, c_v share one."""
+    """Mean x x^T of each nn.Linear's input by weight name, and of the head's input (the final norm's output) for the
+    head's weight, the tied embedding's (#1394); c_q, c_k, c_v share one."""
     sums, counts, shared, last = {}, {}, {}, [None, None]  # last: (input, name) of the last call
 
     def accumulate(name: str, x: torch.Tensor) -> None:
@@ -1446,7 +1475,8 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
     device = next(model.parameters()).device
     try:
         for start in range(0, calib_tokens.size(0), batch_seqs):
-            model.forward_hidden(calib_tokens[start:start + batch_seqs].to(device))
+            hidden = model.forward_hidden(calib_tokens[start:start + batch_seqs].to(device))
+            accumulate("tok_emb.weight" if model.lm_head is None else "lm_head.weight", hidden)
     finally:
         for handle in handles:
             handle.remove()
@@ -1456,30 +1486,26 @@ def collect_hessians(model: GPT, calib_tokens: torch.Tensor, batch_seqs: int = 8
 
 @torch.no_grad()
 def quantize_state(model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor],
-                   cache: dict | None = None) -> dict[str, QuantizedTensor]:
-    """Every state-dict entry as stored, on the CPU; GPTQ stacks matrices sharing a Hessian (a third of the steps)."""
-    state, tensors, gptq_groups = {}, model.state_dict(), {}
-    sigmas = {"mlp": cfg.mlp_clip_sigmas, "attn": cfg.attn_clip_sigmas, "embed": cfg.embed_clip_sigmas}  # SDClip's
+                   step: float = 1.0) -> dict[str, QuantizedTensor]:
+    """Every state-dict entry as stored (class_quantizers at `step`), on the CPU; GPTQ where a Hessian is given,
+    stacking the matrices that share one (c_q, c_k, c_v: a third of the steps)."""
+    state, tensors, gptq_groups, plan = {}, model.state_dict(), {}, class_quantizers(cfg, step)
     for name, tensor in tensors.items():
-        bits = quant_bits(name, tensor, cfg)
-        if cache is not None and (name, bits) in cache:
-            state[name] = cache[(name, bits)]
-        elif bits == 0:
+        bits, sigmas = plan[tensor_class(name, tensor, cfg.quant_min_numel)]
+        if bits == 0:
             state[name] = QuantizedTensor(0, tensor.detach().to("cpu", torch.float16))
         elif cfg.gptq and name in hessians:
             state[name] = None  # keeps its place in the order
-            gptq_groups.setdefault((id(hessians[name]), bits), []).append(name)
+            gptq_groups.setdefault((id(hessians[name]), bits, sigmas), []).append(name)
         else:
-            q, scale = rtn_quantize(tensor, bits, sigmas.get(tensor_class(name, tensor), 0.0))
+            q, scale = rtn_quantize(tensor, bits, sigmas)
             state[name] = QuantizedTensor(bits, q.cpu(), scale.cpu())
-    for (_, bits), names in gptq_groups.items():  # names sharing a Hessian share a class (c_q, c_k, c_v: attn)
+    for (_, bits, sigmas), names in gptq_groups.items():
         q, scale = gptq_quantize(torch.cat([tensors[name] for name in names]), hessians[names[0]], bits, cfg.gptq_damp,
-                                 sigmas=sigmas.get(tensor_class(names[0], tensors[names[0]]), 0.0))
+                                 sigmas)
         rows = [tensors[name].size(0) for name in names]
         for name, q_part, scale_part in zip(names, q.cpu().split(rows), scale.cpu().split(rows)):
             state[name] = QuantizedTensor(bits, q_part, scale_part)
-    if cache is not None:
-        cache.update({(name, quant_bits(name, tensors[name], cfg)): quantized for name, quantized in state.items()})
     return state
 
 
@@ -1498,10 +1524,11 @@ def dequantize_into(model: GPT, quantized_state: dict[str, QuantizedTensor]) -> 
 
 def crown_q_penalty(model: GPT, cfg: Hyperparameters) -> torch.Tensor:
     """CROWN_Q_LAMBDA x mean of mean(w^2 delta^2 / 12), delta the detached row step: pulls the coarsest rows in most."""
-    terms = []
+    terms, plan = [], class_quantizers(cfg)
     for name, p in model.named_parameters():
-        if bits := quant_bits(name, p, cfg):
-            delta = p.detach().float().abs().amax(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1)
+        bits, sigmas = plan[tensor_class(name, p, cfg.quant_min_numel)]
+        if bits:
+            delta = sigmas * p.detach().float().std(dim=1, keepdim=True) / qmax_for(bits)  # (rows, 1): SDClip's step
             terms.append((p.float().square() * delta.square()).mean() / 12)
     if not terms:
         return torch.zeros((), device=next(model.parameters()).device)
@@ -1544,16 +1571,30 @@ def compression_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def zstd_frames(records: Sequence[bytes], level: int, cache: dict | None = None, workers: int = 0) -> list[bytes]:
-    """Each record as its own zstd frame; `cache` maps (level, sha256 of a record) to its frame. 0 workers: all CPUs."""
-    cache = {} if cache is None else cache
-    keys = [(level, hashlib.sha256(record).digest()) for record in records]
+def codec_functions(codec: int):
+    """(compress(data, level), decompress(data)) of CODEC_ZSTD or CODEC_BROTLI (imported where used: optional)."""
+    if codec == CODEC_BROTLI:
+        import brotli
+        return lambda data, level: brotli.compress(data, quality=level), brotli.decompress
+    return lambda data, level: zstandard.ZstdCompressor(level=level).compress(data), \
+        zstandard.ZstdDecompressor().decompress
+
+
+def final_codec(cfg: Hyperparameters) -> tuple[int, int]:
+    """(codec, level) of the artifact's frames: brotli at quality 11 (the records'), or zstd at ZSTD_LEVEL."""
+    return (CODEC_BROTLI, 11) if cfg.compressor == "brotli" else (CODEC_ZSTD, cfg.zstd_level)
+
+
+def compressed_frames(records: Sequence[bytes], codec: int, level: int, cache: dict | None = None,
+                      workers: int = 0) -> list[bytes]:
+    """Each record as its own frame; `cache` maps (codec, level, sha256 of a record) to its frame. 0 workers: all CPUs."""
+    cache, compress = {} if cache is None else cache, codec_functions(codec)[0]
+    keys = [(codec, level, hashlib.sha256(record).digest()) for record in records]
     todo = dict(sorted(((key, record) for key, record in zip(keys, records) if key not in cache),
                        key=lambda item: -len(item[1])))  # the longest first: no straggler at the end
     if todo:
         with ThreadPoolExecutor(min(len(todo), workers or compression_workers())) as pool:
-            frames = pool.map(lambda record: zstandard.ZstdCompressor(level=level).compress(record), todo.values())
-            cache.update(zip(todo, frames))
+            cache.update(zip(todo, pool.map(lambda record: compress(record, level), todo.values())))
     return [cache[key] for key in keys]
 
 
@@ -1568,6 +1609,9 @@ class Packing:
     def layout(self) -> str:
         return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
 
+    def fast_blob(self, quantized_state: dict[str, QuantizedTensor]) -> bytes:
+        return blob_from_frames(quantized_state, self.layouts, [CODEC_ZSTD] * len(self.layouts), self.fast_frames)
+
 
 def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None = None,
                  layout: int | None = None) -> Packing:
@@ -1577,51 +1621,54 @@ def fast_packing(quantized_state: dict[str, QuantizedTensor], cache: dict | None
                                  else (layout,))]
     records = [tensor_record(name, quantized_state[name], option) for name, option in candidates]
     best = {}
-    for (name, option), record, frame in zip(candidates, records, zstd_frames(records, FAST_ZSTD_LEVEL, cache)):
+    for (name, option), record, frame in zip(candidates, records,
+                                             compressed_frames(records, CODEC_ZSTD, FAST_ZSTD_LEVEL, cache)):
         if name not in best or len(frame) < len(best[name][2]):
             best[name] = (option, record, frame)
     return Packing(*map(list, zip(*best.values())))
 
 
-def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int],
+def blob_from_frames(quantized_state: dict[str, QuantizedTensor], layouts: Sequence[int], codecs: Sequence[int],
                      frames: Sequence[bytes]) -> bytes:
     """The artifact around the tensors' frames: ARTIFACT_FRAME, then the payload: the zstd-compressed head table's
     length (u32), that table (tensor count; per tensor TENSOR_HEAD, name, shape), the frames in state order."""
     heads = [struct.pack("<I", len(quantized_state))]
-    for (name, q), layout, frame in zip(quantized_state.items(), layouts, frames):
+    for (name, q), layout, codec, frame in zip(quantized_state.items(), layouts, codecs, frames):
         name_bytes, shape = name.encode(), tuple(q.values.shape)
         dtype_code = DTYPE_CODES[q.values.dtype if q.bits == 0 else q.scale.dtype]
-        heads += [TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, len(frame)), name_bytes,
-                  struct.pack(f"<{len(shape)}I", *shape)]
+        heads += [TENSOR_HEAD.pack(len(name_bytes), len(shape), q.bits, layout, dtype_code, codec, len(frame)),
+                  name_bytes, struct.pack(f"<{len(shape)}I", *shape)]
     head_frame = zstandard.ZstdCompressor(level=FAST_ZSTD_LEVEL).compress(b"".join(heads))
     payload = b"".join([struct.pack("<I", len(head_frame)), head_frame, *frames])
     return ARTIFACT_FRAME.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, zlib.crc32(payload), len(payload)) + payload
 
 
-def pack_artifact(quantized_state: dict[str, QuantizedTensor], zstd_level: int = 22, cache: dict | None = None,
-                  layout: int | None = None, packing: Packing | None = None) -> bytes:
-    """The artifact, each frame the smaller of its FAST_ZSTD_LEVEL and `zstd_level` compressions."""
+def pack_artifact(quantized_state: dict[str, QuantizedTensor], codec: int = CODEC_ZSTD, level: int = 22,
+                  cache: dict | None = None, layout: int | None = None, packing: Packing | None = None) -> bytes:
+    """The artifact, each frame the smaller of its FAST_ZSTD_LEVEL zstd frame and its `codec` frame at `level`."""
     packing = packing or fast_packing(quantized_state, cache, layout)
-    final = zstd_frames(packing.records, zstd_level, cache)
-    frames = [min(slow, fast, key=len) for slow, fast in zip(final, packing.fast_frames)]
-    return blob_from_frames(quantized_state, packing.layouts, frames)
+    final = compressed_frames(packing.records, codec, level, cache)
+    kept = [(codec, slow) if len(slow) < len(fast) else (CODEC_ZSTD, fast)
+            for slow, fast in zip(final, packing.fast_frames)]
+    return blob_from_frames(quantized_state, packing.layouts, *zip(*kept))
 
 
 def read_tensor_heads(table: bytes) -> list[tuple]:
-    """[(name, shape, bits, layout, dtype, frame length)] from the decompressed head table."""
+    """[(name, shape, bits, layout, dtype, codec, frame length)] from the decompressed head table."""
     (count,), offset, heads = struct.unpack_from("<I", table), 4, []
     for _ in range(count):
-        name_len, ndim, bits, layout, dtype_code, frame_len = TENSOR_HEAD.unpack_from(table, offset)
+        name_len, ndim, bits, layout, dtype_code, codec, frame_len = TENSOR_HEAD.unpack_from(table, offset)
         offset += TENSOR_HEAD.size
         name = table[offset:offset + name_len].decode()
         shape = struct.unpack_from(f"<{ndim}I", table, offset + name_len)
         offset += name_len + 4 * ndim
-        if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE:
-            raise ArtifactError(f"artifact header of {name} has unknown layout {layout} or dtype {dtype_code}")
+        if layout not in (LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS) or dtype_code not in DTYPES_BY_CODE or codec > 1:
+            raise ArtifactError(f"artifact header of {name} has unknown layout {layout}, dtype {dtype_code} or "
+                                f"codec {codec}")
         if (layout == LAYOUT_RAW) != (bits == 0) or (bits and (ndim != 2 or not 2 <= bits <= 8)):
             raise ArtifactError(f"artifact header of {name} is inconsistent: bits {bits}, layout {layout}, "
                                 f"shape {shape}")
-        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code], frame_len))
+        heads.append((name, shape, bits, layout, DTYPES_BY_CODE[dtype_code], codec, frame_len))
     if offset != len(table):
         raise ArtifactError(f"artifact head table has {len(table) - offset} bytes after its last tensor")
     return heads
@@ -1663,10 +1710,10 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     try:
         (table_len,) = struct.unpack_from("<I", payload)
         offset, state = 4 + table_len, {}
-        for name, shape, bits, layout, dtype, frame_len in read_tensor_heads(decompress(payload[4:offset])):
+        for name, shape, bits, layout, dtype, codec, frame_len in read_tensor_heads(decompress(payload[4:offset])):
             if offset + frame_len > len(payload):
                 raise ArtifactError(f"artifact payload ends inside tensor {name}")
-            record = decompress(payload[offset:offset + frame_len])
+            record = codec_functions(codec)[1](payload[offset:offset + frame_len])
             state[name] = tensor_from_record(name, shape, bits, layout, dtype, record)
             offset += frame_len
     except (zstandard.ZstdError, struct.error, UnicodeDecodeError) as err:
@@ -1676,86 +1723,63 @@ def unpack_artifact(blob: bytes) -> dict[str, QuantizedTensor]:
     return state
 
 
-def shrink_schedule(cfg: Hyperparameters) -> list[tuple[Hyperparameters, float]]:
-    """(settings, prune) to try in order, none twice: more pruning, then the MLP a bit narrower, then attention too."""
-    mlp_narrower = dataclasses.replace(cfg, quant_mlp_bits=max(2, cfg.quant_mlp_bits - 1))
-    both_narrower = dataclasses.replace(mlp_narrower, quant_attn_bits=max(2, cfg.quant_attn_bits - 1))
-    entries = {}
-    for widths in (cfg, mlp_narrower, both_narrower):
-        for step in range(PRUNE_STEPS + 1):
-            prune = min(1.0, cfg.prune_fraction + step * PRUNE_STEP)
-            entries.setdefault((widths.quant_mlp_bits, widths.quant_attn_bits, prune), (widths, prune))
-    return list(entries.values())
+def fit_ladder(cfg: Hyperparameters) -> list[tuple[float, float]]:
+    """(step multiplier, prune fraction) from the most precise to the smallest: FIT_STEPS, then FIT_PRUNES."""
+    return ([(step, cfg.prune_fraction) for step in FIT_STEPS] +
+            [(FIT_STEPS[-1], p) for p in FIT_PRUNES if p > cfg.prune_fraction])
 
 
-class ScheduleEntries:
-    """`shrink_schedule`'s entries, quantized, pruned and fast-packed when first asked for, reusing what recurs."""
+class FitTries:
+    """The ladder's artifacts, predicted from rounding to nearest at FAST_ZSTD_LEVEL (cheap), built with GPTQ and the
+    final codec (dear); each logged once."""
     def __init__(self, model: GPT, cfg: Hyperparameters, hessians: dict[str, torch.Tensor], code_bytes: int, log):
         self.model, self.cfg, self.hessians, self.code_bytes, self.log = model, cfg, hessians, code_bytes, log
-        self.entries = shrink_schedule(cfg)
-        self.quant_cache, self.frame_cache, self.fast_sizes, self.last = {}, {}, {}, None
-
-    def runs(self, lo: int, hi: int) -> list[range]:
-        starts = [i for i in range(lo, hi) if i == lo or self.entries[i][0] != self.entries[i - 1][0]]
-        return [range(a, b) for a, b in zip(starts, starts[1:] + [hi])]  # runs of one width, pruning more along each
+        self.ladder, self.frame_cache, self.estimates = fit_ladder(cfg), {}, {}
 
     def describe(self, i: int) -> str:
-        widths, prune = self.entries[i]
-        return (f"mlp_bits:{widths.quant_mlp_bits} attn_bits:{widths.quant_attn_bits} "
-                f"embed_bits:{widths.quant_embed_bits} prune:{prune:.2f}")
+        step, prune = self.ladder[i]
+        plan = class_quantizers(self.cfg, step)
+        return f"step:{step:.3f} prune:{prune:.2f} " + " ".join(
+            f"{kind}:int{bits}@{sigmas:.2f}" for kind, (bits, sigmas) in plan.items() if bits)
 
-    def packed(self, i: int) -> tuple[dict[str, QuantizedTensor], Packing, str]:
-        """Entry i's quantized state, fast packing and their times; only the last is kept (each holds the model)."""
-        if self.last is None or self.last[0] != i:
-            widths, prune = self.entries[i]
-            t0 = time.perf_counter()
-            quantized = prune_smallest(quantize_state(self.model, widths, self.hessians, self.quant_cache), prune)
-            t1 = time.perf_counter()
-            packing = fast_packing(quantized, self.frame_cache)
-            times = f"quantize:{1000 * (t1 - t0):.0f}ms pack:{1000 * (time.perf_counter() - t1):.0f}ms"
-            self.last = i, quantized, packing, times
-        return self.last[1:]
+    def state(self, i: int, hessians: dict) -> dict[str, QuantizedTensor]:
+        step, prune = self.ladder[i]
+        return prune_smallest(quantize_state(self.model, self.cfg, hessians, step), prune)
 
-    def fast_bytes(self, i: int) -> int:
-        """Entry i's artifact size with every frame at FAST_ZSTD_LEVEL, logged once."""
-        if i not in self.fast_sizes:
-            quantized, packing, times = self.packed(i)
-            size = self.fast_sizes[i] = len(blob_from_frames(quantized, packing.layouts, packing.fast_frames))
-            self.log(f"artifact_estimate {self.describe(i)} level:{FAST_ZSTD_LEVEL} artifact_bytes:{size} "
-                     f"total_bytes:{self.code_bytes + size} target_bytes:{self.cfg.target_bytes} {times}")
-        return self.fast_sizes[i]
+    def estimate(self, i: int) -> int:
+        if i not in self.estimates:
+            state = self.state(i, {})
+            self.estimates[i] = len(fast_packing(state, self.frame_cache).fast_blob(state))
+            self.log(f"artifact_estimate {self.describe(i)} rtn_level:{FAST_ZSTD_LEVEL} "
+                     f"artifact_bytes:{self.estimates[i]}")
+        return self.estimates[i]
 
-    def final_blob(self, i: int) -> bytes:
-        t0, frames_before = time.perf_counter(), len(self.frame_cache)
-        quantized, packing, _ = self.packed(i)
-        blob = pack_artifact(quantized, self.cfg.zstd_level, self.frame_cache, packing=packing)
+    def build(self, i: int) -> bytes:
+        t0 = time.perf_counter()
+        state = self.state(i, self.hessians)
+        blob = pack_artifact(state, *final_codec(self.cfg), self.frame_cache)
         total = self.code_bytes + len(blob)
-        self.log(f"artifact_try {self.describe(i)} level:{self.cfg.zstd_level} layout:{packing.layout} "
-                 f"frames_compressed:{len(self.frame_cache) - frames_before}/{len(quantized)} "
-                 f"artifact_bytes:{len(blob)} total_bytes:{total} target_bytes:{self.cfg.target_bytes} "
-                 f"fits:{int(total <= self.cfg.target_bytes)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
+        self.log(f"artifact_try {self.describe(i)} compressor:{self.cfg.compressor} artifact_bytes:{len(blob)} "
+                 f"total_bytes:{total} target_bytes:{self.cfg.target_bytes} fits:{int(total <= self.cfg.target_bytes)} "
+                 f"time:{1000 * (time.perf_counter() - t0):.0f}ms")
         return blob
 
 
-def first_fit(runs: Sequence[range], fits) -> int | None:
-    """The first entry of `runs` for which fits(i), asking about few: sizes shrink along a run, so a run whose
-    first entry fits is done, one whose last does not is skipped, and the others are bisected."""
-    for run in runs:
-        if fits(run[0]):
-            return run[0]
-        no, yes = run[0], run[-1]
-        if no != yes and fits(yes):
-            while yes - no > 1:
-                mid = (no + yes) // 2
-                no, yes = (no, mid) if fits(mid) else (mid, yes)
-            return yes
-    return None
+def first_predicted_fit(lo: int, hi: int, fits) -> int | None:
+    """The first i in [lo, hi) with fits(i), by bisection: predicted sizes shrink along the ladder."""
+    if lo >= hi or not fits(hi - 1):
+        return None
+    while lo < hi - 1:
+        mid = (lo + hi - 1) // 2
+        lo, hi = (lo, mid + 1) if fits(mid) else (mid + 1, hi)
+    return lo
 
 
 def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
-                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[Hyperparameters, float]]:
-    """The artifact of the first `shrink_schedule` entry that fits TARGET_BYTES, and that entry. No frame exceeds its
-    fast one, so fast sizes that fit do fit; the final/fast ratio then predicts earlier entries."""
+                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[float, float]]:
+    """The artifact of the most precise fit_ladder entry under TARGET_BYTES, and that entry. A try's size over its
+    prediction scales the predictions after it; one over the budget moves coarser, one under it may move finer. Rank 0
+    alone decides, from sizes (no clock): deterministic."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -1764,24 +1788,27 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
         hessians = collect_hessians(model, calib_tokens)
         log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
             f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
-    entries, budget = ScheduleEntries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
-    ratio, lo, hi, best = 1.0, 0, len(entries.entries), None
-    while lo < hi:  # the entries before lo do not fit; the one at hi (if best) does
-        i = first_fit(entries.runs(lo, hi), lambda j: ratio * entries.fast_bytes(j) <= budget)
-        if i is None and best is None:
-            i = hi - 1  # none predicted to fit: the smallest, which decides between fitting and refusing
-        if i is None:
+    tries, budget = FitTries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
+    built, ratio, lo, best = {}, 1.0, 0, None  # built: entry -> bytes; entries before lo are over the budget
+    while len(built) < FIT_TRIES:
+        hi = len(tries.ladder) if best is None else best
+        i = first_predicted_fit(lo, hi, lambda j: ratio * tries.estimate(j) <= budget)
+        i = hi - 1 if i is None and best is None else i  # none predicted: the smallest decides fit or refusal
+        if i is None or i in built:
             break
-        blob = entries.final_blob(i)
-        ratio = len(blob) / entries.fast_bytes(i)
+        blob = tries.build(i)
+        built[i], ratio = len(blob), len(blob) / tries.estimate(i)
         if len(blob) <= budget:
-            best, hi = (blob, entries.entries[i]), i
+            best = i
+            kept = blob
         else:
             lo = i + 1
     if best is None:
-        raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + len(blob)} bytes at the smallest "
-                            f"setting tried ({entries.describe(hi - 1)}), over TARGET_BYTES={cfg.target_bytes}")
-    return best
+        raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + min(built.values())} bytes at the "
+                            f"smallest setting tried ({tries.describe(max(built))}), over TARGET_BYTES={cfg.target_bytes}")
+    finer = f"{tries.describe(best - 1)} bytes:{built.get(best - 1, 'unbuilt')}" if best else "none (the finest)"
+    log(f"artifact_fit chose {tries.describe(best)} bytes:{code_bytes + len(kept)} gave_up_finer {finer}")
+    return kept, tries.ladder[best]
 
 
 def write_artifact(path: str | Path, blob: bytes) -> None:
