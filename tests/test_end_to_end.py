@@ -113,14 +113,14 @@ def test_the_wrapper_runs_this_source_and_counts_its_own_size(single_run, wrappe
     wrapped = (tmp_path / "logs" / "wrapped.txt").read_text()
     header = f"script_sha256:{hashlib.sha256(source).hexdigest()} code_bytes:{len(wrapper)}"
     assert header in log and header in wrapped
-    assert re.search(rf"^Total submission size quantized\+zstd: \d+ bytes \(code {len(wrapper)}, ", wrapped, re.M)
+    assert re.search(rf"^Total submission size quantized\+\w+: \d+ bytes \(code {len(wrapper)}, ", wrapped, re.M)
     assert FINAL_LINE.findall(wrapped) == FINAL_LINE.findall(log) and len(FINAL_LINE.findall(log)) == 3
 
 
 def test_run_scores_the_artifact_it_wrote_and_states_its_size(single_run):
     folder, log, _ = single_run
     artifact = folder / "artifacts" / "single.pgqw"
-    size = re.search(r"^Total submission size quantized\+zstd: (\d+) bytes \(code (\d+), artifact (\d+)\)$", log, re.M)
+    size = re.search(r"^Total submission size quantized\+\w+: (\d+) bytes \(code (\d+), artifact (\d+)\)$", log, re.M)
     assert size and int(size.group(3)) == artifact.stat().st_size
     assert int(size.group(1)) == int(size.group(2)) + int(size.group(3)) and int(size.group(2)) == tg.script_identity()[1]
     assert re.search(r"^gptq_hessians matrices:\d+ calib_seqs:4 ", log, re.M)

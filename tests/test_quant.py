@@ -84,12 +84,13 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[name].scale.dtype == b[name].scale.dtype and torch.equal(a[name].scale, b[name].scale), name
 
 
+@pytest.mark.parametrize("codec,level", [(tg.CODEC_ZSTD, 3), (tg.CODEC_BROTLI, 5)])
 @pytest.mark.parametrize("layout", [tg.LAYOUT_BYTES, tg.LAYOUT_BITS, None])
-def test_pack_unpack_round_trip_is_exact(layout):
+def test_pack_unpack_round_trip_is_exact(layout, codec, level):
     state = random_quantized_state(range(2, 9))
-    blob = tg.pack_artifact(state, zstd_level=3, layout=layout)
+    blob = tg.pack_artifact(state, codec, level, layout=layout)
     assert_same_state(tg.unpack_artifact(blob), state)
-    assert tg.pack_artifact(state, zstd_level=3, layout=layout) == blob  # the same input, the same bytes
+    assert tg.pack_artifact(state, codec, level, layout=layout) == blob  # the same input, the same bytes
 
 
 def layouts_test_state() -> dict:
@@ -107,20 +108,22 @@ def test_each_tensor_keeps_the_layout_that_compresses_better():
     state = layouts_test_state()
     packing = tg.fast_packing(state)
     assert packing.layouts == [tg.LAYOUT_BYTES, tg.LAYOUT_BITS] and packing.layout == "bitpacked+int8"
-    blob = tg.pack_artifact(state, zstd_level=3)
-    assert len(blob) < min(len(tg.pack_artifact(state, 3, layout=layout)) for layout in (tg.LAYOUT_BYTES, tg.LAYOUT_BITS))
+    blob = tg.pack_artifact(state, tg.CODEC_ZSTD, 3)
+    assert len(blob) < min(len(tg.pack_artifact(state, tg.CODEC_ZSTD, 3, layout=layout))
+                           for layout in (tg.LAYOUT_BYTES, tg.LAYOUT_BITS))
     assert_same_state(tg.unpack_artifact(blob), state)
 
 
-def test_frames_are_the_same_for_any_thread_count_and_never_recompressed():
+@pytest.mark.parametrize("codec", [tg.CODEC_ZSTD, tg.CODEC_BROTLI])
+def test_frames_are_the_same_for_any_thread_count_and_never_recompressed(codec):
     records = [bytes(range(256)) * 50, b"\1" * 9000, bytes(5), b"\2" * 70000]
-    one = tg.zstd_frames(records, 19, workers=1)
-    assert tg.zstd_frames(records, 19, workers=3) == one
-    assert [zstandard.ZstdDecompressor().decompress(frame) for frame in one] == records
+    one = tg.compressed_frames(records, codec, 9, workers=1)
+    assert tg.compressed_frames(records, codec, 9, workers=3) == one
+    assert [tg.codec_functions(codec)[1](frame) for frame in one] == records
     cache = {}
-    tg.zstd_frames(records, 19, cache)
+    tg.compressed_frames(records, codec, 9, cache)
     assert len(cache) == 4
-    frames = tg.zstd_frames(records[:3] + [b"\3" * 70000], 19, cache)
+    frames = tg.compressed_frames(records[:3] + [b"\3" * 70000], codec, 9, cache)
     assert len(cache) == 5 and frames[:3] == one[:3]  # only the changed record was compressed
 
 
@@ -129,25 +132,33 @@ def test_no_frame_is_larger_than_at_the_fast_level():
     the smaller frame, so its size never exceeds the fast estimate that fit_artifact predicts from."""
     state = random_quantized_state([5, 6, 8]) | layouts_test_state()
     packing = tg.fast_packing(state)
-    fast_blob = tg.blob_from_frames(state, packing.layouts, packing.fast_frames)
-    for level in (1, 2, 3, 19):
-        assert len(tg.pack_artifact(state, level)) <= len(fast_blob)
+    fast_blob = packing.fast_blob(state)
+    for codec, level in ((tg.CODEC_ZSTD, 1), (tg.CODEC_ZSTD, 3), (tg.CODEC_ZSTD, 19), (tg.CODEC_BROTLI, 0)):
+        assert len(tg.pack_artifact(state, codec, level)) <= len(fast_blob)
 
 
-def test_bit_widths_follow_the_tensor_names():
-    cfg = tg.Hyperparameters(tie_embeddings=False)
+@pytest.mark.parametrize("vocab,embed_bits", [(1024, 8), (8192, 7)])
+def test_bit_widths_and_clips_follow_the_tensor_names_and_the_vocabulary(vocab, embed_bits):
+    cfg = tg.Hyperparameters(vocab_size=vocab, tie_embeddings=False, bigram_vocab_size=6144, ve_enabled=True)
     with torch.device("meta"):
         model = tg.GPT(cfg)
-    bits = {name: tg.quant_bits(name, p, cfg) for name, p in model.named_parameters()}
-    assert bits["blocks.3.mlp.fc.weight"] == bits["blocks.3.mlp.proj.weight"] == 5
+    plan = tg.class_quantizers(cfg)
+    kinds = {name: tg.tensor_class(name, p, cfg.quant_min_numel) for name, p in model.named_parameters()}
+    assert kinds["blocks.3.mlp.fc.weight"] == kinds["blocks.3.mlp.proj.weight"] == "mlp"
     for part in ("c_q", "c_k", "c_v", "proj"):
-        assert bits[f"blocks.1.attn.{part}.weight"] == 6
-    assert bits["bigram.proj.weight"] == bits["value_embed_proj.weight"] == 6
+        assert kinds[f"blocks.1.attn.{part}.weight"] == "attn"
+    assert kinds["bigram.proj.weight"] == "matrix"  # and value_embed_proj where it has 65,536 values (8 KV heads)
     for name in ("tok_emb.weight", "bigram.embed.weight", "value_embed.weight", "lm_head.weight"):
-        assert bits[name] == 8, name
+        assert kinds[name] == "embed", name
     for name in ("blocks.1.attn.q_gain", "skip_weights", "skip_gates", "blocks.1.attn_scale", "smear_gate.weight",
                  "blocks.1.attn.out_gate.weight", "blocks.10.lane_weights"):
-        assert bits[name] == 0, name
+        assert kinds[name] == "raw", name
+    assert plan == {"raw": (0, 0.0), "mlp": (6, 12.0), "attn": (6, 13.0), "matrix": (6, 12.85),
+                    "embed": (embed_bits, 20.0 if embed_bits == 8 else 15.0)}
+    finer = tg.class_quantizers(cfg, 0.5)  # a finer step: one more bit, the clip beyond the set one
+    assert finer["mlp"][0] == 7 and finer["mlp"][1] == pytest.approx(0.5 * 12.0 * 63 / 31)
+    assert finer["embed"] == (8, pytest.approx(0.5 * plan["embed"][1] * (127 / 63 if embed_bits == 7 else 1)))
+    assert tg.class_quantizers(cfg, 1.5)["attn"] == (6, pytest.approx(19.5))
 
 
 def test_gptq_beats_rtn_on_correlated_inputs():
@@ -156,8 +167,9 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     x = torch.randn(4096, 96) @ mixing.T + 0.05 * torch.randn(4096, 96)
     w = torch.randn(48, 96)
     for bits in (3, 5):
-        q, scale = tg.gptq_quantize(w, x.T @ x / x.size(0), bits, damp=0.01)
-        q_rtn, scale_rtn = tg.rtn_quantize(w, bits)
+        sigmas = {3: 2.5, 5: 3.5}[bits]
+        q, scale = tg.gptq_quantize(w, x.T @ x / x.size(0), bits, 0.01, sigmas)
+        q_rtn, scale_rtn = tg.rtn_quantize(w, bits, sigmas)
         gptq_err = (x @ (w - q.float() * scale.float()[:, None]).T).norm()
         rtn_err = (x @ (w - q_rtn.float() * scale_rtn.float()[:, None]).T).norm()
         assert q.dtype == torch.int8 and int(q.abs().max()) <= tg.qmax_for(bits)
@@ -186,7 +198,7 @@ def test_gptq_rounding_is_bitwise_the_column_by_column_loop():
     hinv_upper = tg.inverse_hessian_cholesky(x.T @ x / x.size(0), 0.01)
     w = torch.randn(40, 300)
     for bits in (2, 5, 8):
-        scale = tg.row_scales(w, bits)
+        scale = tg.row_scales(w, bits, 4.0)
         for block_size in (128, 7):
             expected = gptq_columns_one_launch_at_a_time(w, hinv_upper, scale, tg.qmax_for(bits), block_size)
             assert torch.equal(tg.gptq_round_columns(w, hinv_upper, scale, tg.qmax_for(bits), block_size), expected)
@@ -199,7 +211,8 @@ def test_matrices_sharing_a_hessian_are_quantized_as_if_alone(trained_model):
     assert hessians[names[1]] is hessians[names[0]] and hessians[names[2]] is hessians[names[0]]
     state = tg.quantize_state(model, cfg, hessians)
     for name in names:
-        q, scale = tg.gptq_quantize(model.state_dict()[name], hessians[name], cfg.quant_attn_bits, cfg.gptq_damp)
+        q, scale = tg.gptq_quantize(model.state_dict()[name], hessians[name], cfg.matrix_bits, cfg.gptq_damp,
+                                    cfg.attn_clip_sigmas)
         assert torch.equal(state[name].values, q) and torch.equal(state[name].scale, scale), name
 
 
@@ -210,14 +223,16 @@ def test_gptq_beats_rtn_on_a_trained_model(trained_model):
     held_out = structured_tokens(64, cfg.train_seq_len + 1, cfg.vocab_size, seed=2)
     calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
     hessians = tg.collect_hessians(model, calib)
-    assert "blocks.0.mlp.fc.weight" in hessians and "lm_head.weight" not in hessians
+    assert "blocks.0.mlp.fc.weight" in hessians and "tok_emb.weight" in hessians  # the tied head's input
 
     def log_probs(m: tg.GPT) -> torch.Tensor:
         with torch.no_grad():
             return torch.log_softmax(m.logits_from_hidden(m.forward_hidden(held_out[:, :-1])), dim=-1)
 
     def loss_and_kl(bits: int, gptq: bool) -> tuple[float, float]:
-        widths = dataclasses.replace(cfg, quant_mlp_bits=bits, quant_attn_bits=bits, gptq=gptq)
+        sigmas = {2: 2.0, 3: 2.5}[bits]  # a clip of a few sigmas for these few levels (the defaults are int6's)
+        widths = dataclasses.replace(cfg, matrix_bits=bits, gptq=gptq, mlp_clip_sigmas=sigmas, attn_clip_sigmas=sigmas,
+                                     matrix_clip_sigmas=sigmas)
         lp = log_probs(tg.dequantize_into(tg.GPT(cfg), tg.quantize_state(model, widths, hessians)))
         loss = -lp.gather(-1, held_out[:, 1:, None]).mean()
         return float(loss), float((reference.exp() * (reference - lp)).sum(-1).mean())
@@ -276,10 +291,10 @@ def test_loaded_model_gives_exactly_the_dequantized_logits(trained_model):
     cfg, model = trained_model
     calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
     state = tg.quantize_state(model, cfg, tg.collect_hessians(model, calib))
-    assert {q.bits for q in state.values()} == {0, 5, 6, 8}
+    assert {q.bits for q in state.values()} == {0, 6, 8}
     in_memory = tg.dequantize_into(tg.GPT(cfg), state).eval()
     torch.manual_seed(99)  # a fresh model with other initial weights
-    loaded = tg.dequantize_into(tg.GPT(cfg), tg.unpack_artifact(tg.pack_artifact(state, 3))).eval()
+    loaded = tg.dequantize_into(tg.GPT(cfg), tg.unpack_artifact(tg.pack_artifact(state, tg.CODEC_BROTLI, 5))).eval()
     x = structured_tokens(4, cfg.train_seq_len, cfg.vocab_size, 4)
     with torch.no_grad():
         expected = in_memory.logits_from_hidden(in_memory.forward_hidden(x))
@@ -309,81 +324,66 @@ def test_prune_zeroes_the_cheapest_values_of_mlp_and_attention_only():
     assert cut_max <= kept_min
 
 
-def test_shrink_schedule_prunes_more_then_narrows_mlp_then_attention():
-    tries = [(c.quant_mlp_bits, c.quant_attn_bits, round(p, 2)) for c, p in tg.shrink_schedule(quant_config())]
-    ramp = [0.03, 0.05, 0.07, 0.09, 0.11]
-    assert tries == [(5, 6, p) for p in ramp] + [(4, 6, p) for p in ramp] + [(4, 5, p) for p in ramp]
+def test_fit_ladder_goes_from_finer_steps_to_coarser_then_prunes():
+    ladder = tg.fit_ladder(quant_config())
+    steps = [step for step, _ in ladder]
+    assert steps == sorted(steps) and steps[0] < 1 < steps[-1] and 1.0 in steps
+    assert [prune for _, prune in ladder] == [0.0] * len(tg.FIT_STEPS) + list(tg.FIT_PRUNES)
+    assert [p for _, p in tg.fit_ladder(quant_config(prune_fraction=0.03))][-2:] == [0.04, 0.08]
 
 
 def logged(lines: list[str], kind: str) -> list[dict]:
-    return [dict(kv.split(":", 1) for kv in line.split()[1:]) for line in lines if line.startswith(kind + " ")]
+    return [dict(kv.split(":", 1) for kv in line.split()[1:] if ":" in kv) for line in lines if line.startswith(kind + " ")]
 
 
-def entry_of(fields: dict) -> tuple[int, int, float]:
-    return int(fields["mlp_bits"]), int(fields["attn_bits"]), float(fields["prune"])
+def entry_of(fields: dict) -> tuple[float, float]:
+    return round(float(fields["step"]), 3), float(fields["prune"])
 
 
-def final_sizes_in_schedule_order(model, cfg, hessians) -> list[tuple[tuple[int, int, float], int]]:
-    """Every entry of the shrink schedule packed at ZSTD_LEVEL, the slow way."""
-    sizes = []
-    for widths, prune in tg.shrink_schedule(cfg):
-        quantized = tg.prune_smallest(tg.quantize_state(model, widths, hessians), prune)
-        sizes.append(((widths.quant_mlp_bits, widths.quant_attn_bits, round(prune, 2)),
-                      len(tg.pack_artifact(quantized, cfg.zstd_level))))
-    return sizes
+def final_sizes_in_ladder_order(model, cfg, hessians) -> list[int]:
+    """Every entry of the ladder built as fit_artifact builds it, the slow way."""
+    return [len(tg.pack_artifact(tg.prune_smallest(tg.quantize_state(model, cfg, hessians, step), prune),
+                                 *tg.final_codec(cfg))) for step, prune in tg.fit_ladder(cfg)]
 
 
-def test_fit_artifact_takes_the_first_schedule_entry_that_fits(trained_model):
+def test_fit_artifact_takes_the_most_precise_entry_that_fits(trained_model):
     cfg, model = trained_model
     calib = structured_tokens(16, cfg.train_seq_len, cfg.vocab_size, 3)
-    lines = []
-    blob, (widths, prune) = tg.fit_artifact(model, cfg, 1000, lines.append, calib)
-    assert (prune, widths.quant_mlp_bits, widths.quant_attn_bits) == (0.03, 5, 6)
-    tries = logged(lines, "artifact_try")
-    assert [entry_of(f) for f in tries] == [(5, 6, 0.03)]  # one compression at ZSTD_LEVEL
-    assert tries[0]["layout"] in ("int8", "bitpacked", "bitpacked+int8")
-    assert tries[0]["total_bytes"] == str(1000 + len(blob))
-
-    sizes = final_sizes_in_schedule_order(model, cfg, tg.collect_hessians(model, calib))
-    assert sizes[0][1] == len(blob) and all(a[1] > b[1] for a, b in zip(sizes, sizes[1:]))
-    for k in (1, 4, 7, len(sizes) - 1):  # targets that only entry k and those after it meet
-        target = 1000 + sizes[k][1] + (sizes[k - 1][1] - sizes[k][1]) // 2
+    sizes = final_sizes_in_ladder_order(model, cfg, tg.collect_hessians(model, calib))
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes  # the ladder shrinks: the finest fitting is the first
+    ladder = tg.fit_ladder(cfg)
+    for k in (0, 3, 9, len(sizes) - 1):  # targets that only entry k and those after it meet
+        target = 1000 + sizes[k] + (10 ** 9 if k == 0 else (sizes[k - 1] - sizes[k]) // 2)
         lines = []
-        blob, (widths, prune) = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000,
-                                                lines.append, calib)
-        assert (widths.quant_mlp_bits, widths.quant_attn_bits, prune) == sizes[k][0], k
-        assert len(blob) == sizes[k][1] and 1000 + len(blob) <= target
+        blob, entry = tg.fit_artifact(model, dataclasses.replace(cfg, target_bytes=target), 1000, lines.append, calib)
         tries = logged(lines, "artifact_try")
-        assert len(tries) <= 2 and any(f["fits"] == "1" and entry_of(f) == sizes[k][0] for f in tries), lines
+        assert len(tries) < tg.FIT_TRIES, lines  # within its tries, the fitter finds the most precise that fits:
+        assert entry == ladder[k] and len(blob) == sizes[k] and 1000 + len(blob) <= target, (k, lines)
+        assert [f["total_bytes"] for f in tries if entry_of(f) == (round(ladder[k][0], 3), ladder[k][1])] == [str(1000 + len(blob))]
         estimates = [entry_of(f) for f in logged(lines, "artifact_estimate")]
-        assert len(set(estimates)) == len(estimates) <= 2 * (k // 5) + 4, estimates  # each once (see first_fit)
+        assert len(set(estimates)) == len(estimates), estimates  # each estimated once
+        assert lines[-1].startswith("artifact_fit chose step:") and f"bytes:{1000 + len(blob)}" in lines[-1]
         assert tg.unpack_artifact(blob).keys() == model.state_dict().keys()
 
 
-@pytest.mark.parametrize("first", [0, 1, 2, 4, 5, 9, 13, 14, None])
-def test_first_fit_finds_the_first_entry_asking_few_questions(first):
-    runs = [range(0, 5), range(5, 10), range(10, 15)]
+@pytest.mark.parametrize("first", [0, 1, 5, 13, 14, None])
+def test_first_predicted_fit_bisects(first):
     asked = []
 
     def fits(i):
         asked.append(i)
         return first is not None and i >= first
 
-    assert tg.first_fit(runs, fits) == first
-    runs_skipped = len(runs) if first is None else first // 5
-    assert len(set(asked)) == len(asked) <= 2 * runs_skipped + (0 if first is None else 4)  # 4: 1 + first, last, bisection
-    if first is None or first % 5 == 0:
-        assert asked == sorted({run[0] for run in runs if first is None or run[0] <= first} |
-                               {run[-1] for run in runs if first is None or run[-1] < first})
+    assert tg.first_predicted_fit(0, 15, fits) == first
+    assert len(set(asked)) == len(asked) <= 5
+    assert tg.first_predicted_fit(3, 3, fits) is None
 
 
 def test_fit_artifact_refuses_a_target_it_cannot_reach(trained_model):
     cfg, model = trained_model
     lines = []
-    with pytest.raises(tg.ArtifactError, match=r"cannot fit: .*\(mlp_bits:4 attn_bits:5 embed_bits:8 prune:0.11\)"):
+    with pytest.raises(tg.ArtifactError, match=r"cannot fit: .*\(step:2.000 prune:0.08 mlp:int6@24.00 "):
         tg.fit_artifact(model, dataclasses.replace(cfg, gptq=False, target_bytes=5000), 1000, lines.append)
-    assert [entry_of(f) for f in logged(lines, "artifact_estimate")] == [(5, 6, 0.03), (5, 6, 0.11), (4, 6, 0.03),
-                                                                         (4, 6, 0.11), (4, 5, 0.03), (4, 5, 0.11)]
     assert [f["fits"] for f in logged(lines, "artifact_try")] == ["0"]
 
 
@@ -399,12 +399,12 @@ def artifact_with_frame(blob: bytes, index: int, frame: bytes | None) -> bytes:
     frames[index] = frames[index] if frame is None else frame
     state = {name: tg.QuantizedTensor(bits, torch.zeros(shape, dtype=torch.int8 if bits else dtype),
                                       torch.zeros(shape[0], dtype=dtype) if bits else None)
-             for name, shape, bits, layout, dtype, _ in heads}
-    return tg.blob_from_frames(state, [head[3] for head in heads], frames)
+             for name, shape, bits, layout, dtype, _, _ in heads}
+    return tg.blob_from_frames(state, [head[3] for head in heads], [head[5] for head in heads], frames)
 
 
 def test_damaged_artifacts_are_refused():
-    blob = tg.pack_artifact(random_quantized_state([5, 6]), zstd_level=3)
+    blob = tg.pack_artifact(random_quantized_state([5, 6]), tg.CODEC_ZSTD, 3)
     assert artifact_with_frame(blob, 1, None) == blob  # rebuilt unchanged: the same bytes
     frame = tg.ARTIFACT_FRAME.size
     flipped = bytearray(blob)
@@ -416,7 +416,7 @@ def test_damaged_artifacts_are_refused():
     cases = {"corrupted": (bytes(flipped), "checksum"), "truncated": (blob[:-5], "truncated"),
              "frame only": (blob[:frame - 1], "truncated"), "empty": (b"", "truncated"),
              "magic": (b"PK\x03\x04" + blob[4:], "not a model artifact"),
-             "version": (wrong_version, "version 3 is not supported"), "format 1": (old_version, "version 1"),
+             "version": (wrong_version, f"version {tg.ARTIFACT_VERSION + 1} is not supported"), "format 1": (old_version, "version 1"),
              "padded": (blob + b"\0", "padded"), "short tensor": (short_tensor, "m6.weight holds 50 bytes"),
              "not zstd": (not_zstd, "unreadable")}
     for case, (damaged, message) in cases.items():
@@ -430,10 +430,11 @@ def test_crown_q_penalty_is_positive_and_reaches_the_weights():
     model = perturbed_gpt(cfg, 0.05)
     penalty = tg.crown_q_penalty(model, cfg)
     assert penalty.ndim == 0 and float(penalty.detach()) > 0
-    w = model.blocks[0].mlp.fc.weight.detach()
-    delta = w.abs().amax(dim=1, keepdim=True) / tg.qmax_for(cfg.quant_mlp_bits)
-    terms = [(p.detach().square() * (p.detach().abs().amax(1, keepdim=True) / tg.qmax_for(b)).square()).mean() / 12
-             for n, p in model.named_parameters() if (b := tg.quant_bits(n, p, cfg))]
+    w, plan = model.blocks[0].mlp.fc.weight.detach(), tg.class_quantizers(cfg)
+    delta = cfg.mlp_clip_sigmas * w.std(dim=1, keepdim=True) / tg.qmax_for(cfg.matrix_bits)
+    steps = {n: (k * p.detach().std(1, keepdim=True) / tg.qmax_for(b)) for n, p in model.named_parameters()
+             for b, k in [plan[tg.tensor_class(n, p, cfg.quant_min_numel)]] if b}
+    terms = [(p.detach().square() * steps[n].square()).mean() / 12 for n, p in model.named_parameters() if n in steps]
     assert torch.allclose(penalty, 0.5 * torch.stack(terms).mean())
     penalty.backward()
     grad = model.blocks[0].mlp.fc.weight.grad
