@@ -88,7 +88,7 @@ def quantize_and_score(model: tg.GPT, cfg: tg.Hyperparameters, rt: tg.Runtime, v
         calib, calib_s = timed(rt, calibrate)
         hessians, hessians_s = timed(rt, lambda: tg.collect_hessians(model, calib))
     quantized, quantize_s = timed(rt, lambda: tg.quantize_state(model, cfg, hessians))
-    blob = tg.pack_artifact(tg.prune_smallest(quantized, cfg.prune_fraction), cfg.zstd_level)
+    blob = tg.pack_artifact(tg.prune_smallest(quantized, cfg.prune_fraction), *tg.final_codec(cfg))
     restored = tg.dequantize_into(copy.deepcopy(model), tg.unpack_artifact(blob))
     params = sum(p.numel() for p in model.parameters())
     return dict(params=params, artifact_bytes=len(blob), bytes_per_param=len(blob) / params,
@@ -247,13 +247,13 @@ def gpu_projection(cfg: tg.Hyperparameters, model: tg.GPT, seqs: int, seq_len: i
     pack_s = time.perf_counter() - start
     largest = max(packing.records, key=len)
     start = time.perf_counter()
-    tg.zstd_frames([largest], cfg.zstd_level, workers=1)
+    tg.compressed_frames([largest], *tg.final_codec(cfg), workers=1)
     largest_s = time.perf_counter() - start
     start = time.perf_counter()
-    tg.zstd_frames(packing.records, cfg.zstd_level, workers=1)
+    tg.compressed_frames(packing.records, *tg.final_codec(cfg), workers=1)
     zstd_s = time.perf_counter() - start
     node_zstd_s = max(largest_s, zstd_s / NODE_THREADS_PER_RANK)
-    print(f"gpu_projection cpu_side prune:{prune_s:.1f}s fast_pack:{pack_s:.1f}s zstd_{cfg.zstd_level}_one_thread:{zstd_s:.1f}s "
+    print(f"gpu_projection cpu_side prune:{prune_s:.1f}s fast_pack:{pack_s:.1f}s {cfg.compressor}_one_thread:{zstd_s:.1f}s "
           f"largest_frame:{largest_s:.1f}s -> at {NODE_THREADS_PER_RANK} threads per rank:{node_zstd_s:.1f}s", flush=True)
     total = calib_s + hessian_s + gptq.seconds() + prune_s + pack_s + node_zstd_s
     print(f"gpu_projection total_first_entry_fits:{total:.1f}s (assumed {US_PER_KERNEL_OP:g}us per kernel op, "
@@ -268,8 +268,8 @@ def full_model_bench(args) -> int:
     model = trained_like_gpt(cfg, args.tail_df)
     print(f"bench_quant_full device:cpu({torch.get_num_threads()}_threads) zstd_workers:{tg.compression_workers()} "
           f"params:{sum(p.numel() for p in model.parameters())} weights:student_t(df={args.tail_df:g}) "
-          f"bits(mlp/attn/embed):{cfg.quant_mlp_bits}/{cfg.quant_attn_bits}/{cfg.quant_embed_bits} "
-          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} target_bytes:{cfg.target_bytes} "
+          f"bits(matrix/embed):{cfg.matrix_bits}/{cfg.embed_bits} "
+          f"prune_fraction:{cfg.prune_fraction} compressor:{cfg.compressor} target_bytes:{cfg.target_bytes} "
           f"calib:{seqs}x{seq_len}", flush=True)
     if args.before:
         spec = importlib.util.spec_from_file_location("train_gpt_before", args.before)
@@ -346,9 +346,9 @@ def main(argv=None) -> int:
     device = (torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda"
               else f"cpu({torch.get_num_threads()}_threads)")
     print(f"bench_quant device:{device.replace(' ', '_')} layers:{cfg.num_layers} dim:{cfg.model_dim} "
-          f"steps:{cfg.iterations} warmdown_iters:{cfg.warmdown_iters} bits(mlp/attn/embed):{cfg.quant_mlp_bits}/"
-          f"{cfg.quant_attn_bits}/{cfg.quant_embed_bits} quant_min_numel:{cfg.quant_min_numel} "
-          f"prune_fraction:{cfg.prune_fraction} zstd_level:{cfg.zstd_level} gptq_calib:selfgen "
+          f"steps:{cfg.iterations} warmdown_iters:{cfg.warmdown_iters} bits(matrix/embed):{cfg.matrix_bits}/"
+          f"{cfg.embed_bits} quant_min_numel:{cfg.quant_min_numel} "
+          f"prune_fraction:{cfg.prune_fraction} compressor:{cfg.compressor} gptq_calib:selfgen "
           f"calib:{cfg.gptq_calib_seqs}x{cfg.gptq_calib_seq_len} val_tokens:{val_tokens.numel()}")
     rows, first_model = [], None
     runs = ((0.0, (("rtn", False), ("gptq", True))), (CROWN_Q_LAMBDA, (("gptq+crown_q", True),)))

@@ -29,7 +29,7 @@ one process so that the rows compare as ratios. Rows run USE_MIXER=none; the mix
   - Projections to an H100, never measurements: the published step time PUBLISHED_STEP_MS taken as the all-off
     row's, times each row's FLOP ratio; the lookup and the mixer head from their counted kernel ops and bytes
     (see TrafficCounter and the constants beside it); and the steps that fit in MAX_WALLCLOCK_SECONDS less
-    TRAIN_RESERVE_SECONDS at that pace.
+    GPTQ_RESERVE_SECONDS at that pace.
 """
 from __future__ import annotations
 
@@ -398,7 +398,7 @@ def run_techniques(args, base: tg.Hyperparameters, base_env: dict, cuda: bool, r
     except tg.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    budget_s = base.max_wallclock_seconds - base.train_reserve_seconds
+    budget_s = base.max_wallclock_seconds - base.gptq_reserve_seconds
     print(f"bench_train techniques preset:{args.preset or 'none'} device:{device.replace(' ', '_')} "
           f"layers:{base.num_layers} dim:{base.model_dim} seq_len:{base.train_seq_len} "
           f"batch_tokens:{base.train_batch_tokens} {rt.device.type}_batch_tokens:{cpu_batch_tokens} "
@@ -414,7 +414,7 @@ def run_techniques(args, base: tg.Hyperparameters, base_env: dict, cuda: bool, r
     print(f"Projections, not measurements: the neural step is {PUBLISHED_STEP_MS} ms ({PUBLISHED_STEP_SOURCE}), "
           "taken as the all-off row's and scaled by each row's FLOP ratio (FLOPs of matmuls and attention only; "
           "the record ran recurrence and parallel residuals itself). Steps: MAX_WALLCLOCK_SECONDS "
-          f"{base.max_wallclock_seconds:g} s less TRAIN_RESERVE_SECONDS {base.train_reserve_seconds:g} s "
+          f"{base.max_wallclock_seconds:g} s less GPTQ_RESERVE_SECONDS {base.gptq_reserve_seconds:g} s "
           "over the projected step.")
     return 0
 

@@ -126,7 +126,7 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log, eval_tokens: int = P
 
     step_ms, recompiles = preflight_step_ms(model, train_model, cfg, rt, oracle, inner, lines)
     step_ms, oracle_s = tg.agreed_max([step_ms, oracle_s], rt)
-    stop_s = cfg.max_wallclock_seconds - cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
+    stop_s = cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else None
     steps = cfg.iterations if stop_s is None else min(cfg.iterations, max(0, int((stop_s - oracle_s) * 1000 / step_ms)))
     rows.append(PreflightRow("steps", f"step_avg:{step_ms:.2f}ms recompiles:{recompiles}", steps, None, unit=""))
     train_peak = peak_memory_bytes(rt)
@@ -140,7 +140,7 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log, eval_tokens: int = P
         blob, size = None, "fits:0"
         log(f"preflight_artifact error: {err}")
     artifact_s = tg.agreed_max([time.perf_counter() - t0], rt)[0]
-    reserve = cfg.train_reserve_seconds if cfg.max_wallclock_seconds else None
+    reserve = cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else None
     tries = sum(line.startswith("artifact_try") for line in lines)
     rows.append(PreflightRow("artifact", f"tries:{tries} {size} target_bytes:{cfg.target_bytes}", artifact_s, reserve))
     train_s = oracle_s + steps * step_ms / 1000 + artifact_s

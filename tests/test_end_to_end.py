@@ -246,7 +246,7 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(TOKENIZER_PATH="/no/such.model"), "TOKENIZER_PATH='/no/such.model' is not a file"),
     (dict(TRAIN_BATCH_TOKENS="100"), "TRAIN_BATCH_TOKENS=100 is not allowed"),
     (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
-    (dict(QUANT_MLP_BITS="9"), "QUANT_MLP_BITS=9 is not allowed: 2..8"),
+    (dict(MATRIX_BITS="9"), "MATRIX_BITS=9 is not allowed: 2..8"),
     (dict(LOOP_END="5"), "LOOP_END=5 is not allowed: LOOP_START \\(0\\)..1"),
     (dict(TTT_OPTIMIZER="adam"), "TTT_OPTIMIZER='adam' is not allowed: sgd or adamw"),
     (dict(TTT_CHUNK_TOKENS="16"), "TTT_CHUNK_TOKENS=16 is not allowed: at least TRAIN_SEQ_LEN"),
@@ -311,7 +311,7 @@ def test_preflight_names_what_is_over_and_exits_3(dataset, tmp_path):
     data, tok = dataset
     # no reserve left for the artifact after the wall-clock stop, and an evaluation budget of 1 ms
     proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="over",
-                           MAX_WALLCLOCK_SECONDS="600", TRAIN_RESERVE_SECONDS="0", EVAL_BUDGET_SECONDS="0.001"),
+                           MAX_WALLCLOCK_SECONDS="600", GPTQ_RESERVE_SECONDS="0", EVAL_BUDGET_SECONDS="0.001"),
                       tmp_path, script=PREFLIGHT)
     assert proc.returncode == 3, failure(proc)
     rows = preflight_rows(proc.stdout)

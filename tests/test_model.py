@@ -132,20 +132,22 @@ def test_tiny_training_run_lowers_the_loss(tmp_path, cpu_runtime):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3])
 
 
-def test_lr_schedule_warms_up_and_ends_at_zero():
-    cfg = tiny_config(iterations=100, lr_warmup_steps=10, warmdown_iters=20)
+def test_lr_schedule_warms_up_and_ends_at_min_lr():
+    cfg = tiny_config(iterations=100, lr_warmup_steps=10, warmdown_iters=20, min_lr=0.0)
     assert tg.lr_scale(0, 0, None, cfg) == pytest.approx(0.1)
     assert tg.lr_scale(50, 0, None, cfg) == 1.0
     assert tg.lr_scale(90, 0, None, cfg) == pytest.approx(0.5)
     assert tg.lr_scale(100, 0, None, cfg) == 0.0
     # Wall clock: 10 ms a step, stop at 1,000 ms, warm-down of 20 steps = 200 ms.
     assert tg.lr_scale(90, 900, 1000, dataclasses.replace(cfg, iterations=10000)) == pytest.approx(0.5)
+    floored = dataclasses.replace(cfg, min_lr=0.1)  # #1787: the warm-down ends at 10%, the warm-up is unchanged
+    assert [tg.lr_scale(s, 0, None, floored) for s in (0, 90, 98, 100)] == pytest.approx([0.1, 0.5, 0.1, 0.1])
 
 
 def test_wallclock_cap_stops_training(tmp_path, cpu_runtime):
     _write_repetitive_shards(tmp_path, 64)
     cfg = tiny_config(data_path=str(tmp_path), iterations=100000, max_wallclock_seconds=1.0,
-                      train_reserve_seconds=0.5, train_log_every=0, ema_decay=0.0,
+                      gptq_reserve_seconds=0.5, train_log_every=0, ema_decay=0.0,
                       use_mixer="none")  # no oracle to count: the first step starts at once
     lines = []
     model = tg.GPT(cfg)
