@@ -1,8 +1,9 @@
 """bench_compress.py: the artifact's compressors compared on one quantized state, as bytes and seconds.
 
 For each state it prints one line per way of packing the same integers and steps:
-- zstd22_frames: one zstd frame per tensor at level 22 (the artifact's format with COMPRESSOR=zstd);
-- brotli11_frames: one brotli frame per tensor at quality 11 (COMPRESSOR=brotli, the default);
+- zstd22_frames: one zstd frame per tensor at level 22, in 1 MiB pieces (the artifact's format, COMPRESSOR=zstd);
+- brotli11_frames: the same at brotli quality 11 (COMPRESSOR=brotli, the default); brotli11_whole_frames: one
+  piece per tensor, to show what the pieces cost;
 - shuffled_groups_zstd22 / shuffled_groups_brotli11: the records' way, byte-shuffled groups: every tensor of one class
   (mlp, attn, matrix, embed as int8 values; all fp16 steps and raw tensors with their low and high bytes in two
   planes) concatenated into one stream per group, each stream compressed once.
@@ -32,9 +33,12 @@ import train_gpt as tg  # noqa: E402
 from bench_quant import trained_like_gpt  # noqa: E402
 
 
-def timed_frames(records: list[bytes], codec: int, level: int) -> tuple[int, float]:
-    """(total compressed bytes, one thread's seconds) of each record compressed on its own."""
+def timed_frames(records: list[bytes], codec: int, level: int, pieces: bool) -> tuple[int, float]:
+    """(total compressed bytes, one thread's seconds) of each record compressed on its own: in the artifact's
+    FRAME_CHUNK pieces (`pieces`), or whole."""
     compress, total, t0 = tg.codec_functions(codec)[0], 0, time.perf_counter()
+    if pieces:
+        return sum(map(len, tg.compressed_frames(records, codec, level, workers=1))), time.perf_counter() - t0
     for record in records:
         total += len(compress(record, level))
     return total, time.perf_counter() - t0
@@ -58,12 +62,13 @@ def compare(label: str, state: dict[str, tg.QuantizedTensor]) -> None:
     records = tg.fast_packing(state, layout=tg.LAYOUT_BYTES).records
     values = sum(q.values.numel() for q in state.values() if q.bits)
     print(f"state {label} tensors:{len(state)} integer_values:{values} raw_bytes:{sum(map(len, records))}")
-    rows = [("zstd22_frames", records, tg.CODEC_ZSTD, 22), ("brotli11_frames", records, tg.CODEC_BROTLI, 11),
-            ("shuffled_groups_zstd22", shuffled_groups(state), tg.CODEC_ZSTD, 22),
-            ("shuffled_groups_brotli11", shuffled_groups(state), tg.CODEC_BROTLI, 11)]
+    rows = [("zstd22_frames", records, tg.CODEC_ZSTD, 22, True), ("brotli11_frames", records, tg.CODEC_BROTLI, 11, True),
+            ("brotli11_whole_frames", records, tg.CODEC_BROTLI, 11, False),
+            ("shuffled_groups_zstd22", shuffled_groups(state), tg.CODEC_ZSTD, 22, False),
+            ("shuffled_groups_brotli11", shuffled_groups(state), tg.CODEC_BROTLI, 11, False)]
     base = None
-    for name, streams, codec, level in rows:
-        size, seconds = timed_frames(streams, codec, level)
+    for name, streams, codec, level, pieces in rows:
+        size, seconds = timed_frames(streams, codec, level, pieces)
         base = base or size
         print(f"compress {label} {name} bytes:{size} vs_zstd22_frames:{size - base:+d} one_thread_s:{seconds:.1f}")
     t0 = time.perf_counter()
