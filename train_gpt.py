@@ -1336,7 +1336,6 @@ FAST_ZSTD_LEVEL = 1  # layout choice and size estimates: a fraction of 22's time
 CODEC_ZSTD, CODEC_BROTLI = 0, 1
 FRAME_CHUNK = 1 << 20  # bytes of a record compressed as one piece: pieces of one tensor compress in parallel
 LAYOUT_RAW, LAYOUT_BYTES, LAYOUT_BITS = 0, 1, 2  # raw floats; one int8 per value; bit-packed fields
-LAYOUT_NAMES = {LAYOUT_BYTES: "int8", LAYOUT_BITS: "bitpacked"}
 DTYPE_CODES = {torch.float16: 1, torch.float32: 2}
 DTYPES_BY_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
@@ -1618,10 +1617,6 @@ class Packing:
     layouts: list[int]
     records: list[bytes]
     fast_frames: list[bytes]
-
-    @property
-    def layout(self) -> str:
-        return "+".join(sorted({LAYOUT_NAMES[layout] for layout in self.layouts if layout != LAYOUT_RAW})) or "raw"
 
     def fast_blob(self, quantized_state: dict[str, QuantizedTensor]) -> bytes:
         return blob_from_frames(quantized_state, self.layouts, [CODEC_ZSTD] * len(self.layouts), self.fast_frames)
