@@ -1786,11 +1786,12 @@ def first_predicted_fit(lo: int, hi: int, fits) -> int | None:
     return lo
 
 
-def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
-                 calib_tokens: torch.Tensor | None = None) -> tuple[bytes, tuple[float, float]]:
+def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log, calib_tokens: torch.Tensor | None = None,
+                 deadline: float | None = None) -> tuple[bytes, tuple[float, float]]:
     """The artifact of the most precise fit_ladder entry under TARGET_BYTES (of the FIT_TRIES built), and that entry.
     A try's size over its prediction scales the predictions after it; one over the budget moves coarser, one under it
-    finer, down to the neighbour of the best. Rank 0 alone decides, from sizes (no clock): deterministic."""
+    finer, down to the neighbour of the best. Once one fits, no try starts that would end past `deadline` (a
+    perf_counter time: the training clock's). Rank 0 alone decides; from sizes only, unless the deadline stops it."""
     hessians = {}
     if cfg.gptq:
         if calib_tokens is None:
@@ -1802,14 +1803,18 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log,
     tries, budget = FitTries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
     built, ratio, lo, best = {}, 1.0, 0, None  # built: entry -> bytes; entries before lo are over the budget
     while len(built) < FIT_TRIES:
+        if best is not None and deadline is not None and time.perf_counter() + try_s > deadline:
+            log(f"artifact_fit stopped: another try ({try_s:.1f}s) would end past GPTQ_RESERVE_SECONDS")
+            break
         hi = len(tries.ladder) if best is None else best
         i = first_predicted_fit(lo, hi, lambda j: ratio * tries.estimate(j) <= budget)
         if i is None and hi - 1 >= lo:  # none predicted: the smallest decides fit or refusal, the best's finer
             i = hi - 1                  # neighbour whether it is the most precise that fits
         if i is None or i in built:
             break
+        t0 = time.perf_counter()
         blob = tries.build(i)
-        built[i], ratio = len(blob), len(blob) / tries.estimate(i)
+        built[i], ratio, try_s = len(blob), len(blob) / tries.estimate(i), time.perf_counter() - t0
         if len(blob) <= budget:
             best = i
             kept = blob
@@ -2352,14 +2357,16 @@ def script_identity() -> tuple[str, int]:
 
 
 def built_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
-    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing."""
+    """The artifact's bytes (see QUANTIZATION AND PACKING): calibration, GPTQ, size fitting, packing, the fitting
+    ending its tries within GPTQ_RESERVE_SECONDS of the start (it counts against the training budget)."""
     calib, t0 = None, time.perf_counter()
+    deadline = t0 + cfg.gptq_reserve_seconds if cfg.max_wallclock_seconds else None
     if cfg.gptq:  # self-generated (the records'): no data read after training, none of validation's ever
         with rt.autocast():
             calib = selfgen_calibration_tokens(model, cfg.gptq_calib_seqs, cfg.gptq_calib_seq_len, cfg.seed)
         log(f"gptq_calibration source:selfgen seqs:{cfg.gptq_calib_seqs} seq_len:{cfg.gptq_calib_seq_len} "
             f"time:{1000 * (rt.synced_time() - t0):.0f}ms")
-    return fit_artifact(model, cfg, script_identity()[1], log, calib)[0]
+    return fit_artifact(model, cfg, script_identity()[1], log, calib, deadline)[0]
 
 
 def rank0_artifact(model: GPT, cfg: Hyperparameters, rt: Runtime, log) -> bytes:
