@@ -48,9 +48,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    data_path: str = ""  # "": where data/cached_challenge_fineweb.py puts VOCAB_SIZE's data (default_data_paths)
+    tokenizer_path: str = ""
     vocab_size: int = 1024
+    caseops_enabled: bool = False  # bits per byte from the fineweb_val_bytes_* sidecar (CaseOps data, docs/caseops.md)
     run_id: str = "run"
     seed: int = 1337
     iterations: int = 20000
@@ -153,6 +154,9 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda or cpu (see init_runtime)
 
     def __post_init__(self):
+        for name, path in zip(("data_path", "tokenizer_path"), default_data_paths(self.vocab_size, self.caseops_enabled)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, path)
         recipe = dict(VOCAB_RECIPES[max(v for v in VOCAB_RECIPES if v <= self.vocab_size)])
         L = self.num_layers  # layer defaults follow NUM_LAYERS: a shallower model runs without setting them
         hinge, loop_length, lanes_from = min(L - 1, L // 2), recipe.pop("loop_length"), recipe.pop("lanes_from_of_11")
@@ -256,6 +260,13 @@ VOCAB_RECIPES = {
 VOCAB_RECIPES[8192] = VOCAB_RECIPES[4096] | dict(embed_bits=7)
 
 
+def default_data_paths(vocab_size: int, caseops: bool) -> tuple[str, str]:
+    """(DATA_PATH, TOKENIZER_PATH) of the published data of this vocabulary (CaseOps: the records' export's names)."""
+    suffix = CASEOPS_SUFFIX if caseops else ""
+    return (f"./data/datasets/fineweb10B_sp{vocab_size}{suffix}",
+            f"./data/tokenizers/fineweb_{vocab_size}_bpe{suffix}.model")
+
+
 def setting_text(value):
     """A setting as it is written in the environment: 0/1 for a switch, comma-separated for a tuple."""
     return ",".join(map(str, value)) if isinstance(value, tuple) else int(value) if isinstance(value, bool) else value
@@ -354,8 +365,9 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-HOW_TO_GET_DATA = ("download FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "
-                   "N`, or build the sample corpus with `python3 scripts/make_sample_data.py`")
+HOW_TO_GET_DATA = ("download FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp<VOCAB_SIZE> "
+                   "--train-shards N`, or build the sample corpus with `python3 scripts/make_sample_data.py`")
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"  # the published CaseOps export's name (#1729)
 
 
 class ShardError(ValueError):
@@ -387,26 +399,57 @@ def load_shard(path: str | Path, vocab_size: int) -> np.ndarray:
     if count and int(tokens.max()) >= vocab_size:
         where = int(np.argmax(tokens >= vocab_size))
         raise ShardError(f"{path}: token id {int(tokens[where])} at position {where} is not below "
-                         f"VOCAB_SIZE={vocab_size}")
+                         f"VOCAB_SIZE={vocab_size}, the tokenizer's piece count: shards and tokenizer are of "
+                         "different vocabularies")
     return tokens.astype(np.uint16, copy=False)
 
 
-def shard_files(data_path: str | Path, split: str) -> list[str]:
-    """Sorted `fineweb_{split}_*.bin` files under data_path; none is an error that says how to get data."""
-    files = sorted(glob.glob(os.path.join(str(data_path), f"fineweb_{split}_*.bin")))
-    if not files:
+def shard_files(data_path: str | Path, split: str, required: bool = True) -> list[str]:
+    """Sorted `fineweb_{split}_<digits>.bin` files under data_path (a `*` would take a val sidecar for tokens);
+    none, when required, is an error that says how to get data."""
+    name = re.compile(rf"fineweb_{split}_\d+\.bin")
+    files = sorted(str(p) for p in Path(data_path).glob(f"fineweb_{split}_*.bin") if name.fullmatch(p.name))
+    if required and not files:
         raise ShardError(f"DATA_PATH={str(data_path)!r} has no fineweb_{split}_*.bin shards: {HOW_TO_GET_DATA}")
     return files
 
 
 def load_validation_tokens(data_path: str | Path, vocab_size: int) -> torch.Tensor:
-    """The whole validation split (every fineweb_val_* file, in name order) as one int64 tensor."""
+    """The whole validation split (every fineweb_val_<digits> file, in name order) as one int64 tensor."""
     parts = [load_shard(f, vocab_size) for f in shard_files(data_path, "val")]
     tokens = torch.from_numpy(np.concatenate(parts).astype(np.int64))
     if tokens.numel() < 2:
         raise ShardError(f"DATA_PATH={str(data_path)!r}: the validation split has {tokens.numel()} tokens; "
                          "at least 2 are needed to score one")
     return tokens
+
+
+def validation_byte_sidecar(data_path: str | Path, val_tokens: torch.Tensor, caseops: bool) -> torch.Tensor | None:
+    """CaseOps' bytes of the original text per validation token (int32, 0 for BOS), from a fineweb_val_bytes_N.bin
+    beside each fineweb_val_N.bin (the records' layout), checked against the split; None without CASEOPS_ENABLED."""
+    where, sidecars = f"DATA_PATH={str(data_path)!r}", shard_files(data_path, "val_bytes", required=False)
+    if bool(sidecars) != caseops:
+        raise ConfigError(f"CASEOPS_ENABLED={int(caseops)} is not allowed with {where}: " + (
+            "it has no fineweb_val_bytes_*.bin byte sidecar to charge the original text's bytes on; use CaseOps data "
+            "or CASEOPS_ENABLED=0" if caseops else "its byte sidecars (fineweb_val_bytes_*.bin) say its tokens are "
+            "not the text's bytes one to one; set CASEOPS_ENABLED=1 to charge bits per byte on them"))
+    if not caseops:
+        return None
+    shards = shard_files(data_path, "val")
+    if [Path(f).name for f in sidecars] != [Path(f).name.replace("val_", "val_bytes_") for f in shards]:
+        raise ShardError(f"{where}: byte sidecars {[Path(f).name for f in sidecars]} do not pair with validation "
+                         f"shards {[Path(f).name for f in shards]}: one fineweb_val_bytes_N.bin per fineweb_val_N.bin")
+    for sidecar, shard in zip(sidecars, shards):
+        if shard_token_count(sidecar) != shard_token_count(shard):
+            raise ShardError(f"{sidecar}: {shard_token_count(sidecar)} byte counts, but {Path(shard).name} has "
+                             f"{shard_token_count(shard)} tokens: a sidecar has one count per token of its shard")
+    counts = torch.from_numpy(np.concatenate([load_shard(f, 1 << 16) for f in sidecars]).astype(np.int32))
+    at_bos = (val_tokens == BOS_ID).nonzero().squeeze(1)
+    if int(val_tokens[0]) != BOS_ID or counts[at_bos].any():  # a split without BOS broke one record's scoring (#1779)
+        raise ShardError(f"{where}: every CaseOps validation document must start with BOS (id {BOS_ID}, 0 bytes in "
+                         f"the sidecar); the split starts with id {int(val_tokens[0])} and the sidecar gives "
+                         f"{int(counts[at_bos].sum())} bytes to BOS tokens")
+    return counts
 
 
 class TokenStream:
@@ -494,16 +537,18 @@ class TokenByteTables:
     base_bytes: torch.Tensor          # (V,) int64: bytes of the piece, leading marker excluded
     has_leading_space: torch.Tensor   # (V,) bool: the piece starts with the marker
     is_boundary: torch.Tensor         # (V,) bool: control/unknown: no text, and no space after it
+    sidecar: torch.Tensor | None = None  # (N,) int32 per validation position: CaseOps' bytes, used instead
 
     def to(self, device: torch.device) -> "TokenByteTables":
-        return TokenByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+        return TokenByteTables(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
 
 
 def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
-    """Byte tables for a SentencePiece processor, padded to vocab_size with boundaries of no bytes."""
-    if sp.vocab_size() > vocab_size:
+    """Byte tables for a SentencePiece processor of exactly vocab_size pieces (a larger model vocabulary would
+    only hold ids no shard uses: the records refuse it too)."""
+    if sp.vocab_size() != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={vocab_size} is not allowed: the tokenizer has {sp.vocab_size()} pieces; "
-                          "VOCAB_SIZE must be at least that")
+                          "VOCAB_SIZE must equal that (TOKENIZER_PATH and DATA_PATH follow VOCAB_SIZE when unset)")
     base = torch.zeros(vocab_size, dtype=torch.int64)
     space = torch.zeros(vocab_size, dtype=torch.bool)
     boundary = torch.ones(vocab_size, dtype=torch.bool)
@@ -518,8 +563,12 @@ def token_byte_tables(sp, vocab_size: int) -> TokenByteTables:
     return TokenByteTables(base, space, boundary)
 
 
-def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: TokenByteTables) -> torch.Tensor:
-    """UTF-8 bytes of each token of `tokens`, given the token before each (same shape, int64)."""
+def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: TokenByteTables,
+                       positions: torch.Tensor | None = None) -> torch.Tensor:
+    """UTF-8 bytes of each token of `tokens`, given the token before each and, for a sidecar, its position in the
+    validation stream (same shape, int64)."""
+    if tables.sidecar is not None:
+        return tables.sidecar[positions].long()
     extra_space = tables.has_leading_space[tokens] & ~tables.is_boundary[prev_tokens]
     return tables.base_bytes[tokens] + extra_space.to(torch.int64)
 
@@ -527,6 +576,15 @@ def target_byte_counts(prev_tokens: torch.Tensor, tokens: torch.Tensor, tables: 
 def load_tokenizer(path: str):
     import sentencepiece as spm  # imported here so that the model code imports without it
     return spm.SentencePieceProcessor(model_file=path)
+
+
+def validation_split(cfg: Hyperparameters) -> tuple[torch.Tensor, TokenByteTables]:
+    """(validation tokens, the byte tables that score them), every check at start: tokenizer against VOCAB_SIZE,
+    ids against the tokenizer, the CaseOps sidecar against its shards."""
+    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size)
+    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    sidecar = validation_byte_sidecar(cfg.data_path, val_tokens, cfg.caseops_enabled)
+    return val_tokens, dataclasses.replace(tables, sidecar=sidecar)
 
 
 # =============================================================================
@@ -1902,9 +1960,9 @@ class WindowBatch:
 
     def scored(self, tables: TokenByteTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(next tokens (B, S), the scored targets' positions in val_tokens (n,), their bytes (n,))"""
-        next_tokens = self.tokens.gather(1, self.positions + 1)
-        nbytes = target_byte_counts(self.tokens.gather(1, self.positions), next_tokens, tables)
-        return next_tokens, self.pick(self.index.gather(1, self.positions + 1)), self.pick(nbytes)
+        next_tokens, targets = self.tokens.gather(1, self.positions + 1), self.index.gather(1, self.positions + 1)
+        nbytes = target_byte_counts(self.tokens.gather(1, self.positions), next_tokens, tables, targets)
+        return next_tokens, self.pick(targets), self.pick(nbytes)
 
 
 def eval_batch_rows(batch_tokens: int, seq_len: int) -> int:
@@ -1955,7 +2013,7 @@ def evaluate_plain(token_nll, val_tokens: torch.Tensor, tables: TokenByteTables,
             inputs, targets = batch.tokens[:, :-1], batch.tokens[:, 1:]  # every position: the warmed-up graph
             with rt.autocast():
                 nll = token_nll(inputs, targets)
-            yield batch.pick(nll), batch.pick(target_byte_counts(inputs, targets, tables))
+            yield batch.pick(nll), batch.pick(target_byte_counts(inputs, targets, tables, batch.index[:, 1:]))
     return _eval_result(batch_scores(), val_tokens.device, rt)
 
 
@@ -2419,9 +2477,9 @@ def compiled_functions(model: GPT, cfg: Hyperparameters, rt: Runtime) -> tuple:
 def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
     """Trains and writes the artifact (or takes EVAL_ARTIFACT's), then scores the artifact alone."""
     torch.manual_seed(cfg.seed)  # numpy's global generator draws nothing: the stream has its own
-    tables = token_byte_tables(load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
-    val_tokens = load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
-    log(f"val_tokens:{val_tokens.numel()}")
+    val_tokens, tables = validation_split(cfg)
+    val_tokens, tables = val_tokens.to(rt.device), tables.to(rt.device)
+    log(f"val_tokens:{val_tokens.numel()} bytes_from:{'tokenizer' if tables.sidecar is None else 'sidecar'}")
     model = GPT(cfg).to(rt.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())}")
     train_model, ttt_forward, token_nll, eval_outputs = compiled_functions(model, cfg, rt)
@@ -2432,7 +2490,9 @@ def run(cfg: Hyperparameters, rt: Runtime, log: RunLog) -> EvalResult:
         return val
     path = cfg.eval_artifact
     if not path:
-        log(f"train_shards:{len(shard_files(cfg.data_path, 'train'))}")
+        files = shard_files(cfg.data_path, "train")
+        load_shard(files[0], cfg.vocab_size)  # ids beyond the tokenizer stop the run now, not mid-training
+        log(f"train_shards:{len(files)}")
         result = train(model, train_model, cfg, rt, log, plain_val)
         log(f"train_done steps:{result.steps} train_time:{result.train_time_ms:.0f}ms "
             f"step_avg:{result.train_time_ms / max(result.steps, 1):.2f}ms recompiles:{result.recompiles}")

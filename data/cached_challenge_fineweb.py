@@ -5,18 +5,25 @@ Usage:
     python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80
 
 Options:
-    --variant        tokenizer family; the public repo publishes sp1024 only
-    --train-shards   how many train shards to fetch, 0..195 (default 80, as the published
-                     script: 8B training tokens at 100M tokens a shard); the validation
-                     shard is always fetched, because the validation split is all of it
+    --variant        tokenizer family, each from the repository that publishes it (VARIANTS):
+                     sp1024 (willdepueoai/parameter-golf), sp4096 and sp8192 (kevclark/parameter-golf,
+                     the records since 2026-04-01), sp8192_lossless_caps_caseops_v1_reserved (CaseOps,
+                     romeerp/parameter-golf-caseops-v1, the records since 2026-04-18; docs/caseops.md)
+    --train-shards   how many train shards to fetch, from 0 to the variant's published count
+                     (default 80, as the published script: 8B training tokens at 100M tokens a
+                     shard); the validation shard is always fetched, because the validation split
+                     is all of it, and with CaseOps its byte sidecar
     --local-dir      where datasets/ and tokenizers/ go (default: this data/ folder)
-    --repo-id        a mirror of the published dataset repo with the same layout
-                     (default: MATCHED_FINEWEB_REPO_ID if set, else willdepueoai/parameter-golf)
+    --repo-id        a mirror of the variant's repository with the same layout (default:
+                     MATCHED_FINEWEB_REPO_ID if set, else the variant's own); one of the
+                     repositories above that does not publish the variant is refused
 
-Result, under the data folder:
+Result, under the data folder (train_gpt.py's default paths for VOCAB_SIZE=1024):
     datasets/fineweb10B_sp1024/fineweb_val_000000.bin
     datasets/fineweb10B_sp1024/fineweb_train_000000.bin ... fineweb_train_<N-1>.bin
     tokenizers/fineweb_1024_bpe.model, tokenizers/fineweb_1024_bpe.vocab
+and likewise fineweb10B_sp<V><suffix>/ and fineweb_<V>_bpe<suffix>.model for the others, with
+datasets/.../fineweb_val_bytes_000000.bin beside the validation shard for CaseOps.
 
 Running it again fetches only what is missing or incomplete, so an interrupted download
 resumes, and asking for more train shards later adds to the ones already there.
@@ -39,7 +46,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 from train_gpt import ShardError, shard_token_count  # noqa: E402
 
-PUBLISHED_REPO_ID = "willdepueoai/parameter-golf"
 REPO_ID_ENV = "MATCHED_FINEWEB_REPO_ID"
 # Every published file lives under this folder of the dataset repo; locally it is dropped,
 # so that the remote datasets/ and tokenizers/ land directly in the data folder.
@@ -50,22 +56,32 @@ TEMPORARY_SUFFIX = ".tmp"
 
 @dataclass(frozen=True)
 class Variant:
+    repo_id: str  # the dataset repository that publishes it
     dataset_dir: str
     tokenizer_files: tuple[str, ...]
     train_shards: int
     val_shards: int
+    byte_sidecar: bool = False  # CaseOps: fineweb_val_bytes_N.bin, one byte count per token of fineweb_val_N.bin
 
 
-# Counts are those of the repo's manifest.json (datasets/manifest.json). Written here rather
-# than read from it so that the list of files, and bad --train-shards values, are known before
-# anything is downloaded.
+def published_variant(repo_id: str, name: str, train_shards: int, byte_sidecar: bool = False) -> Variant:
+    """The files of `name` (sp<V>[suffix]) as the published exports name them: shards of 100M tokens, one val shard."""
+    vocab, _, suffix = name[2:].partition("_")
+    stem = f"fineweb_{vocab}_bpe" + (f"_{suffix}" if suffix else "")
+    return Variant(repo_id, f"fineweb10B_{name}", (f"{stem}.model", f"{stem}.vocab"), train_shards, 1, byte_sidecar)
+
+
+# Counts are those of each repo's manifest.json (datasets/manifest.json), as the records that use them
+# show: sp1024's manifest; sp4096 and sp8192 fetched whole by the 2026-04-01 (143) and 2026-04-05 (128)
+# records, whose logs count one val shard; CaseOps exported with --max-train-shards 80 and one val shard of
+# 47,851,520 tokens (the 2026-04-18 record). Written here rather than read from the manifest so that the list of files, and bad --train-shards
+# values, are known before anything is downloaded.
 VARIANTS = {
-    "sp1024": Variant(
-        dataset_dir="fineweb10B_sp1024",
-        tokenizer_files=("fineweb_1024_bpe.model", "fineweb_1024_bpe.vocab"),
-        train_shards=195,
-        val_shards=1,
-    ),
+    "sp1024": published_variant("willdepueoai/parameter-golf", "sp1024", 195),
+    "sp4096": published_variant("kevclark/parameter-golf", "sp4096", 143),
+    "sp8192": published_variant("kevclark/parameter-golf", "sp8192", 128),
+    "sp8192_lossless_caps_caseops_v1_reserved": published_variant(
+        "romeerp/parameter-golf-caseops-v1", "sp8192_lossless_caps_caseops_v1_reserved", 80, byte_sidecar=True),
 }
 
 
@@ -86,6 +102,7 @@ def remote_files(variant: str, train_shards: int) -> list[str]:
     spec = VARIANTS[variant]
     shard_dir = f"{REMOTE_ROOT}/datasets/{spec.dataset_dir}"
     files = [f"{shard_dir}/fineweb_val_{i:06d}.bin" for i in range(spec.val_shards)]
+    files += [f"{shard_dir}/fineweb_val_bytes_{i:06d}.bin" for i in range(spec.val_shards * spec.byte_sidecar)]
     files += [f"{shard_dir}/fineweb_train_{i:06d}.bin" for i in range(train_shards)]
     files += [f"{REMOTE_ROOT}/tokenizers/{name}" for name in spec.tokenizer_files]
     return files
@@ -170,6 +187,19 @@ def fetch_file(remote: str, data_dir: Path, repo_id: str, fetch: Fetch) -> Path:
     return final
 
 
+def check_byte_sidecars(variant: str, data_dir: Path) -> None:
+    """Each sidecar must hold one count per token of its val shard; a mismatched one is removed, so that a
+    second run fetches it again."""
+    for i in range(VARIANTS[variant].val_shards * VARIANTS[variant].byte_sidecar):
+        shard = data_dir / "datasets" / VARIANTS[variant].dataset_dir / f"fineweb_val_{i:06d}.bin"
+        sidecar = shard.with_name(f"fineweb_val_bytes_{i:06d}.bin")
+        counts, tokens = shard_token_count(sidecar), shard_token_count(shard)
+        if counts != tokens:
+            sidecar.unlink()
+            raise DownloadError(f"{sidecar}: {counts} byte counts for the {tokens} tokens of {shard.name}; "
+                                "removed: run again to fetch it anew")
+
+
 # =============================================================================
 # MAIN
 # =============================================================================
@@ -191,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-dir", type=Path, default=DATA_DIR,
                         help="folder that receives datasets/ and tokenizers/ (default: this data/ folder)")
     parser.add_argument("--repo-id", default=None,
-                        help=f"Hugging Face dataset repo (default: ${REPO_ID_ENV} or {PUBLISHED_REPO_ID})")
+                        help=f"Hugging Face dataset repo (default: ${REPO_ID_ENV}, else the variant's own)")
     return parser
 
 
@@ -202,7 +232,11 @@ def main(argv: list[str] | None = None, fetch: Fetch = hub_fetch) -> int:
     if not 0 <= args.train_shards <= spec.train_shards:
         parser.error(f"argument --train-shards: {args.train_shards} is not in 0..{spec.train_shards}, "
                      f"the train shards published for {args.variant}")
-    repo_id = args.repo_id or os.environ.get(REPO_ID_ENV) or PUBLISHED_REPO_ID
+    repo_id = args.repo_id or os.environ.get(REPO_ID_ENV) or spec.repo_id
+    if repo_id != spec.repo_id and repo_id in {v.repo_id for v in VARIANTS.values()}:
+        parser.error(f"argument --variant: {args.variant} is not published in {repo_id} (from "
+                     f"{'--repo-id' if args.repo_id else REPO_ID_ENV}) but in {spec.repo_id}: "
+                     f"pass --repo-id {spec.repo_id}{'' if args.repo_id else f' or unset {REPO_ID_ENV}'}")
     data_dir = args.local_dir.resolve()
 
     wanted = remote_files(args.variant, args.train_shards)
@@ -213,6 +247,7 @@ def main(argv: list[str] | None = None, fetch: Fetch = hub_fetch) -> int:
         for i, remote in enumerate(missing, 1):
             path = fetch_file(remote, data_dir, repo_id, fetch)
             print(f"fetched:{i}/{len(missing)} {path}")
+        check_byte_sidecars(args.variant, data_dir)
     except MissingHubError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -19,6 +19,11 @@ machine, so that train_gpt.py can be run end to end on a CPU in a few minutes:
 - shards: each document is its BOS id followed by its tokens; the train and val token streams
   are cut into fineweb_{train,val}_NNNNNN.bin files of at most --shard-tokens tokens, written
   by write_shard below.
+- --caseops: every document goes through case_encode first (capitalisation moved into four
+  operator characters, reversibly; the tokenizer keeps each operator one piece), and each val
+  shard gets its byte sidecar fineweb_val_bytes_NNNNNN.bin: per token, the bytes it stands for
+  in the original text (0 for BOS and operators), which sum to the original's UTF-8 length.
+  Run train_gpt.py on it with CASEOPS_ENABLED=1 (docs/caseops.md).
 
 Run (from anywhere; the default outputs are under the repository root):
     python3 scripts/make_sample_data.py
@@ -36,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -59,6 +65,12 @@ STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycach
 # evaluation, byte accounting that treats ids 0-3 as boundaries) works unchanged on this data.
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 MIN_VOCAB_SIZE = 4 + 256  # the control pieces plus one piece per byte for byte fallback
+# CaseOps, written here from the idea of #1729: private-use characters, which ordinary text does not use (and
+# which are escaped where it does), so that each operator is one piece and costs no byte of the original.
+TITLE, ALLCAPS, CAPNEXT, ESC = "\ue000", "\ue001", "\ue002", "\ue003"
+CASE_OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
+ENCODE_RUN = re.compile("[A-Za-z]+|[\ue000-\ue003]")
+DECODE_OP = re.compile("\ue003(.)|\ue000([a-z])|\ue001([a-z]+)|\ue002([a-z])", re.S)
 MAX_VOCAB_SIZE = 1 << 16  # ids are stored as uint16
 
 
@@ -136,6 +148,50 @@ def is_val_document(relpath: str, val_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < val_fraction * 2**64
 
 
+def case_encoded_run(run: str) -> str:
+    """One maximal run of ASCII letters (or one operator character) in CaseOps form."""
+    if run in CASE_OPERATORS:
+        return ESC + run
+    if run.islower():
+        return run
+    if run.isupper() and len(run) > 1:
+        return ALLCAPS + run.lower()
+    if run[0].isupper() and (len(run) == 1 or run[1:].islower()):
+        return TITLE + run.lower()
+    return "".join(CAPNEXT + c.lower() if c.isupper() else c for c in run)
+
+
+def case_encode(text: str) -> str:
+    """`text` with its capitalisation in operators before lowercase letters: Title, ALLCAPS, capitalise-next."""
+    return ENCODE_RUN.sub(lambda m: case_encoded_run(m.group()), text)
+
+
+def case_decode(text: str) -> str:
+    """The inverse of case_encode: an ALLCAPS run is the whole letter run after it, as encoding ends runs there."""
+    def decoded(match: re.Match) -> str:
+        escaped, title, allcaps, capnext = match.groups()
+        return escaped or (title or allcaps or capnext).upper()
+    return DECODE_OP.sub(decoded, text)
+
+
+def original_byte_counts(sp, ids: list[int]) -> list[int]:
+    """Per token of one case-encoded document, the UTF-8 bytes it stands for in the original text: 0 for an
+    operator, the escaped character's for an escaped one, the dummy prefix's space not counted (as decode)."""
+    counts, escaped = [], False
+    for i, token in enumerate(ids):
+        piece = sp.id_to_piece(token)
+        operator = piece in CASE_OPERATORS and not escaped
+        escaped = operator and piece == ESC
+        text = piece.replace("\u2581", " ")
+        if operator:
+            counts.append(0)
+        elif sp.is_byte(token):
+            counts.append(1)
+        else:
+            counts.append(len(text.encode("utf-8")) - (i == 0 and text.startswith(" ")))
+    return counts
+
+
 def take_up_to(documents: list[Document], max_chars: int) -> list[Document]:
     # Skipping a document that does not fit (rather than stopping there) keeps one large early
     # file from leaving a split almost empty, and still never passes the cap.
@@ -160,8 +216,9 @@ def split_documents(documents: list[Document], val_fraction: float, max_train_ch
 # -----------------------------------------------------------------------------
 
 
-def train_tokenizer(train_texts: list[str], vocab_size: int) -> bytes:
-    """The serialized SentencePiece BPE model; the same texts and vocab_size give the same bytes."""
+def train_tokenizer(train_texts: list[str], vocab_size: int, caseops: bool = False) -> bytes:
+    """The serialized SentencePiece BPE model; the same texts and vocab_size give the same bytes. With caseops,
+    each case operator is a piece of its own (ids 4-7), never merged with letters."""
     import sentencepiece as spm
 
     model = io.BytesIO()
@@ -184,7 +241,7 @@ def train_tokenizer(train_texts: list[str], vocab_size: int) -> bytes:
             # With the dummy prefix, decode drops exactly the space encode added, so a document that
             # starts with spaces comes back intact and train_gpt's byte count (no space counted
             # right after BOS) equals the decoded length.
-            add_dummy_prefix=True,
+            add_dummy_prefix=True, user_defined_symbols=list(CASE_OPERATORS) if caseops else [],
             num_threads=2, minloglevel=2)
     except RuntimeError as err:
         # sentencepiece's message ends with what the corpus allows (e.g. "set it to a value <= 418").
@@ -193,12 +250,16 @@ def train_tokenizer(train_texts: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def encode_documents(sp, texts: list[str]) -> np.ndarray:
-    """One token stream: each document as BOS then its tokens, in order (uint16)."""
+def encode_documents(sp, texts: list[str], caseops: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One token stream: each document (case-encoded with caseops) as BOS then its tokens, in order (uint16);
+    with caseops also each token's bytes of the original text (original_byte_counts; 0 for BOS), else None."""
     if not texts:
-        return np.zeros(0, dtype=np.uint16)
-    encoded = sp.encode(texts, out_type=int, num_threads=2)
-    return np.concatenate([np.asarray([BOS_ID] + ids, dtype=np.uint16) for ids in encoded])
+        return np.zeros(0, dtype=np.uint16), np.zeros(0, dtype=np.uint16) if caseops else None
+    encoded = sp.encode([case_encode(t) for t in texts] if caseops else texts, out_type=int, num_threads=2)
+    tokens = np.concatenate([np.asarray([BOS_ID] + ids, dtype=np.uint16) for ids in encoded])
+    if not caseops:
+        return tokens, None
+    return tokens, np.concatenate([np.asarray([0] + original_byte_counts(sp, ids), dtype=np.uint16) for ids in encoded])
 
 
 def shard_path(out_dir: Path, split: str, index: int) -> Path:
@@ -264,13 +325,19 @@ def write_manifest(path: Path, settings: dict, complete: bool, **details) -> Non
 # -----------------------------------------------------------------------------
 
 
+def caseops_twin(path: Path, caseops: bool) -> Path:
+    """A default output's CaseOps name, so that the CaseOps sample sits beside the plain one, not over it."""
+    return path.with_name(path.stem + "_caseops" + path.suffix) if caseops else path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text-dir", type=Path, action="append", default=[],
                         help="folder of .txt/.py/.rst/.md files, one document each (repeatable)")
     parser.add_argument("--stdlib", action="store_true", help="also use the standard library with --text-dir")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--tokenizer-out", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}, with --caseops its _caseops twin")
+    parser.add_argument("--tokenizer-out", type=Path, default=None)
+    parser.add_argument("--caseops", action="store_true", help="case operators and a val byte sidecar (CaseOps)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--val-fraction", type=float, default=0.03)
     parser.add_argument("--max-train-chars", type=int, default=6_000_000)
@@ -291,7 +358,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use a positive integer")
     args.text_dir = [d.resolve() for d in args.text_dir]
-    args.out, args.tokenizer_out = args.out.resolve(), args.tokenizer_out.resolve()
+    args.out = (args.out or caseops_twin(DEFAULT_OUT, args.caseops)).resolve()
+    args.tokenizer_out = (args.tokenizer_out or caseops_twin(DEFAULT_TOKENIZER, args.caseops)).resolve()
     return args
 
 
@@ -305,7 +373,7 @@ def build_settings(args: argparse.Namespace) -> dict:
             "text_dirs": [str(d) for d in args.text_dir], "vocab_size": args.vocab_size,
             "val_fraction": args.val_fraction, "max_train_chars": args.max_train_chars,
             "max_val_chars": args.max_val_chars, "shard_tokens": args.shard_tokens,
-            "tokenizer": str(args.tokenizer_out), "sentencepiece": spm.__version__}
+            "tokenizer": str(args.tokenizer_out), "sentencepiece": spm.__version__, "caseops": args.caseops}
 
 
 def check_out_dir_is_ours(out_dir: Path, manifest_path: Path) -> None:
@@ -331,7 +399,8 @@ def build(args: argparse.Namespace, settings: dict, manifest_path: Path) -> dict
             raise InputError(f"the {split} split is empty: of {len(collected.documents)} documents none was hashed "
                              f"to {split} by --val-fraction={args.val_fraction} and fit under "
                              f"{option}={getattr(args, cap)}; change either, or add documents")
-    model = train_tokenizer([d.text for d in train], args.vocab_size)
+    model = train_tokenizer([case_encode(d.text) if args.caseops else d.text for d in train], args.vocab_size,
+                            args.caseops)
     args.out.mkdir(parents=True, exist_ok=True)
     args.tokenizer_out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest_path, settings, complete=False)
@@ -339,12 +408,14 @@ def build(args: argparse.Namespace, settings: dict, manifest_path: Path) -> dict
     sp = spm.SentencePieceProcessor(model_proto=model)
     summary, shards = {}, {}
     for split, docs in (("train", train), ("val", val)):
-        tokens = encode_documents(sp, [d.text for d in docs])
-        paths = write_split_shards(args.out, split, tokens, args.shard_tokens)
-        shards.update({p.name: min(args.shard_tokens, len(tokens) - i * args.shard_tokens)
-                       for i, p in enumerate(paths)})
+        tokens, counts = encode_documents(sp, [d.text for d in docs], args.caseops)
+        sidecar = split == "val" and args.caseops  # after the val shards: their stale pass takes old sidecars too
+        for name, stream in (("val", tokens), ("val_bytes", counts)) if sidecar else ((split, tokens),):
+            paths = write_split_shards(args.out, name, stream, args.shard_tokens)
+            shards.update({p.name: min(args.shard_tokens, len(stream) - i * args.shard_tokens)
+                           for i, p in enumerate(paths)})
         summary[split] = dict(docs=len(docs), chars=sum(len(d.text) for d in docs), tokens=len(tokens),
-                              shards=len(paths))
+                              shards=len(paths), original_bytes=sum(len(d.text.encode("utf-8")) for d in docs))
     write_manifest(manifest_path, settings, complete=True, shards=shards, splits=summary,
                    tokenizer_sha256=hashlib.sha256(model).hexdigest(), tokenizer_vocab_size=sp.vocab_size())
     summary["skipped"] = dict(not_utf8=collected.not_utf8, empty=collected.empty, duplicate=collected.duplicate)

@@ -98,8 +98,8 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log, eval_tokens: int = P
         if not any(quiet in line for quiet in PREFLIGHT_QUIET):
             log(line)
 
-    tables = tg.token_byte_tables(tg.load_tokenizer(cfg.tokenizer_path), cfg.vocab_size).to(rt.device)
-    val_tokens = tg.load_validation_tokens(cfg.data_path, cfg.vocab_size).to(rt.device)
+    val_tokens, tables = tg.validation_split(cfg)  # the run's checks, at the same point
+    val_tokens, tables = val_tokens.to(rt.device), tables.to(rt.device)
     files = tg.shard_files(cfg.data_path, "train")
     train_tokens = sum(tg.shard_token_count(f) for f in files)
     log(f"preflight_data train_shards:{len(files)} train_tokens:{train_tokens} val_tokens:{val_tokens.numel()} "

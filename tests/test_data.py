@@ -1,5 +1,6 @@
 """Shard format, the training stream, and bits-per-byte accounting."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,12 +135,71 @@ def test_byte_count_equals_utf8_length_of_decoded_text(real_text_tokenizer):
     assert any(sp.is_byte(int(t)) for t in tokens)
 
 
-def test_byte_tables_pad_a_larger_model_vocabulary(real_text_tokenizer):
+@pytest.mark.parametrize("vocab", [100, 480])
+def test_a_tokenizer_of_another_size_than_vocab_size_is_refused(real_text_tokenizer, vocab):
     sp, _ = real_text_tokenizer
-    tables = tg.token_byte_tables(sp, 480)
-    assert tables.base_bytes[400:].sum() == 0 and tables.is_boundary[400:].all()
-    with pytest.raises(tg.ConfigError, match="VOCAB_SIZE=100"):
-        tg.token_byte_tables(sp, 100)
+    with pytest.raises(tg.ConfigError, match=rf"^VOCAB_SIZE={vocab} is not allowed: the tokenizer has 400 pieces; "
+                                             "VOCAB_SIZE must equal that"):
+        tg.token_byte_tables(sp, vocab)
+    assert tg.token_byte_tables(sp, 400).base_bytes.numel() == 400
+
+
+@pytest.mark.parametrize("env, data, tokenizer", [
+    ({}, "./data/datasets/fineweb10B_sp1024", "./data/tokenizers/fineweb_1024_bpe.model"),
+    ({"VOCAB_SIZE": "8192"}, "./data/datasets/fineweb10B_sp8192", "./data/tokenizers/fineweb_8192_bpe.model"),
+    ({"VOCAB_SIZE": "4096"}, "./data/datasets/fineweb10B_sp4096", "./data/tokenizers/fineweb_4096_bpe.model"),
+    ({"VOCAB_SIZE": "8192", "CASEOPS_ENABLED": "1"},
+     "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved",
+     "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
+    ({"VOCAB_SIZE": "8192", "DATA_PATH": "/d", "TOKENIZER_PATH": "/t.model"}, "/d", "/t.model"),
+    ({"VOCAB_SIZE": "8192", "DATA_PATH": "/d"}, "/d", "./data/tokenizers/fineweb_8192_bpe.model"),
+])
+def test_data_and_tokenizer_paths_follow_vocab_size_unless_given(env, data, tokenizer):
+    cfg = tg.Hyperparameters.from_env(env, cuda=False)
+    assert (cfg.data_path, cfg.tokenizer_path) == (data, tokenizer)
+    assert f"setting DATA_PATH={data}" in cfg.as_log_lines()
+
+
+def test_validation_shards_are_digits_only_and_a_sidecar_is_never_read_as_tokens(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.array([1, 5, 6], dtype=np.uint16))
+    write_shard(tmp_path / "fineweb_val_bytes_000000.bin", np.array([0, 3, 4], dtype=np.uint16))
+    assert [Path(f).name for f in tg.shard_files(tmp_path, "val")] == ["fineweb_val_000000.bin"]
+    assert tg.load_validation_tokens(tmp_path, 16).tolist() == [1, 5, 6]
+    assert [Path(f).name for f in tg.shard_files(tmp_path, "val_bytes")] == ["fineweb_val_bytes_000000.bin"]
+
+
+def _caseops_split(folder, shards, sidecars):
+    for i, tokens in enumerate(shards):
+        write_shard(folder / f"fineweb_val_{i:06d}.bin", np.array(tokens, dtype=np.uint16))
+    for i, counts in enumerate(sidecars):
+        write_shard(folder / f"fineweb_val_bytes_{i:06d}.bin", np.array(counts, dtype=np.uint16))
+    return tg.load_validation_tokens(folder, 16)
+
+
+def test_the_sidecar_is_read_in_shard_order_and_scores_every_evaluation_path(tmp_path, cpu_runtime):
+    tokens = _caseops_split(tmp_path, [[1, 5, 6, 7], [8, 1, 9]], [[0, 2, 3, 4], [5, 0, 6]])
+    sidecar = tg.validation_byte_sidecar(tmp_path, tokens, caseops=True)
+    assert sidecar.tolist() == [0, 2, 3, 4, 5, 0, 6]
+    assert tg.validation_byte_sidecar(tmp_path / "none", tokens, caseops=False) is None
+    tables = dataclasses.replace(tg.TokenByteTables(torch.full((16,), 9), torch.zeros(16, dtype=torch.bool),
+                                                    torch.zeros(16, dtype=torch.bool)), sidecar=sidecar)
+    positions = torch.tensor([[3, 6], [1, 2]])
+    assert tg.target_byte_counts(tokens[positions - 1], tokens[positions], tables, positions).tolist() == [[4, 6], [2, 3]]
+
+
+@pytest.mark.parametrize("shards, sidecars, caseops, message", [
+    ([[1, 5]], [[0, 2]], False, r"^CASEOPS_ENABLED=0 is not allowed with DATA_PATH=.*byte sidecars .*CASEOPS_ENABLED=1"),
+    ([[1, 5]], [], True, r"^CASEOPS_ENABLED=1 is not allowed with DATA_PATH=.* has no fineweb_val_bytes_\*\.bin"),
+    ([[1, 5], [6]], [[0, 2]], True, r"do not pair with validation shards .*one fineweb_val_bytes_N\.bin per"),
+    ([[1, 5, 6]], [[0, 2]], True, r"fineweb_val_bytes_000000\.bin: 2 byte counts, but fineweb_val_000000\.bin has 3"),
+    ([[5, 1, 6]], [[2, 0, 3]], True, r"must start with BOS \(id 1.*starts with id 5"),
+    ([[1, 5, 1, 6]], [[0, 2, 1, 3]], True, r"must start with BOS.*gives 1 bytes to BOS tokens"),
+])
+def test_caseops_data_that_cannot_be_scored_is_refused_with_one_line(tmp_path, shards, sidecars, caseops, message):
+    tokens = _caseops_split(tmp_path, shards, sidecars)
+    with pytest.raises((tg.ConfigError, tg.ShardError), match=message) as err:
+        tg.validation_byte_sidecar(tmp_path, tokens, caseops)
+    assert "\n" not in str(err.value)
 
 
 def test_settings_of_other_scripts_and_typos_are_named_not_ignored():

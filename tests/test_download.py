@@ -29,15 +29,15 @@ dl = load_script()
 SHARDS = "datasets/datasets/fineweb10B_sp1024"
 
 
-def fake_fetch(calls: list, bad: str | None = None):
-    """A downloader that writes a small valid shard (or a truncated one for `bad`) or a
-    tokenizer stub, and records what it was asked for."""
+def fake_fetch(calls: list, bad: str | None = None, sidecar_tokens: int = 10):
+    """A downloader that writes a small valid shard (or a truncated one for `bad`; a sidecar of
+    `sidecar_tokens`) or a tokenizer stub, and records what it was asked for."""
     def fetch(repo_id: str, remote: str, destination: Path) -> None:
         calls.append((repo_id, remote, destination))
         if remote == bad:
             destination.write_bytes(b"\0" * 100)
         elif remote.endswith(".bin"):
-            write_shard(destination, np.arange(10, dtype=np.uint16))
+            write_shard(destination, np.arange(sidecar_tokens if "_bytes_" in remote else 10, dtype=np.uint16))
         else:
             destination.write_bytes(b"tokenizer " + remote.encode())
     return fetch
@@ -108,7 +108,7 @@ def test_full_run_places_files_and_leaves_no_temporary_files(tmp_path, capsys):
     assert leftovers(tmp_path) == []
     # Every fetch wrote to a temporary name beside its final one, never to the final name.
     assert all(dest.name.endswith(dl.TEMPORARY_SUFFIX) for _, _, dest in calls)
-    assert {repo for repo, _, _ in calls} == {dl.PUBLISHED_REPO_ID}
+    assert {repo for repo, _, _ in calls} == {"willdepueoai/parameter-golf"}
 
     # Run again with one more shard: only the new shard is fetched.
     calls.clear()
@@ -183,3 +183,72 @@ def test_bad_arguments_exit_2_with_one_line(argv, option, allowed, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and allowed in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+CASEOPS = "sp8192_lossless_caps_caseops_v1_reserved"
+
+
+@pytest.mark.parametrize("variant, repo, train, tokenizer", [
+    ("sp4096", "kevclark/parameter-golf", 143, "fineweb_4096_bpe"),
+    ("sp8192", "kevclark/parameter-golf", 128, "fineweb_8192_bpe"),
+    (CASEOPS, "romeerp/parameter-golf-caseops-v1", 80, f"fineweb_8192_bpe_{CASEOPS[7:]}"),
+])
+def test_each_variant_is_fetched_whole_from_the_repository_that_publishes_it(variant, repo, train, tokenizer,
+                                                                             tmp_path, monkeypatch):
+    monkeypatch.delenv(dl.REPO_ID_ENV, raising=False)
+    shards = f"datasets/datasets/fineweb10B_{variant}"
+    sidecar = [f"{shards}/fineweb_val_bytes_000000.bin"] if variant == CASEOPS else []
+    assert dl.remote_files(variant, 1) == [f"{shards}/fineweb_val_000000.bin", *sidecar,
+                                           f"{shards}/fineweb_train_000000.bin",
+                                           f"datasets/tokenizers/{tokenizer}.model",
+                                           f"datasets/tokenizers/{tokenizer}.vocab"]
+    assert dl.VARIANTS[variant].train_shards == train
+    calls = []
+    assert dl.main(["--variant", variant, "--train-shards", "1", "--local-dir", str(tmp_path)],
+                   fetch=fake_fetch(calls)) == 0
+    assert {r for r, _, _ in calls} == {repo} and len(calls) == 4 + len(sidecar)
+    # where train_gpt.py looks for this vocabulary (and CaseOps) when DATA_PATH and TOKENIZER_PATH are unset
+    data, tok = tg.default_data_paths(int(variant[2:6]), variant == CASEOPS)
+    assert (tmp_path / data.removeprefix("./data/") / "fineweb_train_000000.bin").is_file()
+    assert (tmp_path / tok.removeprefix("./data/")).is_file()
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--variant", "sp8192", "--repo-id", "willdepueoai/parameter-golf"], None,
+     "sp8192 is not published in willdepueoai/parameter-golf (from --repo-id) but in kevclark/parameter-golf"),
+    (["--variant", "sp1024"], "kevclark/parameter-golf",
+     "sp1024 is not published in kevclark/parameter-golf (from MATCHED_FINEWEB_REPO_ID) but in "
+     "willdepueoai/parameter-golf: pass --repo-id willdepueoai/parameter-golf or unset MATCHED_FINEWEB_REPO_ID"),
+    (["--variant", CASEOPS, "--repo-id", "kevclark/parameter-golf"], None,
+     f"{CASEOPS} is not published in kevclark/parameter-golf (from --repo-id) but in romeerp/parameter-golf-caseops-v1"),
+    (["--variant", "sp8192", "--train-shards", "129"], None, "129 is not in 0..128"),
+])
+def test_a_variant_asked_of_a_repository_that_does_not_publish_it_is_one_line(argv, env, message, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.delenv(dl.REPO_ID_ENV, raising=False)
+    if env:
+        monkeypatch.setenv(dl.REPO_ID_ENV, env)
+    calls = []
+    with pytest.raises(SystemExit) as exit_info:
+        dl.main(argv + ["--local-dir", str(tmp_path)], fetch=fake_fetch(calls))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_a_mirror_of_unknown_name_is_trusted_with_any_variant(tmp_path):
+    calls = []
+    assert dl.main(["--variant", "sp8192", "--train-shards", "0", "--repo-id", "me/mirror", "--local-dir",
+                    str(tmp_path)], fetch=fake_fetch(calls)) == 0
+    assert {r for r, _, _ in calls} == {"me/mirror"}
+
+
+def test_a_sidecar_of_another_length_than_its_shard_fails_and_is_fetched_again(tmp_path, capsys):
+    argv = ["--variant", CASEOPS, "--train-shards", "0", "--local-dir", str(tmp_path)]
+    assert dl.main(argv, fetch=fake_fetch([], sidecar_tokens=9)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fineweb_val_bytes_000000.bin: 9 byte counts for the 10 tokens of fineweb_val_000000.bin" \
+        in err[0]
+    calls = []
+    assert dl.main(argv, fetch=fake_fetch(calls)) == 0
+    assert [remote.rsplit("/", 1)[1] for _, remote, _ in calls] == ["fineweb_val_bytes_000000.bin"]

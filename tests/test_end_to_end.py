@@ -336,3 +336,18 @@ def test_compiled_preflight_under_torchrun_two_processes(dataset, tmp_path):
     assert re.search(r"^eval_done eval_time:\d+ms recompiles:0$", log, re.M)
     assert log.splitlines()[-1].startswith("preflight verdict:ok ")
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_training_shards_of_another_vocabulary_stop_the_run_before_training(dataset, tmp_path):
+    """The user's slip: VOCAB_SIZE=400 with its tokenizer over shards of a larger vocabulary (e.g. sp8192)."""
+    data, tok = dataset
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "fineweb_val_000000.bin").write_bytes((data / "fineweb_val_000000.bin").read_bytes())
+    write_shard(other / "fineweb_train_000000.bin", np.array([1, 5, 7000, 9] * 100, dtype=np.uint16))
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(other), TOKENIZER_PATH=tok), tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert re.search(r"^error: .*fineweb_train_000000\.bin: token id 7000 at position 2 is not below VOCAB_SIZE=400, "
+                     r"the tokenizer's piece count", lines[0])
+    assert "step:" not in proc.stdout
