@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # What only a GPU shows, in one command: the 11-layer default at one GPU's share of the 8-GPU batch (98,304
-# tokens) through two preflights (scripts/preflight.py), with the mixer and its oracle and without, the
-# first one evaluating a multi-million-token slice; then one table. About 6-8 minutes on one H100 or H200.
+# tokens) through three preflights (scripts/preflight.py): sp1024 with the mixer and its oracle and without (the
+# first evaluating a multi-million-token slice), and the sp8192 default (VOCAB_SIZE=8192, its recipe); then one
+# table. About 8-11 minutes on one H100 or H200.
 #   bash scripts/gpu_check.sh                    # no network needed; logs in logs/gpu_check_*_preflight.txt
 #   GPU_CHECK_TINY=1 bash scripts/gpu_check.sh   # a tiny model on the CPU in a minute: the tests run this
 # Data: DATA_PATH and TOKENIZER_PATH when set, else the sample corpus (scripts/make_sample_data.py). The
 # evaluation slice is GPU_CHECK_EVAL_TOKENS tokens (default 4M) of the training shards written as a
 # validation split under data/datasets/ of the current folder: right for timing, meaningless as a score
-# (no score line is printed). Logs go to logs/ of the current folder.
+# (no score line is printed). The sp8192 column uses SP8192_DATA_PATH and SP8192_TOKENIZER_PATH when set, else
+# the sample corpus with an 8192-piece tokenizer. Logs go to logs/ of the current folder.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python3 -c 'import importlib.util as u, sys
@@ -40,8 +42,15 @@ if [[ -z "${DATA_PATH:-}" ]]; then
   python3 "$root/scripts/make_sample_data.py"
   DATA_PATH="$root/data/datasets/sample_sp1024" TOKENIZER_PATH="$root/data/tokenizers/sample_1024_bpe.model"
 fi
-check_data="data/datasets/gpu_check_$eval_tokens"
-python3 - "$root" "$DATA_PATH" "$check_data" "$eval_tokens" <<'EOF'
+if [[ -z "${SP8192_DATA_PATH:-}" ]]; then  # tiny: a small corpus, enough text for 8192 pieces
+  chars=$([[ "$tiny" == 1 ]] && echo "--max-train-chars 1500000 --max-val-chars 50000" || echo "")
+  python3 "$root/scripts/make_sample_data.py" --vocab-size 8192 $chars --out data/datasets/gpu_check_sample_sp8192 \
+    --tokenizer-out data/tokenizers/gpu_check_sample_8192_bpe.model
+  SP8192_DATA_PATH=data/datasets/gpu_check_sample_sp8192
+  SP8192_TOKENIZER_PATH=data/tokenizers/gpu_check_sample_8192_bpe.model
+fi
+slice_of() {  # SOURCE TARGET: the training shards linked, the first $eval_tokens of them as the validation split
+python3 - "$root" "$1" "$2" "$eval_tokens" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -64,13 +73,19 @@ for f in train:  # the same training shards, linked
 tokens = tg.oracle_tokens_from_shards(train, 65536, count)  # the first `count` only: FineWeb has billions
 write_shard(target / "fineweb_val_000000.bin", np.resize(tokens, count))
 EOF
+}
+slice_of "$DATA_PATH" "data/datasets/gpu_check_$eval_tokens"
+slice_of "$SP8192_DATA_PATH" "data/datasets/gpu_check_sp8192_$eval_tokens"
 
 status=0
-for mode in mixer none; do  # the second evaluates the preflight's default slice
-  mixer=$([[ $mode == mixer ]] && echo learned || echo none)
+for mode in mixer none sp8192; do  # the later ones evaluate the preflight's default slice
+  mixer=$([[ $mode == none ]] && echo none || echo learned)
   slice=$([[ $mode == mixer ]] && echo "--eval-tokens $eval_tokens" || echo "")
+  vocab=$([[ $mode == sp8192 ]] && echo 8192 || echo "${VOCAB_SIZE:-1024}")
+  data=$([[ $mode == sp8192 ]] && echo "data/datasets/gpu_check_sp8192_$eval_tokens" || echo "data/datasets/gpu_check_$eval_tokens")
+  tok=$([[ $mode == sp8192 ]] && echo "$SP8192_TOKENIZER_PATH" || echo "$TOKENIZER_PATH")
   set +e
-  DATA_PATH="$check_data" TOKENIZER_PATH="$TOKENIZER_PATH" USE_MIXER="$mixer" RUN_ID="gpu_check_$mode" \
+  VOCAB_SIZE="$vocab" DATA_PATH="$data" TOKENIZER_PATH="$tok" USE_MIXER="$mixer" RUN_ID="gpu_check_$mode" \
     python3 "$root/scripts/preflight.py" $slice
   rc=$?
   set -e
@@ -78,7 +93,7 @@ for mode in mixer none; do  # the second evaluates the preflight's default slice
   [[ $rc -eq 3 ]] && status=3
 done
 
-python3 - logs/gpu_check_mixer_preflight.txt logs/gpu_check_none_preflight.txt <<'EOF'
+python3 - logs/gpu_check_mixer_preflight.txt logs/gpu_check_none_preflight.txt logs/gpu_check_sp8192_preflight.txt <<'EOF'
 import re
 import sys
 
@@ -113,7 +128,7 @@ rows = [
     ("evaluation, projected to the split (s)", [field(log, r"^preflight_evaluation .* projected:(\S+)s ") for log in logs]),
     ("preflight verdict", [field(log, r"^preflight verdict:(\S+(?: over:\S+)?)", fmt="{}") for log in logs]),
 ]
-print("\n| gpu_check | USE_MIXER=learned | USE_MIXER=none |\n|---|---|---|")
+print("\n| gpu_check | sp1024 USE_MIXER=learned | sp1024 USE_MIXER=none | sp8192 default |\n|---|---|---|---|")
 for name, values in rows:
     print(f"| {name} | {' | '.join(values)} |")
 EOF
