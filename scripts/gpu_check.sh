@@ -13,7 +13,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 python3 -c 'import importlib.util as u, sys
-missing = [m for m in ("torch", "numpy", "sentencepiece", "zstandard") if u.find_spec(m) is None]
+missing = [m for m in ("torch", "numpy", "sentencepiece", "zstandard", "brotli") if u.find_spec(m) is None]
 sys.exit("error: gpu_check needs the Python packages " + ", ".join(missing) + ": pip install them" if missing else 0)'
 
 tiny="${GPU_CHECK_TINY:-0}"
