@@ -33,6 +33,23 @@ def test_layer_defaults_follow_num_layers():
     assert tg.Hyperparameters(num_layers=1).ve_layers == ()  # its one layer has no attention to take values
 
 
+def test_the_vocabulary_selects_its_records_recipe_and_explicit_settings_win():
+    small, large = tg.Hyperparameters.from_env({}, cuda=False), tg.Hyperparameters.from_env({"VOCAB_SIZE": "8192"}, False)
+    recipe = lambda c: (c.num_kv_heads, c.mlp_mult, c.bigram_vocab_size, c.ve_enabled, c.num_loops, c.loop_start,
+                        c.loop_end, c.enable_looping_at, c.parallel_start_layer, c.embed_bits, c.embed_clip_sigmas)
+    assert recipe(small) == (8, 3.5, 6144, True, 1, 4, 5, 0.5, 7, 8, 20.0)  # #1204's sp1024 shape
+    assert recipe(large) == (4, 4.0, 0, False, 2, 3, 5, 0.35, 8, 7, 15.0)  # #1218, #1493, #1586
+    assert large.data_path.endswith("fineweb10B_sp8192") and large.tokenizer_path.endswith("fineweb_8192_bpe.model")
+    assert recipe(tg.Hyperparameters(vocab_size=4096))[-2:] == (8, 20.0)  # int7 only from 8192
+    mine = tg.Hyperparameters.from_env({"VOCAB_SIZE": "8192", "MLP_MULT": "3.5", "NUM_KV_HEADS": "8", "NUM_LOOPS": "1",
+                                        "EMBED_BITS": "8"}, cuda=False)
+    assert (mine.mlp_mult, mine.num_kv_heads, mine.num_loops, mine.embed_clip_sigmas) == (3.5, 8, 1, 20.0)
+    assert (mine.loop_start, mine.loop_end) == (3, 5)  # the loop's span is the vocabulary's, its count the user's
+    for layers in range(1, 12):  # the recipe's layer indices follow NUM_LAYERS, as the sp1024 ones do
+        tg.Hyperparameters(vocab_size=8192, num_layers=layers).validate()
+    assert "setting NUM_KV_HEADS=4" in large.as_log_lines() and tg.VOCAB_RECIPES[2]["loop_length"] == 2
+
+
 @pytest.mark.parametrize("env, allowed", [
     (dict(LOOP_START="3", LOOP_END="2"), "LOOP_END=2 is not allowed: LOOP_START (3)..3"),
     (dict(LOOP_END="4"), "LOOP_END=4 is not allowed"),
