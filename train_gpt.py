@@ -1859,7 +1859,7 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log, calib_t
         log(f"gptq_hessians matrices:{len(hessians)} calib_seqs:{calib_tokens.size(0)} "
             f"calib_seq_len:{calib_tokens.size(1)} time:{1000 * (time.perf_counter() - t0):.0f}ms")
     tries, budget = FitTries(model, cfg, hessians, code_bytes, log), cfg.target_bytes - code_bytes
-    built, ratio, lo, best = {}, 1.0, 0, None  # built: entry -> bytes; entries before lo are over the budget
+    built, ratio, lo, best, try_s = {}, 1.0, 0, None, 0.0  # built: entry -> bytes; those before lo are over budget
     while len(built) < FIT_TRIES:
         if best is not None and deadline is not None and time.perf_counter() + try_s > deadline:
             log(f"artifact_fit stopped: another try ({try_s:.1f}s) would end past GPTQ_RESERVE_SECONDS")

@@ -5,7 +5,6 @@ import random
 import re
 import sys
 
-import numpy as np
 import pytest
 
 import train_gpt as tg
