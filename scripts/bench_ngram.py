@@ -10,13 +10,16 @@ Prints four kinds of line:
 - prefill: --script's build_oracle counting every order NGRAM_MIN_ORDER..NGRAM_MAX_ORDER (2..7) over the
   first N training tokens, for each N of --prefill-tokens (shard read included, as in the run's
   `ngram_oracle` line), each in a fresh process so that its peak is its own: seconds, tokens/s, the tables'
-  bytes per counted token (NgramModel.nbytes), and the peak memory growth per counted token (on the CPU the
+  bytes per counted token (NgramModel.nbytes), per order the distinct contexts / distinct (context, token)
+  pairs per counted token (each costs 12 B: an int64 key and an int32 count), the orders whose contexts are
+  exact keys (the others hashed), and the peak memory growth per counted token (on the CPU the
   peak RSS, VmHWM, reset to the RSS just before; on CUDA torch.cuda.max_memory_allocated over the memory
   allocated before). The data is
   the sample corpus when it has N training tokens (data:sample), else synthetic text-like tokens
   (data:zipf_phrases, see text_like_tokens) in 4M-token shards.
-- cache_rank: the score-first cache's counting for one rank of --ranks, over the first N synthetic
-  validation tokens for each N of --cache-tokens, for rank 0 and the last rank, learned mixer (orders 2-7)
+- cache_rank: the score-first cache's counting for one rank of --ranks, over the first N validation tokens
+  for each N of --cache-tokens (the sample's validation split when it has N tokens, data:sample; else
+  synthetic text-like tokens, data:zipf_phrases), for rank 0 and the last rank, learned mixer (orders 2-7)
   and Hedge (1-3), at --chunk-tokens. Each rank scores one contiguous block of ~N/ranks targets (as the plain
   sliding pass splits them, up to its batch granularity). A version whose score_first_counts counts the
   split up to the rank's last target (no cache_items: main before the owner design) is timed doing exactly
@@ -188,7 +191,15 @@ def measure_prefill(cfg: tg.Hyperparameters, rt: tg.Runtime, tokens: int) -> dic
                 tokens_per_s=counted / seconds, table_bytes=oracle.nbytes(),
                 table_bytes_per_token=oracle.nbytes() / counted, peak_growth_bytes=growth,
                 peak_growth_bytes_per_token=growth / counted,
-                peak_measure="cuda_max_memory_allocated" if rt.device.type == "cuda" else "VmHWM_over_VmRSS")
+                peak_measure="cuda_max_memory_allocated" if rt.device.type == "cuda" else "VmHWM_over_VmRSS",
+                vocab=cfg.vocab_size, exact_orders=",".join(str(t.order) for t in oracle.tables if exact_keys(t)),
+                per_order=",".join(f"{t.order}:{t.ctx_keys.numel() / counted:.3f}/{t.pair_keys.numel() / counted:.3f}"
+                                   for t in oracle.tables))
+
+
+def exact_keys(table) -> bool:
+    """Whether the table's contexts are exact keys (else hashed), by context_keys_from's rule."""
+    return (table.order - 1) * max(1, (table.vocab_size - 1).bit_length()) <= 62
 
 
 def prefill_in_child(args, tokens: int, data_path: Path) -> dict:
@@ -388,6 +399,7 @@ def main(argv=None) -> int:
             print(figures_line("prefill", dict(data=data[0], **prefill_in_child(args, n, Path(data[1])))), flush=True)
 
     val_tokens = tg.load_validation_tokens(cfg.data_path, cfg.vocab_size)
+    split_tokens = val_tokens  # cache_rank reads the whole split when it is long enough
     if args.val_tokens:
         val_tokens = val_tokens[:args.val_tokens]
     val_tokens = val_tokens.to(rt.device)
@@ -401,12 +413,14 @@ def main(argv=None) -> int:
         neural_s_per_token[mode.use_mixer] = figures["neural_us_per_token"] / 1e6
         print(figures_line("overhead", figures), flush=True)
     if cache_sizes:
-        synthetic_val = torch.from_numpy(text_like_tokens(max(cache_sizes), cfg.vocab_size, seed=2).astype(np.int64))
+        synthetic_val = (torch.from_numpy(text_like_tokens(max(cache_sizes), cfg.vocab_size, seed=2).astype(np.int64))
+                         if max(cache_sizes) > split_tokens.numel() else None)
         for n in cache_sizes:
+            data = ("sample", split_tokens) if n <= split_tokens.numel() else ("zipf_phrases", synthetic_val)
             for mode in modes:
-                for figures in measure_rank_cache(mode, synthetic_val[:n].to(rt.device), args.ranks,
+                for figures in measure_rank_cache(mode, data[1][:n].to(rt.device), args.ranks,
                                                   neural_s_per_token[mode.use_mixer]):
-                    print(figures_line("cache_rank", figures), flush=True)
+                    print(figures_line("cache_rank", dict(data=data[0], **figures)), flush=True)
     print("bench_ngram note: goal cache_over_neural <= 0.20 (the cache adding at most 20% to the neural "
           "sliding evaluation); the model is randomly initialised, so its bpb figures mean nothing")
     return 0

@@ -40,6 +40,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -203,6 +204,15 @@ def take_up_to(documents: list[Document], max_chars: int) -> list[Document]:
     return taken
 
 
+def tokenizer_sample(train: list[Document], max_chars: int) -> list[Document]:
+    """Every k-th train document, k chosen so that about max_chars remain (all of them when max_chars is 0):
+    a large corpus's tokenizer from a sample that spans all of its sources, not only its first paths."""
+    total = sum(len(d.text) for d in train)
+    if not max_chars or total <= max_chars:
+        return train
+    return take_up_to(train[::math.ceil(total / max_chars)], max_chars)
+
+
 def split_documents(documents: list[Document], val_fraction: float, max_train_chars: int,
                     max_val_chars: int) -> tuple[list[Document], list[Document]]:
     """(train, val): disjoint, each in the order of `documents` and within its character cap."""
@@ -343,6 +353,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-train-chars", type=int, default=6_000_000)
     parser.add_argument("--max-val-chars", type=int, default=400_000)
     parser.add_argument("--shard-tokens", type=int, default=100_000_000)
+    parser.add_argument("--tokenizer-train-chars", type=int, default=0,
+                        help="train the tokenizer on an even sample of the train documents of about this many "
+                             "characters (every k-th document; default 0: all of them)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the outputs exist")
     args = parser.parse_args(argv)
     for folder in args.text_dir:
@@ -354,8 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"(4 control pieces and 256 byte-fallback pieces come first; ids are uint16)")
     if not 0.0 < args.val_fraction < 1.0:
         raise InputError(f"--val-fraction={args.val_fraction} is not allowed: use a number strictly between 0 and 1")
-    for name in ("max_train_chars", "max_val_chars", "shard_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("max_train_chars", "max_val_chars", "shard_tokens", "tokenizer_train_chars"):
+        if getattr(args, name) < (0 if name == "tokenizer_train_chars" else 1):
             raise InputError(f"--{name.replace('_', '-')}={getattr(args, name)} is not allowed: use a positive integer")
     args.text_dir = [d.resolve() for d in args.text_dir]
     args.out = (args.out or caseops_twin(DEFAULT_OUT, args.caseops)).resolve()
@@ -373,6 +386,7 @@ def build_settings(args: argparse.Namespace) -> dict:
             "text_dirs": [str(d) for d in args.text_dir], "vocab_size": args.vocab_size,
             "val_fraction": args.val_fraction, "max_train_chars": args.max_train_chars,
             "max_val_chars": args.max_val_chars, "shard_tokens": args.shard_tokens,
+            **({"tokenizer_train_chars": args.tokenizer_train_chars} if args.tokenizer_train_chars else {}),
             "tokenizer": str(args.tokenizer_out), "sentencepiece": spm.__version__, "caseops": args.caseops}
 
 
@@ -399,8 +413,8 @@ def build(args: argparse.Namespace, settings: dict, manifest_path: Path) -> dict
             raise InputError(f"the {split} split is empty: of {len(collected.documents)} documents none was hashed "
                              f"to {split} by --val-fraction={args.val_fraction} and fit under "
                              f"{option}={getattr(args, cap)}; change either, or add documents")
-    model = train_tokenizer([case_encode(d.text) if args.caseops else d.text for d in train], args.vocab_size,
-                            args.caseops)
+    model = train_tokenizer([case_encode(d.text) if args.caseops else d.text
+                             for d in tokenizer_sample(train, args.tokenizer_train_chars)], args.vocab_size, args.caseops)
     args.out.mkdir(parents=True, exist_ok=True)
     args.tokenizer_out.parent.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest_path, settings, complete=False)

@@ -160,6 +160,19 @@ def mixed_eval(cfg, tokens, audit_targets, rt=None, seed=0):
     return neural, mixed, audit, lines
 
 
+def test_the_neural_rows_sum_to_one_and_the_audit_holds_at_vocabulary_8192():
+    """float32's log-softmax over 8,192 logits sums to 1 only within ~1.6e-6, over the audit's 1e-6: the
+    neural rows are normalized in float64, and a whole audited evaluation at V = 8,192 keeps the bound."""
+    cfg = tiny_config(vocab_size=8192, ngram_chunk_tokens=37)
+    tokens = repetitive_stream(120, cfg.vocab_size)
+    with torch.no_grad():
+        logprobs, _ = trained_like(cfg).eval_outputs(tokens[None, :-1])
+    assert logprobs.dtype == torch.float64 and float((logprobs.exp().sum(-1) - 1).abs().max()) < 1e-12
+    _, _, audit, _ = mixed_eval(cfg, tokens, range(1, 120, 7))
+    assert audit.positions == 17 and audit.worst_sum_error < 1e-6 and audit.min_prob > 0
+    assert audit.worst_target_diff < 1e-9
+
+
 # NGRAM_PRIOR_BETA's smoothed experts must keep every rule the plain ones keep
 MODES = [dict(use_mixer="learned"), dict(use_mixer="hedge", mixer_eta=0.05),
          dict(use_mixer="learned", ngram_prior_beta=2.0)]

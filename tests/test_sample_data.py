@@ -148,6 +148,17 @@ def test_character_caps_bound_each_split(corpus, tmp_path, capsys):
     assert 0 < sum(map(len, decoded_documents(tmp_path, "val"))) <= 600
 
 
+def test_tokenizer_sample_spans_the_train_documents():
+    docs = [msd.Document("src", f"d{i:02d}", "x" * 100) for i in range(20)]
+    assert msd.tokenizer_sample(docs, 0) == docs and msd.tokenizer_sample(docs, 5000) == docs
+    assert msd.tokenizer_sample(docs, 500) == docs[::4][:5]  # every 4th: 5 documents, first to last
+
+
+def test_tokenizer_train_chars_changes_only_the_tokenizer_sample(corpus, built, tmp_path, capsys):
+    assert run(capsys, *build_args(corpus, tmp_path, "--tokenizer-train-chars", 10**9))[0] == 0
+    assert (tmp_path / "tok.model").read_bytes() == (built / "tok.model").read_bytes()
+
+
 @pytest.mark.parametrize("extra, option", [
     (["--text-dir", "/no/such/folder"], "--text-dir=/no/such/folder"),
     (["--vocab-size", "259"], "--vocab-size=259"),
@@ -159,6 +170,7 @@ def test_character_caps_bound_each_split(corpus, tmp_path, capsys):
     (["--max-val-chars", "5"], "--max-val-chars"),
     (["--max-train-chars", "0"], "--max-train-chars=0"),
     (["--shard-tokens", "0"], "--shard-tokens=0"),
+    (["--tokenizer-train-chars", "-1"], "--tokenizer-train-chars=-1"),
     (["--vocab-size", "many"], "--vocab-size"),
 ])
 def test_bad_input_stops_with_one_line_and_exit_2(corpus, tmp_path, capsys, extra, option):
