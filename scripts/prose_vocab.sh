@@ -36,6 +36,6 @@ for v in 1024 8192; do
     printf '| sp%s | %s | %s | %s | %s | %s | %s | %s |\n' "$v" "$seed" "$(val "$log" '^train_done' steps)" \
       "$(val "$log" '^train_done' step_avg | tr -d ms)" "$(val "$log" '^final_plain_exact' val_bpb)" \
       "$(val "$log" '^final_sliding_window_exact' val_bpb)" "$(val "$log" '^final_sliding_window ' scored_bytes)" \
-      "$(awk '/^Total submission size/ { print $(NF-4) }' "$log")"
+      "$(awk '/^Total submission size/ { print $5 }' "$log")"
   done
 done
