@@ -124,7 +124,9 @@ def test_run_scores_the_artifact_it_wrote_and_states_its_size(single_run):
     assert size and int(size.group(3)) == artifact.stat().st_size
     assert int(size.group(1)) == int(size.group(2)) + int(size.group(3)) and int(size.group(2)) == tg.script_identity()[1]
     assert re.search(r"^gptq_hessians matrices:\d+ calib_seqs:4 ", log, re.M)
-    assert re.search(r"^artifact_try mlp_bits:5 attn_bits:6 embed_bits:8 prune:0.03 .* fits:1 ", log, re.M)
+    assert re.search(r"^artifact_try step:\S+ prune:0.00 mlp:int\d@\S+ attn:int\d@\S+ .*compressor:brotli .* fits:1 ",
+                     log, re.M)
+    assert re.search(r"^artifact_fit chose step:\S+ prune:0.00 ", log, re.M)
     # Order: training, the float model's score, the artifact, then every final line from the artifact.
     lines = log.splitlines()
     at = {key: next(i for i, l in enumerate(lines) if l.startswith(key))
