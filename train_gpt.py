@@ -154,7 +154,8 @@ class Hyperparameters:
     device: str = "auto"  # auto, cuda or cpu (see init_runtime)
 
     def __post_init__(self):
-        for name, path in zip(("data_path", "tokenizer_path"), default_data_paths(self.vocab_size, self.caseops_enabled)):
+        paths = default_data_paths(self.vocab_size, self.caseops_enabled)
+        for name, path in zip(("data_path", "tokenizer_path"), paths):
             if not getattr(self, name):
                 object.__setattr__(self, name, path)
         recipe = dict(VOCAB_RECIPES[max(v for v in VOCAB_RECIPES if v <= self.vocab_size)])
@@ -286,8 +287,8 @@ SETTING_MINIMUMS = {
 }
 SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
                      "ENABLE_LOOPING_AT", "MIN_LR")
-SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS", "MATRIX_CLIP_SIGMAS", "MLP_CLIP_SIGMAS",
-                    "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS")
+SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS", "MATRIX_CLIP_SIGMAS",
+                    "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS")
 
 
 def parse_setting(name: str, raw: str, like):
@@ -1882,7 +1883,8 @@ def fit_artifact(model: GPT, cfg: Hyperparameters, code_bytes: int, log, calib_t
             lo = i + 1
     if best is None:
         raise ArtifactError(f"artifact cannot fit: code + artifact is {code_bytes + min(built.values())} bytes at the "
-                            f"smallest setting tried ({tries.describe(max(built))}), over TARGET_BYTES={cfg.target_bytes}")
+                            f"smallest setting tried ({tries.describe(max(built))}), over "
+                            f"TARGET_BYTES={cfg.target_bytes}")
     finer = f"{tries.describe(best - 1)} bytes:{built.get(best - 1, 'unbuilt')}" if best else "none (the finest)"
     log(f"artifact_fit chose {tries.describe(best)} bytes:{code_bytes + len(kept)} gave_up_finer {finer}")
     return kept, tries.ladder[best]

@@ -74,8 +74,8 @@ def published_variant(repo_id: str, name: str, train_shards: int, byte_sidecar: 
 # Counts are those of each repo's manifest.json (datasets/manifest.json), as the records that use them
 # show: sp1024's manifest; sp4096 and sp8192 fetched whole by the 2026-04-01 (143) and 2026-04-05 (128)
 # records, whose logs count one val shard; CaseOps exported with --max-train-shards 80 and one val shard of
-# 47,851,520 tokens (the 2026-04-18 record). Written here rather than read from the manifest so that the list of files, and bad --train-shards
-# values, are known before anything is downloaded.
+# 47,851,520 tokens (the 2026-04-18 record). Written here rather than read from the manifest so that the
+# list of files, and bad --train-shards values, are known before anything is downloaded.
 VARIANTS = {
     "sp1024": published_variant("willdepueoai/parameter-golf", "sp1024", 195),
     "sp4096": published_variant("kevclark/parameter-golf", "sp4096", 143),
