@@ -448,3 +448,17 @@ def test_write_artifact_replaces_atomically(tmp_path):
     tg.write_artifact(path, b"first")
     tg.write_artifact(path, b"second")
     assert path.read_bytes() == b"second" and [p.name for p in path.parent.iterdir()] == ["model.pgq"]
+
+
+@pytest.mark.parametrize("env, allowed", [
+    (dict(COMPRESSOR="lzma"), "COMPRESSOR='lzma' is not allowed: brotli or zstd"),
+    (dict(MATRIX_BITS="9"), "MATRIX_BITS=9 is not allowed: 2..8"),
+    (dict(EMBED_BITS="1"), "EMBED_BITS=1 is not allowed: 2..8"),
+    (dict(MLP_CLIP_SIGMAS="0"), "MLP_CLIP_SIGMAS=0.0 is not allowed: greater than 0"),
+    (dict(MIN_LR="1"), "MIN_LR=1.0 is not allowed: in [0, 1)"),
+    (dict(EMBED_WD="-0.1"), "EMBED_WD=-0.1 is not allowed: at least 0"),
+    (dict(GPTQ_RESERVE_SECONDS="-1"), "GPTQ_RESERVE_SECONDS=-1.0 is not allowed: at least 0"),
+])
+def test_bad_quantization_and_schedule_settings_stop_with_one_line(env, allowed):
+    with pytest.raises(tg.ConfigError, match=allowed.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        tg.Hyperparameters.from_env(env, cuda=False)
