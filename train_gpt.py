@@ -37,7 +37,8 @@ MIXER_CHOICES = ("learned", "hedge", "none")
 HEDGE_ORDERS = (1, 2, 3)  # Hedge mixes the neural model with the cache's unigram, bigram and trigram
 HEDGE_ALPHA = 0.05
 HEDGE_PRIOR_NEURAL = 0.9
-TTT_OPTIMIZERS = ("sgd", "adamw")
+TTT_OPTIMIZERS = ("adam", "sgd")
+TTT_SEGMENTS = 8  # after the phases, points where the evaluation's pace is checked against its budget
 COMPRESSORS = ("brotli", "zstd")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -123,13 +124,25 @@ class Hyperparameters:
     zstd_level: int = 22
     target_bytes: int = 16_000_000
     eval_artifact: str = ""  # a path: skip training and evaluate that artifact alone
-    ttt_epochs: int = 0  # 0: off
-    ttt_chunk_tokens: int = 131_072
-    ttt_optimizer: str = "sgd"
-    ttt_lr: float = 0.002
-    ttt_momentum: float = 0.95
-    ttt_freeze_blocks: int = 0
-    ttt_batch_seqs: int = 32
+    ttt_enabled: bool = True  # per-document LoRA TTT (#1530) in place of the stream's sliding window; names as #1855's
+    ttt_lora_rank: int = 96
+    ttt_lora_alpha: float = 144.0  # adapters scaled alpha / rank (#1767)
+    ttt_lora_lr: float = 0.0001
+    ttt_chunk_size: int = 48  # tokens scored, then trained on, per step of a document
+    ttt_batch_size: int = 64  # documents adapted side by side, each with its own adapters
+    ttt_optimizer: str = "adam"
+    ttt_beta1: float = 0.0
+    ttt_beta2: float = 0.999
+    ttt_weight_decay: float = 1.0
+    ttt_warm_start_a: bool = False  # #1767's 1 keeps A across a rank's documents: scores then depend on WORLD_SIZE
+    phased_ttt_num_phases: int = 1  # global SGD on the base weights after each 1/this of PHASED_TTT_PREFIX_DOCS
+    phased_ttt_prefix_docs: int = 2000
+    global_ttt_lr: float = 0.001
+    global_ttt_momentum: float = 0.9
+    global_ttt_epochs: int = 1
+    global_ttt_chunk_tokens: int = 32768  # the learning rate decays by a cosine over chunks of this many tokens
+    global_ttt_batch_seqs: int = 32
+    global_ttt_grad_clip: float = 1.0
     eval_budget_seconds: float = 540.0
     matrix_lr: float = 0.026  # #1586 (MATRIX_LR and weight decays as tuned with QK gain 5, MuonEq-R, momentum 0.97)
     min_lr: float = 0.1  # the warm-down's floor, a fraction of each learning rate (#1787)
@@ -225,10 +238,10 @@ class Hyperparameters:
             (self.compressor in COMPRESSORS, "COMPRESSOR", " or ".join(COMPRESSORS)),
             (self.compressor != "brotli" or importlib.util.find_spec("brotli"), "COMPRESSOR",
              "zstd, or brotli once its package is installed (pip install brotli)"),
-            (self.ttt_chunk_tokens >= self.train_seq_len, "TTT_CHUNK_TOKENS",
-             f"at least TRAIN_SEQ_LEN ({self.train_seq_len}): TTT trains on whole sequences of a chunk"),
+            (self.ttt_chunk_size <= self.eval_seq_len, "TTT_CHUNK_SIZE", f"1..EVAL_SEQ_LEN ({self.eval_seq_len})"),
+            (self.global_ttt_chunk_tokens >= self.eval_seq_len, "GLOBAL_TTT_CHUNK_TOKENS",
+             f"at least EVAL_SEQ_LEN ({self.eval_seq_len}): global SGD trains on whole sequences of a chunk"),
             (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
-            (self.ttt_freeze_blocks <= L, "TTT_FREEZE_BLOCKS", f"0..NUM_LAYERS ({L})"),
             (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
              "empty (train, then evaluate the new artifact) or the path of an artifact file"),
             (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
@@ -278,17 +291,20 @@ SETTING_MINIMUMS = {
         "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "GRAD_ACCUM_STEPS", "MAX_WALLCLOCK_SECONDS",
         "GPTQ_RESERVE_SECONDS", "VAL_LOSS_EVERY", "TRAIN_LOG_EVERY", "LOGIT_SOFTCAP", "BIGRAM_VOCAB_SIZE",
         "MIXER_ETA", "MIXER_LOSS_WEIGHT", "NGRAM_AUDIT_POSITIONS", "QUANT_MIN_NUMEL", "CROWN_Q_LAMBDA",
-        "PRUNE_FRACTION", "TTT_EPOCHS", "TTT_LR", "TTT_FREEZE_BLOCKS",
+        "PRUNE_FRACTION", "TTT_LORA_LR", "TTT_WEIGHT_DECAY", "PHASED_TTT_NUM_PHASES", "PHASED_TTT_PREFIX_DOCS",
+        "GLOBAL_TTT_LR", "GLOBAL_TTT_EPOCHS", "GLOBAL_TTT_GRAD_CLIP",
         "MATRIX_LR", "SCALAR_LR", "EMBED_LR", "TIED_EMBED_LR", "HEAD_LR", "MUON_WD", "ADAM_WD", "GRAD_CLIP_NORM",
         "MUON_MOMENTUM_WARMUP_STEPS"),
     1: ("ITERATIONS", "NUM_LAYERS", "BIGRAM_DIM", "VE_DIM", "NGRAM_CHUNK_TOKENS", "GPTQ_CALIB_SEQS", "ZSTD_LEVEL",
-        "TARGET_BYTES", "TTT_BATCH_SEQS", "MUON_BACKEND_STEPS"),
+        "TARGET_BYTES", "MUON_BACKEND_STEPS", "TTT_LORA_RANK", "TTT_CHUNK_SIZE", "TTT_BATCH_SIZE",
+        "GLOBAL_TTT_BATCH_SEQS"),
     2: ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN", "NGRAM_MIN_ORDER", "GPTQ_CALIB_SEQ_LEN"),
 }
-SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_MOMENTUM",
+SETTING_FRACTIONS = ("MUON_MOMENTUM", "MUON_MOMENTUM_WARMUP_START", "BETA1", "BETA2", "EMA_DECAY", "TTT_BETA1",
+                     "TTT_BETA2", "GLOBAL_TTT_MOMENTUM",
                      "ENABLE_LOOPING_AT", "MIN_LR")
 SETTING_POSITIVE = ("MLP_MULT", "ROPE_BASE", "GPTQ_DAMP", "EVAL_BUDGET_SECONDS", "MATRIX_CLIP_SIGMAS",
-                    "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS")
+                    "MLP_CLIP_SIGMAS", "ATTN_CLIP_SIGMAS", "EMBED_CLIP_SIGMAS", "TTT_LORA_ALPHA")
 
 
 def parse_setting(name: str, raw: str, like):
@@ -307,8 +323,12 @@ def parse_setting(name: str, raw: str, like):
 
 
 FOREIGN_SETTINGS = {
-    "TTT_ENABLED": "TTT_EPOCHS (0: off)", "TTT_CHUNK_SIZE": "TTT_CHUNK_TOKENS", "TTT_BATCH_SIZE": "TTT_BATCH_SEQS",
-    "TTT_GRAD_CLIP": "GRAD_CLIP_NORM", "USE_POLYAK": "none (no Polyak average)", "POLYAK_DECAY": "none",
+    "PHASED_TTT_ENABLED": "PHASED_TTT_NUM_PHASES (0: off)", "TTT_EVAL_SEQ_LEN": "EVAL_SEQ_LEN",
+    "TTT_GRAD_STEPS": "none: one step per chunk", "TTT_K_LORA": "none: every matrix is adapted",
+    "TTT_O_LORA": "none: every matrix is adapted", "TTT_MLP_LORA": "none: every matrix is adapted",
+    "GLOBAL_TTT_WARMUP_CHUNKS": "none: no warm-up", "GLOBAL_TTT_WARMUP_START_LR": "none: no warm-up",
+    "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "none: global SGD trains on the stream's sequences",
+    "TTT_GRAD_CLIP": "GLOBAL_TTT_GRAD_CLIP", "USE_POLYAK": "none (no Polyak average)", "POLYAK_DECAY": "none",
     "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
     "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
     "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
@@ -319,8 +339,10 @@ FOREIGN_SETTINGS = {
     "USE_NGRAM_CACHE": "USE_MIXER", "NGRAM_ENABLED": "USE_MIXER", "USE_HEDGE_MIXER": "USE_MIXER=hedge",
     "NGRAM_EVAL_ORDER": "NGRAM_MAX_ORDER", "TARGET_MB": "TARGET_BYTES",
 }
-RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "use WARMUP_STEPS", "TTT_PROJ_LR_MULT": "use TTT_LR",
-                    "TTT_IN_LR_MULT": "use TTT_LR", "TTT_POLYAK": "TTT scores the weights it adapted",
+FULL_WEIGHT_TTT = "the full-weight TTT is gone: use TTT_ENABLED (per-document LoRA) and GLOBAL_TTT_*"
+RENAMED_SETTINGS = {"COMPILE_WARMUP_STEPS": "use WARMUP_STEPS", "TTT_POLYAK": "TTT scores the weights it adapted",
+                    **dict.fromkeys(("TTT_EPOCHS", "TTT_LR", "TTT_MOMENTUM", "TTT_CHUNK_TOKENS", "TTT_FREEZE_BLOCKS",
+                                     "TTT_BATCH_SEQS", "TTT_PROJ_LR_MULT", "TTT_IN_LR_MULT"), FULL_WEIGHT_TTT),
                     "GPTQ_CALIB": "GPTQ's calibration is self-generated", "QUANT_MLP_BITS": "use MATRIX_BITS",
                     "QUANT_ATTN_BITS": "use MATRIX_BITS", "QUANT_EMBED_BITS": "use EMBED_BITS",
                     "TRAIN_RESERVE_SECONDS": "use GPTQ_RESERVE_SECONDS"}
@@ -617,16 +639,30 @@ class Rotary(nn.Module):
         return torch.cat((rotated, rest), dim=-1) if rest.size(-1) else rotated
 
 
+def low_rank_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """x (B, T, in) through row b's adapter: x A_b^T B_b^T scale, with A (B, r, in) and B (B, out, r)."""
+    return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * scale
+
+
+class Linear(nn.Linear):
+    """nn.Linear, plus TTT's per-document low-rank delta while `adapter` (A, B, scale) is set (DocAdapters)."""
+    adapter = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.adapter is None else y + low_rank_delta(x, *self.adapter)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Hyperparameters, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_q = Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = Linear(cfg.model_dim, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_dims, cfg.rope_base)
@@ -635,7 +671,7 @@ class CausalSelfAttention(nn.Module):
         if self.mixes_first_value:  # ResFormer: v = a * v + b * v_first, starting as the plain v
             self.value_mix = nn.Parameter(torch.tensor([1.0, 0.0]))
         if cfg.gate_attn_out:  # y_h x 2 sigmoid(W x[:GATE_WIDTH]): 1 at init (W = 0)
-            self.out_gate = nn.Linear(min(GATE_WIDTH, cfg.model_dim), cfg.num_heads, bias=False)
+            self.out_gate = Linear(min(GATE_WIDTH, cfg.model_dim), cfg.num_heads, bias=False)
             nn.init.zeros_(self.out_gate.weight)
 
     def forward(self, x: torch.Tensor, value_embed: torch.Tensor | None, first_value: torch.Tensor | None,
@@ -669,8 +705,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.fc = Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = Linear(hidden, cfg.model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -712,7 +748,7 @@ class BigramHashEmbedding(nn.Module):
         self.buckets = cfg.bigram_vocab_size
         self.embed = nn.Embedding(cfg.bigram_vocab_size, cfg.bigram_dim)
         nn.init.zeros_(self.embed.weight)
-        self.proj = nn.Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
+        self.proj = Linear(cfg.bigram_dim, cfg.model_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> (B, T, D); `previous` (B, 1): the token before tokens[:, 0] (none: the last bucket)."""
@@ -743,6 +779,7 @@ class DecodeCache:
 
 class GPT(nn.Module):
     """The one model class: training, evaluation and quantization all use it."""
+    head_adapter = None  # as Linear.adapter, on the output head
     def __init__(self, cfg: Hyperparameters):
         super().__init__()
         self.cfg = cfg
@@ -753,10 +790,10 @@ class GPT(nn.Module):
         if self.ve_layers:  # one table shared by the VE layers, each with its own scale
             self.value_embed = nn.Embedding(cfg.vocab_size, cfg.ve_dim)
             nn.init.normal_(self.value_embed.weight, std=0.01)
-            self.value_embed_proj = nn.Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
+            self.value_embed_proj = Linear(cfg.ve_dim, cfg.model_dim // cfg.num_heads * cfg.num_kv_heads, bias=False)
             self.value_embed_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         if cfg.smear_gate:  # x_t + lambda sigmoid(W x_t[:GATE_WIDTH]) x_(t-1): the identity at init (lambda = W = 0)
-            self.smear_gate = nn.Linear(min(GATE_WIDTH, cfg.model_dim), 1, bias=False)
+            self.smear_gate = Linear(min(GATE_WIDTH, cfg.model_dim), 1, bias=False)
             nn.init.zeros_(self.smear_gate.weight)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
@@ -766,12 +803,12 @@ class GPT(nn.Module):
             self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
             if cfg.skip_gates_enabled:  # a skip's share sigmoid(g), 1/2 at init
                 self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.mixer_head = None
         if cfg.use_mixer == "learned":  # weights over [neural, orders]; trusts the neural model first (bias 2 vs 0)
-            self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
+            self.mixer_head = Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
             nn.init.zeros_(self.mixer_head.weight)
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
@@ -819,7 +856,10 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        logits = F.linear(hidden, weight.to(hidden.dtype))
+        if self.head_adapter is not None:  # the tied head's matrix is the embedding: adapted here, not as a Linear
+            logits = logits + low_rank_delta(hidden, *self.head_adapter)
+        logits = logits.float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -2038,38 +2078,152 @@ def neural_pass(eval_outputs, val_tokens: torch.Tensor, tables: TokenByteTables,
     parts = []
     for batch in sliding_window_batches(val_tokens, cfg.eval_seq_len, cfg.eval_stride,
                                         eval_batch_tokens(cfg, rt.world_size), rt, lo, hi):
-        next_tokens, targets, nbytes = batch.scored(tables)
         with rt.autocast():
             logprobs, mixer_logits = eval_outputs(batch.tokens[:, :-1], batch.positions)
-        audit_rows = {}
-        if audit_targets.numel():  # reads the hits back: only when auditing
-            hits = torch.isin(targets, audit_targets).nonzero().squeeze(1)
-            rows = logprobs.flatten(0, 1)[batch.picked[hits]].double()
-            audit_rows = dict(zip(targets[hits].tolist(), rows.unbind(0)))
-        target_logprob = batch.pick(logprobs.gather(-1, next_tokens[..., None])[..., 0]).double()
-        mixer_logits = None if mixer_logits is None else batch.pick(mixer_logits).float()
-        parts.append(NeuralScores(targets, target_logprob, mixer_logits, nbytes, audit_rows))
-    empty = torch.zeros(0, dtype=torch.int64, device=val_tokens.device)  # a rank may own no window of [lo, hi)
-    return concatenated_scores(parts or [NeuralScores(empty, empty.double(), None, empty, {})])
+        parts.append(window_scores(batch, tables, logprobs, mixer_logits, audit_targets))
+    return concatenated_scores(parts, val_tokens.device)
 
 
-def concatenated_scores(parts: Sequence[NeuralScores]) -> NeuralScores:
-    """The scores of consecutive target ranges as one, still in target order."""
-    parts = [p for p in parts if p.targets.numel()] or parts[:1]  # a rank may own nothing of a chunk
-    mixer = None if parts[0].mixer_logits is None else torch.cat([p.mixer_logits for p in parts])
-    return NeuralScores(torch.cat([p.targets for p in parts]), torch.cat([p.logprob for p in parts]), mixer,
-                        torch.cat([p.nbytes for p in parts]), {t: r for p in parts for t, r in p.audit_rows.items()})
+def window_scores(batch: WindowBatch, tables: TokenByteTables, logprobs: torch.Tensor, mixer_logits,
+                  audit_targets: torch.Tensor) -> NeuralScores:
+    """The NeuralScores of a batch's scored targets from its (B, S, V) log-probabilities and mixer logits."""
+    next_tokens, targets, nbytes = batch.scored(tables)
+    audit_rows = {}
+    if audit_targets.numel():  # reads the hits back: only when auditing
+        hits = torch.isin(targets, audit_targets).nonzero().squeeze(1)
+        rows = logprobs.flatten(0, 1)[batch.picked[hits]].double()
+        audit_rows = dict(zip(targets[hits].tolist(), rows.unbind(0)))
+    target_logprob = batch.pick(logprobs.gather(-1, next_tokens[..., None])[..., 0]).double()
+    mixer_logits = None if mixer_logits is None else batch.pick(mixer_logits).float()
+    return NeuralScores(targets, target_logprob, mixer_logits, nbytes, audit_rows)
 
 
-def ttt_parameters(model: GPT, cfg: Hyperparameters) -> list[nn.Parameter]:
-    """What TTT adapts: all but TTT_FREEZE_BLOCKS blocks and the mixer head (TTT's loss is the CE alone)."""
-    frozen = tuple(f"blocks.{i}." for i in range(cfg.ttt_freeze_blocks)) + ("mixer_head.",)
-    return [p for name, p in model.named_parameters() if not name.startswith(frozen)]
+def concatenated_scores(parts: Sequence[NeuralScores], device: torch.device) -> NeuralScores:
+    """The scores of several batches as one, in target order; a rank may own no batch at all."""
+    parts = [p for p in parts if p.targets.numel()]
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return NeuralScores(empty, empty.double(), None, empty, {})
+    targets, order = torch.sort(torch.cat([p.targets for p in parts]))
+    mixer = None if parts[0].mixer_logits is None else torch.cat([p.mixer_logits for p in parts])[order]
+    audit_rows = {t: r for p in parts for t, r in p.audit_rows.items()}
+    return NeuralScores(targets, torch.cat([p.logprob for p in parts])[order], mixer,
+                        torch.cat([p.nbytes for p in parts])[order], audit_rows)
 
 
-def ttt_lr_at(chunk: int, num_train_chunks: int, cfg: Hyperparameters) -> float:
-    """Cosine decay from TTT_LR over the chunks that are trained on."""
-    return cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * chunk / max(1, num_train_chunks)))
+def document_spans(val_tokens: torch.Tensor) -> list[tuple[int, int]]:
+    """(first, last) positions of each document: its BOS through the next one's, its last target (the split's first
+    token opens the first document whatever it is); the documents' targets are 1..N-1, each once."""
+    starts = [0] + (val_tokens[1:-1] == BOS_ID).nonzero().squeeze(1).add(1).tolist()
+    return list(zip(starts, starts[1:] + [val_tokens.numel() - 1]))
+
+
+class DocAdapters:
+    """TTT_LORA_RANK adapters scaled TTT_LORA_ALPHA / rank on every matrix the forward pass uses (each Linear that runs,
+    through lanes and loops, and the head) but the mixer head's, TTT's loss being the CE alone; row b of a batch is
+    document b's. A starts from one seeded draw for every row, so a score does not depend on its row; B at 0 adds
+    exactly nothing: the base model."""
+    def __init__(self, model: GPT, cfg: Hyperparameters, device: torch.device):
+        heads = (model.mixer_head, model.lm_head)
+        self.sites = [m for m in model.modules() if isinstance(m, Linear) and m not in heads]
+        shapes = [(m.in_features, m.out_features) for m in self.sites] + [(cfg.model_dim, cfg.vocab_size)]
+        r, rows, generator = cfg.ttt_lora_rank, cfg.ttt_batch_size, torch.Generator().manual_seed(cfg.seed)
+        self.a_init = [torch.rand(r, i, generator=generator).sub(0.5).mul(2 / i ** 0.5).to(device) for i, _ in shapes]
+        self.params = [nn.Parameter(torch.empty(rows, r, i, device=device)) for i, _ in shapes]
+        self.params += [nn.Parameter(torch.zeros(rows, o, r, device=device)) for _, o in shapes]
+        self.model, self.cfg, self.scale = model, cfg, cfg.ttt_lora_alpha / r
+        self.reset(keep_a=False)
+
+    def reset(self, keep_a: bool) -> torch.optim.Optimizer:
+        """B to 0 (and A to its draw unless `keep_a`); returns a fresh optimizer (TTT_OPTIMIZER) over them."""
+        cfg, half = self.cfg, len(self.params) // 2
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if i >= half:
+                    p.zero_()
+                elif not keep_a:
+                    p.copy_(self.a_init[i].expand_as(p))
+        if cfg.ttt_optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=cfg.ttt_lora_lr, momentum=cfg.ttt_beta1,
+                                   weight_decay=cfg.ttt_weight_decay)
+        return torch.optim.AdamW(self.params, lr=cfg.ttt_lora_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
+                                 weight_decay=cfg.ttt_weight_decay)
+
+    @contextlib.contextmanager
+    def attached(self):
+        """The model's matrices carry the adapters inside, and only inside, this block."""
+        half = len(self.params) // 2
+        for site, a, b in zip(self.sites + [self.model], self.params[:half], self.params[half:]):
+            setattr(site, "adapter" if site is not self.model else "head_adapter", (a, b, self.scale))
+        try:
+            yield
+        finally:
+            for site in self.sites:
+                site.adapter = None
+            self.model.head_adapter = None
+
+
+def lora_widths(cfg: Hyperparameters) -> list[int]:
+    """The window lengths a LoRA step runs at: powers of two from TTT_CHUNK_SIZE up, then EVAL_SEQ_LEN; all compiled."""
+    bits = range((cfg.ttt_chunk_size - 1).bit_length(), (cfg.eval_seq_len - 1).bit_length() + 1)
+    return sorted({min(1 << k, cfg.eval_seq_len) for k in bits})
+
+
+def chunk_window(doc: tuple[int, int], c: int, cfg: Hyperparameters) -> tuple[int, int, int]:
+    """(start, first, end) of chunk c of a document: a window of its own tokens only, at most EVAL_SEQ_LEN, ending
+    with the chunk's last input, whose predictions [first, end) are the chunk's TTT_CHUNK_SIZE targets."""
+    (s, e), C = doc, cfg.ttt_chunk_size
+    hi = min(s + (c + 1) * C, e)  # the chunk's last target
+    w = max(s, hi - cfg.eval_seq_len)
+    return w, s + c * C - w, hi - w
+
+
+@torch.no_grad()
+def lora_batch_scores(docs: Sequence[tuple[int, int]], adapters: DocAdapters, eval_outputs, val_tokens: torch.Tensor,
+                      tables: TokenByteTables, rt: Runtime, audit_targets: torch.Tensor,
+                      probe) -> tuple[NeuralScores, int, int]:
+    """(scores, tokens run, of which padding) of up to TTT_BATCH_SIZE documents side by side: each chunk is scored,
+    then one optimizer step on its loss updates each document's adapters; adapters start afresh."""
+    cfg, rows, device, parts, run, padding = adapters.cfg, adapters.cfg.ttt_batch_size, val_tokens.device, [], 0, 0
+    optimizer = adapters.reset(keep_a=cfg.ttt_warm_start_a)
+    chunks = [-(-(e - s) // cfg.ttt_chunk_size) for s, e in docs]
+    for c in range(max(chunks)):
+        windows = [chunk_window(doc, c, cfg) if c < n else (0, 0, 0) for doc, n in zip(docs, chunks)]
+        ends = torch.tensor([w[2] for w in windows] + [0] * (rows - len(docs)))
+        width = next(w for w in lora_widths(cfg) if w >= int(ends.max()))
+        run, padding = run + rows * width, padding + rows * width - int(ends.sum())
+        batch = padded_window_batch(val_tokens, windows, rows, width, cfg.ttt_chunk_size, 1, val_tokens.numel())
+        unread = torch.arange(width, device=device)[None, :] >= to_device_async(ends, device)[:, None]
+        inputs = batch.tokens[:, :-1].masked_fill(unread, 0)  # the window holds no token past the chunk's last input
+        with torch.enable_grad(), rt.autocast():
+            logprobs, mixer_logits = eval_outputs(inputs, batch.positions)
+            part = window_scores(batch, tables, logprobs.detach(), mixer_logits, audit_targets)
+            parts.append(part)
+            probe("score", part.targets, None)
+            trains = torch.tensor([c < n - 1 for n in chunks] + [False] * (rows - len(docs)), device=device)
+            if not bool(trains.any()):
+                continue
+            keep = torch.zeros(rows * cfg.ttt_chunk_size, dtype=torch.bool, device=device)
+            keep = keep.index_fill_(0, batch.picked, True).view(rows, -1) & trains[:, None]
+            probe("update", batch.index[:, :-1], ~unread)  # positions and masks: no host sync a step
+            probe("update", batch.index.gather(1, batch.positions + 1), keep)
+            nll = -logprobs.gather(-1, batch.tokens.gather(1, batch.positions + 1)[..., None])[..., 0]
+            ((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).sum().float().backward()  # each document's mean
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return concatenated_scores(parts, device), run, padding
+
+
+def global_parameters(model: GPT) -> list[nn.Parameter]:
+    """What phased global SGD trains: every base weight but the mixer head's (its loss is the CE alone)."""
+    return [p for name, p in model.named_parameters() if not name.startswith("mixer_head.")]
+
+
+def set_trainable(model: GPT, params: Sequence[nn.Parameter]) -> None:
+    """requires_grad on `params` alone: graphs compiled with these flags must meet the same ones when they run."""
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
 
 
 def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len: int) -> torch.Tensor:
@@ -2079,31 +2233,35 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 
 
 @torch.enable_grad()  # called from inside the evaluation's no_grad
-def ttt_train_chunk(model: GPT, train_forward, optimizer: torch.optim.Optimizer, seqs: torch.Tensor,
-                    cfg: Hyperparameters, rt: Runtime, lr: float, generator: torch.Generator) -> None:
-    """TTT_EPOCHS passes over global batches of TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
-    params = optimizer.param_groups[0]["params"]
-    optimizer.param_groups[0]["lr"] = lr
-    rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's share of a global batch, rounded up: one shape
-    for _ in range(cfg.ttt_epochs):
-        order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
-        for b in range(0, seqs.size(0), cfg.ttt_batch_seqs):
-            batch = order[b:b + cfg.ttt_batch_seqs]
-            inputs, targets = ttt_rank_batch(seqs, batch[rt.rank::rt.world_size].to(seqs.device), rows)
-            with rt.autocast():
-                loss = train_forward(inputs, targets)
-            (loss * (rows / batch.numel())).backward()  # sum / (rows * T), scaled to the global batch's mean
-            for p in params:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-            if rt.distributed:  # one collective per step, not one per parameter
-                flat = torch.cat([p.grad.flatten() for p in params])
-                dist.all_reduce(flat)
-                for p, g in zip(params, flat.split([p.numel() for p in params])):
-                    p.grad.copy_(g.view_as(p))
-            if cfg.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)  # frozen parameters get gradients too: drop them all
+def global_sgd(model: GPT, train_forward, val_tokens: torch.Tensor, hi: int, cfg: Hyperparameters, rt: Runtime,
+               generator: torch.Generator) -> None:
+    """One phase: GLOBAL_TTT_EPOCHS of SGD on targets [1, hi), by chunks of GLOBAL_TTT_CHUNK_TOKENS under a cosine
+    learning rate, in global batches of GLOBAL_TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
+    params, G, B = global_parameters(model), cfg.global_ttt_chunk_tokens, cfg.global_ttt_batch_seqs
+    optimizer = torch.optim.SGD(params, lr=cfg.global_ttt_lr, momentum=cfg.global_ttt_momentum)
+    rows, num_chunks = -(-B // rt.world_size), -(-(hi - 1) // G)  # a rank's share of a batch, rounded up: one shape
+    model.train()
+    for k in range(num_chunks):
+        seqs = chunk_training_sequences(val_tokens, 1 + k * G, min(hi, 1 + (k + 1) * G), cfg.eval_seq_len)
+        optimizer.param_groups[0]["lr"] = cfg.global_ttt_lr * 0.5 * (1 + math.cos(math.pi * k / num_chunks))
+        for _ in range(cfg.global_ttt_epochs):
+            order = torch.randperm(seqs.size(0), generator=generator)  # a CPU generator: the same on every rank
+            for b in range(0, seqs.size(0), B):
+                batch = order[b:b + B]
+                inputs, targets = ttt_rank_batch(seqs, batch[rt.rank::rt.world_size].to(seqs.device), rows)
+                with rt.autocast():
+                    loss = train_forward(inputs, targets)
+                (loss * (rows / batch.numel())).backward()  # sum / (rows * T), scaled to the global batch's mean
+                if rt.distributed:  # one collective per step, not one per parameter
+                    flat = torch.cat([p.grad.flatten() for p in params])
+                    dist.all_reduce(flat)
+                    for p, g in zip(params, flat.split([p.numel() for p in params])):
+                        p.grad.copy_(g.view_as(p))
+                if cfg.global_ttt_grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.global_ttt_grad_clip)
+                optimizer.step()
+                model.zero_grad(set_to_none=True)
+    model.eval()
 
 
 def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2112,47 +2270,60 @@ def ttt_rank_batch(seqs: torch.Tensor, mine: torch.Tensor, rows: int) -> tuple[t
     return x[:, :-1], x[:, 1:].masked_fill(torch.arange(rows, device=x.device)[:, None] >= mine.numel(), -100)
 
 
-def ttt_neural_pass(model: GPT, eval_outputs, train_forward, val_tokens: torch.Tensor, tables: TokenByteTables,
-                    cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
-                    eval_start: float, phases: dict[str, float] | None = None) -> NeuralScores:
-    """neural_pass with score-first TTT (LEGALITY.md rule 4); adapting stops when the pace projects past
-    EVAL_BUDGET_SECONDS from `eval_start`. The model keeps its adapted weights; phases["ttt_train"] gains their ms."""
-    phases = {"ttt_train": 0.0} if phases is None else phases
-    C, N = cfg.ttt_chunk_tokens, val_tokens.numel()
-    num_chunks = (N - 2) // C + 1
-    groups = ttt_parameters(model, cfg)
-    optimizer = (torch.optim.SGD(groups, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
-                 else torch.optim.AdamW(groups, lr=cfg.ttt_lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    parts, adapting, trained = [], True, 0
-    score_s, train_s, t_start = 0.0, None, time.perf_counter()
-    for k in range(num_chunks):
-        lo, hi = 1 + k * C, min(1 + (k + 1) * C, N)
-        t0 = time.perf_counter()
-        model.eval()
-        parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, lo, hi))
-        score_s = max(score_s, rt.synced_time() - t0)
-        if k == num_chunks - 1 or not adapting:
-            continue
-        guess = train_s if train_s is not None else 3 * cfg.ttt_epochs * score_s  # a guess: 3 forwards an epoch
-        own_elapsed = time.perf_counter() - eval_start
-        elapsed, projected = agreed_max([own_elapsed, own_elapsed + guess + (num_chunks - 1 - k) * score_s], rt)
-        if projected > cfg.eval_budget_seconds:
-            adapting = False
-            log(f"ttt_stopped chunk:{k + 1}/{num_chunks} elapsed:{elapsed:.1f}s projected:{projected:.1f}s "
-                f"budget:{cfg.eval_budget_seconds:.1f}s: the remaining chunks are scored without adapting")
-            continue
-        t0 = time.perf_counter()
-        model.train()
-        lr, seqs = ttt_lr_at(k, num_chunks - 1, cfg), chunk_training_sequences(val_tokens, lo, hi, cfg.train_seq_len)
-        ttt_train_chunk(model, train_forward, optimizer, seqs, cfg, rt, lr, generator)
-        train_s = rt.synced_time() - t0
-        trained += 1
-        phases["ttt_train"] += 1000 * train_s
-    model.eval()
-    log(f"ttt_done chunks:{num_chunks} trained:{trained} epochs:{cfg.ttt_epochs} optimizer:{cfg.ttt_optimizer} "
-        f"lr:{cfg.ttt_lr} time:{1000 * (time.perf_counter() - t_start):.0f}ms")
-    return concatenated_scores(parts)
+def ttt_segments(num_docs: int, cfg: Hyperparameters) -> tuple[list[int], set[int]]:
+    """(document boundaries, those ending a phase): the phases split the first PHASED_TTT_PREFIX_DOCS, the rest is cut
+    in TTT_SEGMENTS, each boundary a point where every rank has scored every document before it."""
+    prefix = min(num_docs, cfg.phased_ttt_prefix_docs) if cfg.phased_ttt_num_phases else 0
+    phase_ends = {prefix * (k + 1) // cfg.phased_ttt_num_phases for k in range(cfg.phased_ttt_num_phases)} - {0}
+    rest = [prefix + (num_docs - prefix) * (k + 1) // TTT_SEGMENTS for k in range(TTT_SEGMENTS)]
+    return sorted({0} | phase_ends | set(rest)), phase_ends
+
+
+def lora_neural_pass(model: GPT, eval_outputs, train_forward, adapters: DocAdapters, val_tokens: torch.Tensor,
+                     tables: TokenByteTables, cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
+                     eval_start: float, phases: dict[str, float], probe=lambda *event: None) -> NeuralScores:
+    """Per-document LoRA TTT, score first (LEGALITY.md rule 4), in segments of the stream: the documents of a segment
+    are scored longest first, TTT_BATCH_SIZE at a time, batch i by rank i mod WORLD_SIZE (a document's score depends on
+    its own tokens and the base weights alone, so any order within a segment keeps rule 1); after a segment that ends a
+    phase, global SGD trains the base weights on every document before its end, which precede every document it will
+    score. When the pace projects past EVAL_BUDGET_SECONDS from `eval_start` (all ranks agree), the rest of the stream
+    is scored as without TTT."""
+    docs, generator, parts = document_spans(val_tokens), torch.Generator().manual_seed(cfg.seed), []
+    bounds, phase_ends = ttt_segments(len(docs), cfg)
+    adapting, done_phases, lora_s, sgd_s, scored, trained, run, padding = True, 0, 0.0, 0.0, 0, 0, 0, 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        if lo > 0:  # the pace so far: a LoRA step per scored token, an SGD step per trained one
+            left, sgd_left = docs[-1][1] - docs[lo][0], sum(docs[b - 1][1] for b in phase_ends if b > lo)
+            own = time.perf_counter() - eval_start
+            projected = own + left * lora_s / scored + sgd_left * (sgd_s / trained if trained else lora_s / scored)
+            elapsed, projected = agreed_max([own, projected], rt)
+            if projected > cfg.eval_budget_seconds:  # the rest as without TTT: the stream's sliding window
+                adapting = False
+                log(f"ttt_stopped doc:{lo}/{len(docs)} elapsed:{elapsed:.1f}s projected:{projected:.1f}s budget:"
+                    f"{cfg.eval_budget_seconds:.1f}s: the remaining documents are scored by the sliding window")
+                parts.append(neural_pass(eval_outputs, val_tokens, tables, cfg, rt, audit_targets, docs[lo][0] + 1))
+                break
+        t0, order = time.perf_counter(), sorted(range(lo, hi), key=lambda d: docs[d][0] - docs[d][1])
+        set_trainable(model, [])  # the adapters' gradients alone
+        with adapters.attached():
+            for first in range(rt.rank * cfg.ttt_batch_size, len(order), rt.world_size * cfg.ttt_batch_size):
+                batch_docs = [docs[d] for d in order[first:first + cfg.ttt_batch_size]]
+                part, batch_run, batch_padding = lora_batch_scores(batch_docs, adapters, eval_outputs, val_tokens,
+                                                                   tables, rt, audit_targets, probe)
+                parts.append(part)
+                run, padding = run + batch_run, padding + batch_padding
+        lora_s, scored = lora_s + agreed_max([time.perf_counter() - t0], rt)[0], scored + docs[hi - 1][1] - docs[lo][0]
+        set_trainable(model, global_parameters(model))
+        if hi in phase_ends:
+            t0 = time.perf_counter()
+            probe("update", torch.arange(docs[hi - 1][1] + 1, device=val_tokens.device), None)
+            global_sgd(model, train_forward, val_tokens, docs[hi - 1][1] + 1, cfg, rt, generator)
+            sgd_s, trained, done_phases = sgd_s + rt.synced_time() - t0, trained + docs[hi - 1][1], done_phases + 1
+            phases["ttt_train"] += 1000 * (rt.synced_time() - t0)
+        model.requires_grad_(True)  # the flags the sliding window's graph has
+    log(f"ttt_done docs:{len(docs)} segments:{len(bounds) - 1} phases:{done_phases}/{len(phase_ends)} "
+        f"adapted:{int(adapting)} lora:{lora_s:.1f}s global_sgd:{sgd_s:.1f}s padding:{padding / max(run, 1):.1%}")
+    return concatenated_scores(parts, val_tokens.device)
 
 
 def audit_distribution(q: torch.Tensor, target: int, fast_nll: float) -> tuple[float, float, float]:
@@ -2523,19 +2694,21 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     train_forward = model if train_forward is None else train_forward
     phases = {} if phases is None else phases
     phases.update(compile_warmup=0.0, plain=0.0, neural=0.0, ttt_train=0.0, cache=0.0)
+    adapters = DocAdapters(model, cfg, rt.device) if cfg.ttt_enabled else None  # compiled and run: the same tensors
     if cfg.compile:
-        phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, cfg, rt, log)
+        phases["compile_warmup"] = warm_up_evaluation(model, token_nll, eval_outputs, train_forward, adapters, cfg,
+                                                       rt, log)
     model.eval()
     compiles, start = compile_count(), rt.synced_time()
     plain = evaluate_plain(token_nll, val_tokens, tables, cfg.eval_seq_len, eval_batch_tokens(cfg, rt.world_size), rt)
     phases["plain"] = 1000 * (rt.synced_time() - start)
     log_final(log, "final_plain", plain, phases["plain"])
     t0 = time.perf_counter()
-    name = "final_sliding_window_ttt" if cfg.ttt_epochs else "final_sliding_window"
-    ttt_scores = lambda audit_targets: ttt_neural_pass(model, eval_outputs, train_forward, val_tokens, tables, cfg,
-                                                       rt, audit_targets, log, start, phases)
+    name = "final_lora_ttt" if cfg.ttt_enabled else "final_sliding_window"
+    ttt_scores = lambda audit_targets: lora_neural_pass(model, eval_outputs, train_forward, adapters, val_tokens,
+                                                        tables, cfg, rt, audit_targets, log, start, phases)
     neural, mixed = evaluate_sliding_mixed(eval_outputs, val_tokens, tables, cfg, rt, log,
-                                           neural_scores=ttt_scores if cfg.ttt_epochs else None, phases=phases)
+                                           neural_scores=ttt_scores if cfg.ttt_enabled else None, phases=phases)
     elapsed = 1000 * (rt.synced_time() - t0)
     log_final(log, name, neural, elapsed)
     if mixed is not None:
@@ -2549,9 +2722,10 @@ def evaluate_final(model: GPT, token_nll, eval_outputs, val_tokens: torch.Tensor
     return neural if mixed is None else mixed
 
 
-def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: Hyperparameters, rt: Runtime,
-                       log) -> float:
-    """Compiles what evaluation calls, in its one padded shape, before the clock; returns ms. TTT takes no step."""
+def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, adapters: DocAdapters | None,
+                       cfg: Hyperparameters, rt: Runtime, log) -> float:
+    """Compiles what evaluation calls, in each of its padded shapes, before the clock; returns ms. TTT takes no step:
+    the adapters' gradients are dropped (they are reset at every batch) and global SGD's too."""
     t0, compiles = time.perf_counter(), compile_count()
     generator = torch.Generator().manual_seed(0)
     L, S = cfg.eval_seq_len, cfg.eval_stride
@@ -2562,15 +2736,25 @@ def warm_up_evaluation(model: GPT, token_nll, eval_outputs, train_forward, cfg: 
     with torch.no_grad(), rt.autocast():
         token_nll(tokens[:, :-1], tokens[:, 1:])
         eval_outputs(tokens[:, :-1], positions)
-    if cfg.ttt_epochs:
-        rows = -(-cfg.ttt_batch_seqs // rt.world_size)  # as ttt_train_chunk's
-        seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=generator).to(rt.device)
+    for width in lora_widths(cfg) if adapters is not None else ():  # the LoRA steps' forward and backward
+        set_trainable(model, [])
+        tokens = torch.randint(0, cfg.vocab_size, (cfg.ttt_batch_size, width), generator=generator).to(rt.device)
+        positions = torch.arange(width - cfg.ttt_chunk_size, width, device=rt.device).repeat(cfg.ttt_batch_size, 1)
+        with adapters.attached(), torch.enable_grad(), rt.autocast():
+            eval_outputs(tokens, positions)[0].sum().float().backward()
+        for p in adapters.params:
+            p.grad = None
+    if adapters is not None and cfg.phased_ttt_num_phases:
+        rows = -(-cfg.global_ttt_batch_seqs // rt.world_size)  # as global_sgd's
+        seqs = torch.randint(0, cfg.vocab_size, (rows, cfg.eval_seq_len + 1), generator=generator).to(rt.device)
+        set_trainable(model, global_parameters(model))
         model.train()
         with rt.autocast():
             loss = train_forward(*ttt_rank_batch(seqs, torch.arange(rows, device=rt.device), rows))
         loss.backward()
         model.zero_grad(set_to_none=True)
         model.eval()
+    model.requires_grad_(True)
     warmup_ms = 1000 * (rt.synced_time() - t0)
     log(f"compile_warmup phase:eval graphs:{compile_count() - compiles} time:{warmup_ms:.0f}ms")
     return warmup_ms
