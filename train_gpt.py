@@ -128,7 +128,7 @@ class Hyperparameters:
     ttt_lora_rank: int = 96
     ttt_lora_alpha: float = 144.0  # adapters scaled alpha / rank (#1767)
     ttt_lora_lr: float = 0.0001
-    ttt_chunk_size: int = 48  # tokens scored, then trained on, per step of a document
+    ttt_chunk_size: int | None = None  # None: 48 (#1530), or EVAL_SEQ_LEN if shorter; scored, then trained on
     ttt_batch_size: int = 64  # documents adapted side by side, each with its own adapters
     ttt_optimizer: str = "adam"
     ttt_beta1: float = 0.0
@@ -179,7 +179,8 @@ class Hyperparameters:
             xsa_last_n=lambda: L, ve_layers=lambda: tuple(range(max(first, L - 2), L)),
             loop_start=lambda: max(0, hinge + 1 - loop_length), loop_end=lambda: hinge,
             parallel_start_layer=lambda: max(L * lanes_from // 11, (self.loop_end + 1) * (self.num_loops > 0)),
-            embed_clip_sigmas=lambda: 20.0 if self.embed_bits == 8 else 15.0)  # in order: later ones read earlier
+            embed_clip_sigmas=lambda: 20.0 if self.embed_bits == 8 else 15.0,  # in order: later ones read earlier
+            ttt_chunk_size=lambda: min(48, self.eval_seq_len))
         for name, default in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, default())
@@ -329,8 +330,8 @@ FOREIGN_SETTINGS = {
     "GLOBAL_TTT_WARMUP_CHUNKS": "none: no warm-up", "GLOBAL_TTT_WARMUP_START_LR": "none: no warm-up",
     "GLOBAL_TTT_RESPECT_DOC_BOUNDARIES": "none: global SGD trains on the stream's sequences",
     "TTT_GRAD_CLIP": "GLOBAL_TTT_GRAD_CLIP", "USE_POLYAK": "none (no Polyak average)", "POLYAK_DECAY": "none",
-    "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SKIP_SLIDING": "none: the sliding window is the score",
-    "SKIP_SLIDING_EVAL": "none: the sliding window is the score", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
+    "TTT_ONLY": "EVAL_ARTIFACT", "EVAL_ONLY": "EVAL_ARTIFACT", "SLIDING_WINDOW_ENABLED": "EVAL_STRIDE",
+    "SKIP_SLIDING": "TTT_ENABLED=0 (the stream's sliding window is the score)", "SKIP_SLIDING_EVAL": "TTT_ENABLED",
     "EMA_ENABLED": "EMA_DECAY (0: off)", "SWA_ENABLED": "EMA_DECAY", "SWA_EVERY": "EMA_DECAY",
     "LAWA_ENABLED": "EMA_DECAY", "VAL_BATCH_TOKENS": "VAL_BATCH_SIZE", "WARMDOWN_FRAC": "WARMDOWN_ITERS",
     "DATA_DIR": "DATA_PATH and TOKENIZER_PATH", "PRUNE_PCT": "PRUNE_FRACTION", "GPTQ_CALIB_BATCHES": "GPTQ_CALIB_SEQS",
@@ -2119,10 +2120,9 @@ def document_spans(val_tokens: torch.Tensor) -> list[tuple[int, int]]:
 
 
 class DocAdapters:
-    """TTT_LORA_RANK adapters scaled TTT_LORA_ALPHA / rank on every matrix the forward pass uses (each Linear that runs,
-    through lanes and loops, and the head) but the mixer head's, TTT's loss being the CE alone; row b of a batch is
-    document b's. A starts from one seeded draw for every row, so a score does not depend on its row; B at 0 adds
-    exactly nothing: the base model."""
+    """TTT_LORA_RANK adapters scaled TTT_LORA_ALPHA / rank on every matrix the forward pass uses (lanes, loops, the
+    head) but the mixer head's; row b of a batch is document b's. A starts from one seeded draw for every row (a score
+    does not depend on its row), B at 0: exactly the base model."""
     def __init__(self, model: GPT, cfg: Hyperparameters, device: torch.device):
         heads = (model.mixer_head, model.lm_head)
         self.sites = [m for m in model.modules() if isinstance(m, Linear) and m not in heads]
@@ -2235,8 +2235,8 @@ def chunk_training_sequences(val_tokens: torch.Tensor, lo: int, hi: int, seq_len
 @torch.enable_grad()  # called from inside the evaluation's no_grad
 def global_sgd(model: GPT, train_forward, val_tokens: torch.Tensor, hi: int, cfg: Hyperparameters, rt: Runtime,
                generator: torch.Generator) -> None:
-    """One phase: GLOBAL_TTT_EPOCHS of SGD on targets [1, hi), by chunks of GLOBAL_TTT_CHUNK_TOKENS under a cosine
-    learning rate, in global batches of GLOBAL_TTT_BATCH_SEQS; ranks step on summed gradients: the same weights."""
+    """One phase: SGD on targets [1, hi) by chunks under a cosine learning rate (GLOBAL_TTT_*); ranks step on summed
+    gradients: the same weights."""
     params, G, B = global_parameters(model), cfg.global_ttt_chunk_tokens, cfg.global_ttt_batch_seqs
     optimizer = torch.optim.SGD(params, lr=cfg.global_ttt_lr, momentum=cfg.global_ttt_momentum)
     rows, num_chunks = -(-B // rt.world_size), -(-(hi - 1) // G)  # a rank's share of a batch, rounded up: one shape
@@ -2274,7 +2274,8 @@ def ttt_segments(num_docs: int, cfg: Hyperparameters) -> tuple[list[int], set[in
     """(document boundaries, those ending a phase): the phases split the first PHASED_TTT_PREFIX_DOCS, the rest is cut
     in TTT_SEGMENTS, each boundary a point where every rank has scored every document before it."""
     prefix = min(num_docs, cfg.phased_ttt_prefix_docs) if cfg.phased_ttt_num_phases else 0
-    phase_ends = {prefix * (k + 1) // cfg.phased_ttt_num_phases for k in range(cfg.phased_ttt_num_phases)} - {0}
+    phase_ends = {prefix * (k + 1) // cfg.phased_ttt_num_phases for k in range(cfg.phased_ttt_num_phases)}
+    phase_ends -= {0, num_docs}  # a phase after the last document would train for nothing
     rest = [prefix + (num_docs - prefix) * (k + 1) // TTT_SEGMENTS for k in range(TTT_SEGMENTS)]
     return sorted({0} | phase_ends | set(rest)), phase_ends
 
@@ -2282,12 +2283,10 @@ def ttt_segments(num_docs: int, cfg: Hyperparameters) -> tuple[list[int], set[in
 def lora_neural_pass(model: GPT, eval_outputs, train_forward, adapters: DocAdapters, val_tokens: torch.Tensor,
                      tables: TokenByteTables, cfg: Hyperparameters, rt: Runtime, audit_targets: torch.Tensor, log,
                      eval_start: float, phases: dict[str, float], probe=lambda *event: None) -> NeuralScores:
-    """Per-document LoRA TTT, score first (LEGALITY.md rule 4), in segments of the stream: the documents of a segment
-    are scored longest first, TTT_BATCH_SIZE at a time, batch i by rank i mod WORLD_SIZE (a document's score depends on
-    its own tokens and the base weights alone, so any order within a segment keeps rule 1); after a segment that ends a
-    phase, global SGD trains the base weights on every document before its end, which precede every document it will
-    score. When the pace projects past EVAL_BUDGET_SECONDS from `eval_start` (all ranks agree), the rest of the stream
-    is scored as without TTT."""
+    """Per-document LoRA TTT, score first, by segments of the stream. A segment's documents are scored longest first,
+    TTT_BATCH_SIZE at a time, batch i by rank i mod WORLD_SIZE: a score depends on its document and the base weights
+    alone, so any order within a segment keeps rule 1. A segment ending a phase is followed by global SGD on every
+    document before its end. Past EVAL_BUDGET_SECONDS's pace (agreed), the rest is scored as without TTT."""
     docs, generator, parts = document_spans(val_tokens), torch.Generator().manual_seed(cfg.seed), []
     bounds, phase_ends = ttt_segments(len(docs), cfg)
     adapting, done_phases, lora_s, sgd_s, scored, trained, run, padding = True, 0, 0.0, 0.0, 0, 0, 0, 0

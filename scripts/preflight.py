@@ -147,22 +147,26 @@ def preflight(cfg: tg.Hyperparameters, rt: tg.Runtime, log, eval_tokens: int = P
     rows.append(PreflightRow("training_phase", f"oracle:{oracle_s:.1f}s steps:{steps} artifact:{artifact_s:.1f}s",
                              train_s, cfg.max_wallclock_seconds or None))
 
-    chunk = max(cfg.ngram_chunk_tokens if cfg.ngram_orders else 1, cfg.ttt_chunk_tokens if cfg.ttt_epochs else 1)
-    part = val_tokens[:max(eval_tokens, 2 * chunk + 1)]  # TTT trains on a chunk at least
+    part = val_tokens[:max(eval_tokens, 2 * cfg.ngram_chunk_tokens + 1 if cfg.ngram_orders else 2)]
+    docs, part_docs = tg.document_spans(val_tokens), tg.document_spans(part)
+    # the run's phases train on the documents before each phase's end; the slice's, with the prefix scaled
+    # to half its documents, are timed as a rate per trained token
+    short = dataclasses.replace(cfg, phased_ttt_prefix_docs=min(cfg.phased_ttt_prefix_docs, len(part_docs) // 2))
+    trained, to_train = (sum(d[b - 1][1] for b in tg.ttt_segments(len(d), c)[1]) if cfg.ttt_enabled else 0
+                         for d, c in ((part_docs, short), (docs, cfg)))
     phases: dict[str, float] = {}
-    tg.evaluate_final(model, token_nll, eval_outputs, part, tables, cfg, rt, inner, ttt_forward, phases)
+    tg.evaluate_final(model, token_nll, eval_outputs, part, tables, short, rt, inner, ttt_forward, phases)
     full, n = val_tokens.numel() - 1, part.numel() - 1
-    # chunks TTT trains on (all but the last), in the slice and in the split
-    trained, to_train = ((t.numel() - 2) // cfg.ttt_chunk_tokens if cfg.ttt_epochs else 0 for t in (part, val_tokens))
     ttt_s = phases["ttt_train"] / 1000 / max(trained, 1) * to_train
     scoring_s = (phases["plain"] + phases["neural"]) / 1000 * full / n + sort_scaled(phases["cache"] / 1000, n, full)
     measured = " ".join(f"{k}:{v / 1000:.3f}s" for k, v in phases.items())  # ms shown: tiny slices are quick
-    rows.append(PreflightRow("evaluation", f"tokens:{n} {measured} ttt_projected:{ttt_s:.3f}s", scoring_s + ttt_s,
-                             cfg.eval_budget_seconds))
-    if rows[-1].over and scoring_s <= cfg.eval_budget_seconds:
-        rows[-1] = dataclasses.replace(rows[-1], projected=cfg.eval_budget_seconds)
-        log(f"preflight_note TTT would adapt on about {(cfg.eval_budget_seconds - scoring_s) / ttt_s:.0%} of the "
-            f"chunks before its guard stops it within EVAL_BUDGET_SECONDS")
+    lora = f"documents:{len(docs)} phase_tokens:{to_train} " if cfg.ttt_enabled else ""
+    rows.append(PreflightRow("evaluation", f"tokens:{n} {lora}{measured} phases_projected:{ttt_s:.3f}s",
+                             scoring_s + ttt_s, cfg.eval_budget_seconds))
+    if rows[-1].over and cfg.ttt_enabled:
+        log(f"preflight_note LoRA TTT projects {scoring_s + ttt_s:.0f}s: its guard would stop it after about "
+            f"{cfg.eval_budget_seconds / (scoring_s + ttt_s):.0%} of the split and score the rest with the sliding "
+            f"window (TTT_ENABLED=0 projects the sliding window alone)")
 
     device_peak, host_peak = tg.agreed_max([max(train_peak[0] + stored, prefill_peak), peak_memory_bytes(rt)[1]], rt)
     if rt.device.type == "cuda":

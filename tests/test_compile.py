@@ -14,9 +14,11 @@ from test_end_to_end import TINY_ENV, dataset, failure, run_script, wrapper_scri
 from test_model import _write_repetitive_shards
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-# Every part on: the oracle and the mixer loss, CROWN-Q from the first warm-down step, TTT, the cache.
-COMPILE_ENV = dict(TINY_ENV, ITERATIONS="4", VAL_LOSS_EVERY="2", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048",
-                   TTT_BATCH_SEQS="3", NGRAM_AUDIT_POSITIONS="8", WARMUP_STEPS="1")
+# Every part on: the oracle and the mixer loss, CROWN-Q from the first warm-down step, LoRA TTT and a phase of
+# global SGD after the first document, the cache.
+COMPILE_ENV = dict(TINY_ENV, ITERATIONS="4", VAL_LOSS_EVERY="2", PHASED_TTT_PREFIX_DOCS="1",
+                   GLOBAL_TTT_CHUNK_TOKENS="1024", GLOBAL_TTT_BATCH_SEQS="3", NGRAM_AUDIT_POSITIONS="8",
+                   WARMUP_STEPS="1")
 FINAL = re.compile(r"^(final_\S+)_exact val_loss:\S+ val_bpb:(\S+)$", re.M)
 
 
@@ -57,7 +59,7 @@ def one_process_runs(dataset, wrapper_script, tmp_path_factory):
 def test_compiled_run_gives_the_eager_final_lines(one_process_runs):
     _, compiled, eager = one_process_runs
     assert_same_finals(finals(compiled), finals(eager), 1e-5)
-    assert "final_sliding_window_ttt_ngram_learned" in finals(compiled)
+    assert "final_lora_ttt_ngram_learned" in finals(compiled) and " phases:1/1 adapted:1 " in compiled
     assert_nothing_compiled_on_the_clocks(compiled)
     assert re.search(r"^ngram_audit positions:8 worst_abs_sum_minus_1:\S+ ", compiled, re.M)
     assert "warning: MATRIX_LRR is not a setting and changes nothing; did you mean MATRIX_LR?" in compiled
@@ -83,7 +85,7 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
                          ids=["fp32", "bf16_prior"])
 def test_two_processes_compiled_give_the_eager_final_lines(dataset, wrapper_script, tmp_path, bf16, tolerance, mixer):
     """torchrun, gloo, DDP inside torch.compile with gradient accumulation (micro-steps with and without
-    the all-reduce), TTT in lockstep across ranks; in bf16 with the smoothed experts (NGRAM_PRIOR_BETA).
+    the all-reduce), LoRA TTT and global SGD in lockstep across ranks; in bf16 with the smoothed experts (NGRAM_PRIOR_BETA).
     Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps):
     the compiled graph fuses ops and rounds fewer intermediates to bf16, and the training steps carry
     the differences forward."""

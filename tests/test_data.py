@@ -203,7 +203,7 @@ def test_caseops_data_that_cannot_be_scored_is_refused_with_one_line(tmp_path, s
 
 
 def test_settings_of_other_scripts_and_typos_are_named_not_ignored():
-    env = {"MATRIX_LRR": "0.5", "TTT_ENABLED": "1", "SKIP_SLIDING": "1", "MATRIX_LR": "0.02", "PATH": "/bin",
+    env = {"MATRIX_LRR": "0.5", "TTT_EPOCHS": "1", "SKIP_SLIDING": "1", "MATRIX_LR": "0.02", "PATH": "/bin",
            "RANK": "0", "WORLD_SIZE": "8", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29500", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0", "TORCHELASTIC_RUN_ID": "x",
            "NCCL_DEBUG": "WARN", "PYTHONPATH": ".", "HOME": "/root", "NUM_LAYER": "9"}
@@ -212,9 +212,9 @@ def test_settings_of_other_scripts_and_typos_are_named_not_ignored():
         "warning: MATRIX_LRR is not a setting and changes nothing; did you mean MATRIX_LR?",
         "warning: NUM_LAYER is not a setting and changes nothing; did you mean NUM_LAYERS?",
         "warning: SKIP_SLIDING is a setting of other parameter-golf scripts, not of this one, and changes nothing "
-        "here; use instead: none: the sliding window is the score",
-        "warning: TTT_ENABLED is a setting of other parameter-golf scripts, not of this one, and changes nothing "
-        "here; use instead: TTT_EPOCHS (0: off)",
+        "here; use instead: TTT_ENABLED=0 (the stream's sliding window is the score)",
+        "warning: TTT_EPOCHS is no longer a setting and changes nothing; the full-weight TTT is gone: use "
+        "TTT_ENABLED (per-document LoRA) and GLOBAL_TTT_*",
     ]
     assert all(tg.unknown_setting_warnings({name: "1"}) == [] for name in tg.FOREIGN_SETTINGS.values()
                if name.isupper() and "_" in name and " " not in name)

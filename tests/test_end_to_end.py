@@ -85,8 +85,10 @@ def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
     last_bpb = re.findall(r"val_bpb:(\S+)", log)[-1]
     assert log.rstrip().splitlines()[-1].startswith("eval_done eval_time:")
     assert re.search(r"^ngram_oracle tokens:\d+ orders:2,3,4,5,6,7 bytes:\d+ time:\d+ms$", log, re.M)
-    assert float(last_bpb) == final_bpb(log, "final_sliding_window_ngram_learned") > 0
-    assert final_bpb(log, "final_sliding_window") > 0
+    assert float(last_bpb) == final_bpb(log, "final_lora_ttt_ngram_learned") > 0  # TTT_ENABLED=1: the default
+    assert final_bpb(log, "final_lora_ttt") > 0
+    assert re.search(r"^ttt_done docs:2 segments:\d+ phases:0/0 adapted:1 lora:[\d.]+s global_sgd:0.0s padding:",
+                     log, re.M)  # two documents, fewer than PHASED_TTT_PREFIX_DOCS: no phase would score after one
 
 
 @pytest.fixture(scope="module")
@@ -150,26 +152,30 @@ def test_artifact_alone_in_a_fresh_process_gives_the_same_scores(single_run, dat
     assert FINAL_LINE.findall(again) == FINAL_LINE.findall(log) and len(FINAL_LINE.findall(log)) == 3
 
 
-def test_test_time_training_from_the_artifact(single_run, dataset, tmp_path):
+def test_phases_and_the_sliding_window_from_the_artifact(single_run, dataset, tmp_path):
+    """One phase after the first document (its global SGD its own eval phase, within the evaluation's time), and
+    TTT_ENABLED=0: the stream's sliding window, named so in the last final line."""
     folder, log, _ = single_run
     data, tok = dataset
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="ttt", TTT_EPOCHS="1",
-                           TTT_CHUNK_TOKENS="2048", TTT_OPTIMIZER="adamw", TTT_LR="0.001",
-                           EVAL_ARTIFACT=str(folder / "artifacts" / "single.pgqw")), tmp_path)
+    artifact = str(folder / "artifacts" / "single.pgqw")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="phased", EVAL_ARTIFACT=artifact,
+                           PHASED_TTT_PREFIX_DOCS="1", GLOBAL_TTT_CHUNK_TOKENS="1024"), tmp_path)
     assert proc.returncode == 0, failure(proc)
-    again = (tmp_path / "logs" / "ttt.txt").read_text()
-    assert re.search(r"^ttt_done chunks:3 trained:2 epochs:1 optimizer:adamw ", again, re.M)
-    # TTT's training is its own phase, not counted in the neural pass; the phases fit in the evaluation
-    phases = dict(re.findall(r"(\w+):(\d+)ms", re.search(r"^eval_phases .*$", again, re.M).group(0)))
-    ttt_ms = int(re.search(r"^ttt_done .* time:(\d+)ms$", again, re.M).group(1))
-    eval_ms = int(re.search(r"^eval_done eval_time:(\d+)ms", again, re.M).group(1))
-    assert 0 < int(phases["ttt_train"]) <= ttt_ms and int(phases["neural"]) > 0
+    phased = (tmp_path / "logs" / "phased.txt").read_text()
+    assert re.search(r"^ttt_done docs:2 segments:\d+ phases:1/1 adapted:1 ", phased, re.M)
+    phases = dict(re.findall(r"(\w+):(\d+)ms", re.search(r"^eval_phases .*$", phased, re.M).group(0)))
+    eval_ms = int(re.search(r"^eval_done eval_time:(\d+)ms", phased, re.M).group(1))
+    assert int(phases["ttt_train"]) > 0 and int(phases["neural"]) > 0
     assert int(phases["plain"]) + int(phases["neural"]) + int(phases["ttt_train"]) + int(phases["cache"]) <= eval_ms + 4
-    finals = [line.split()[0] for line in FINAL_LINE.findall(again)]
-    assert finals == ["final_plain_exact", "final_sliding_window_ttt_exact",
-                      "final_sliding_window_ttt_ngram_learned_exact"]
-    assert final_bpb(again, "final_plain") == final_bpb(log, "final_plain")  # TTT acts after plain scoring
-    assert final_bpb(again, "final_sliding_window_ttt") != final_bpb(log, "final_sliding_window")
+    assert final_bpb(phased, "final_lora_ttt") != final_bpb(log, "final_lora_ttt")
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="sliding", EVAL_ARTIFACT=artifact,
+                           TTT_ENABLED="0"), tmp_path)
+    assert proc.returncode == 0, failure(proc)
+    sliding = (tmp_path / "logs" / "sliding.txt").read_text()
+    finals = [line.split()[0] for line in FINAL_LINE.findall(sliding)]
+    assert finals == ["final_plain_exact", "final_sliding_window_exact", "final_sliding_window_ngram_learned_exact"]
+    assert final_bpb(sliding, "final_plain") == final_bpb(log, "final_plain")  # TTT acts after plain scoring
+    assert "ttt_done" not in sliding and final_bpb(sliding, "final_sliding_window") != final_bpb(log, "final_lora_ttt")
 
 
 def test_training_and_evaluation_with_the_neural_prior(dataset, tmp_path):
@@ -184,7 +190,7 @@ def test_training_and_evaluation_with_the_neural_prior(dataset, tmp_path):
     audits = re.findall(r"^ngram_audit positions:[1-9]\d* worst_abs_sum_minus_1:(\S+) min_prob:(\S+) "
                         r"worst_target_diff:(\S+)$", log, re.M)
     assert audits and all(float(s) < 1e-6 and float(p) > 0 and float(d) < 1e-9 for s, p, d in audits)
-    assert final_bpb(log, "final_sliding_window_ngram_learned") > 0
+    assert final_bpb(log, "final_lora_ttt_ngram_learned") > 0
 
 
 def test_a_damaged_artifact_stops_the_evaluation_with_one_line(single_run, dataset, tmp_path):
@@ -233,7 +239,7 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     log_one = (tmp_path / "logs" / "one.txt").read_text()
     # Same global batch and seed: each step trains on the same sequences in one process and in two (only the
     # sums' rounding differs); the evaluation itself is world-size independent to 1e-6 (tests/test_eval.py).
-    for name in ("final_sliding_window", "final_sliding_window_ngram_learned"):
+    for name in ("final_lora_ttt", "final_lora_ttt_ngram_learned"):
         assert final_bpb(log_two, name) == pytest.approx(final_bpb(log_one, name), abs=1e-4)
 
 
@@ -250,8 +256,8 @@ def test_torchrun_two_cpu_processes_match_one(dataset, tmp_path):
     (dict(VOCAB_SIZE="300"), "VOCAB_SIZE=300 is not allowed: the tokenizer has 400 pieces"),
     (dict(MATRIX_BITS="9"), "MATRIX_BITS=9 is not allowed: 2..8"),
     (dict(LOOP_END="5"), "LOOP_END=5 is not allowed: LOOP_START \\(0\\)..1"),
-    (dict(TTT_OPTIMIZER="adam"), "TTT_OPTIMIZER='adam' is not allowed: sgd or adamw"),
-    (dict(TTT_CHUNK_TOKENS="16"), "TTT_CHUNK_TOKENS=16 is not allowed: at least TRAIN_SEQ_LEN"),
+    (dict(TTT_OPTIMIZER="adamw"), "TTT_OPTIMIZER='adamw' is not allowed: adam or sgd"),
+    (dict(TTT_CHUNK_SIZE="48"), "TTT_CHUNK_SIZE=48 is not allowed: 1..EVAL_SEQ_LEN \\(32\\)"),
     (dict(EVAL_ARTIFACT="/no/such.pgqw"), "EVAL_ARTIFACT='/no/such.pgqw' is not allowed"),
     (dict(PREFLIGHT="1"), "PREFLIGHT=1 is not allowed here: the preflight is its own script.* scripts/preflight.py"),
     (dict(DEVICE="gpu"), "DEVICE='gpu' is not allowed: auto or cuda or cpu"),
@@ -289,7 +295,7 @@ def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "pre.txt").write_text("the log of an earlier run\n")
     proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre",
-                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048"), tmp_path, script=PREFLIGHT)
+                           PHASED_TTT_PREFIX_DOCS="1", GLOBAL_TTT_CHUNK_TOKENS="1024"), tmp_path, script=PREFLIGHT)
     assert proc.returncode == 0, failure(proc)
     log = (tmp_path / "logs" / "pre_preflight.txt").read_text()
     assert log == proc.stdout
@@ -301,7 +307,8 @@ def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
     assert rows["steps"].group(3) == "6" and rows["training_phase"].group(4) == "none"
     assert float(rows["oracle"].group(3).rstrip("s")) > 0
     evaluation = rows["evaluation"].group(2)
-    assert "tokens:5999 " in evaluation and float(re.search(r"ttt_projected:(\S+)s", evaluation).group(1)) > 0
+    assert "tokens:5999 documents:2 " in evaluation
+    assert float(re.search(r"phases_projected:(\S+)s", evaluation).group(1)) > 0
     assert rows["evaluation"].group(4) == "540.0s"
     # nothing kept: no artifact, no score line, the run's own log untouched
     assert not (tmp_path / "artifacts").exists()
@@ -327,8 +334,8 @@ def test_compiled_preflight_under_torchrun_two_processes(dataset, tmp_path):
     """The path of a paid run: torchrun, compiled, every rank measuring and agreeing on the figures."""
     data, tok = dataset
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre2",
-                           TTT_EPOCHS="1", TTT_CHUNK_TOKENS="2048", COMPILE="1", WARMUP_STEPS="1"),
+    proc = run_script(dict(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, RUN_ID="pre2", PHASED_TTT_PREFIX_DOCS="1",
+                           GLOBAL_TTT_CHUNK_TOKENS="1024", COMPILE="1", WARMUP_STEPS="1"),
                       tmp_path, launcher, timeout=900, script=PREFLIGHT)
     assert proc.returncode == 0, failure(proc)
     log = (tmp_path / "logs" / "pre2_preflight.txt").read_text()
