@@ -134,7 +134,7 @@ class Hyperparameters:
     ttt_beta1: float = 0.0
     ttt_beta2: float = 0.999
     ttt_weight_decay: float = 1.0
-    ttt_warm_start_a: bool = False  # #1767's 1 keeps A across a rank's documents: scores then depend on WORLD_SIZE
+    ttt_warm_start_a: bool = False  # #1767's 1 (A kept across documents) would break rule 1 here: refused
     phased_ttt_num_phases: int = 1  # global SGD on the base weights after each 1/this of PHASED_TTT_PREFIX_DOCS
     phased_ttt_prefix_docs: int = 2000
     global_ttt_lr: float = 0.001
@@ -243,6 +243,8 @@ class Hyperparameters:
             (self.global_ttt_chunk_tokens >= self.eval_seq_len, "GLOBAL_TTT_CHUNK_TOKENS",
              f"at least EVAL_SEQ_LEN ({self.eval_seq_len}): global SGD trains on whole sequences of a chunk"),
             (self.ttt_optimizer in TTT_OPTIMIZERS, "TTT_OPTIMIZER", " or ".join(TTT_OPTIMIZERS)),
+            (not self.ttt_warm_start_a, "TTT_WARM_START_A", "0: documents are adapted longest first, so A carried "
+             "over would learn from documents later in the stream (LEGALITY.md rule 1)"),
             (not self.eval_artifact or Path(self.eval_artifact).is_file(), "EVAL_ARTIFACT",
              "empty (train, then evaluate the new artifact) or the path of an artifact file"),
             (self.device in DEVICES, "DEVICE", " or ".join(DEVICES)),
@@ -2129,31 +2131,29 @@ class DocAdapters:
         shapes = [(m.in_features, m.out_features) for m in self.sites] + [(cfg.model_dim, cfg.vocab_size)]
         r, rows, generator = cfg.ttt_lora_rank, cfg.ttt_batch_size, torch.Generator().manual_seed(cfg.seed)
         self.a_init = [torch.rand(r, i, generator=generator).sub(0.5).mul(2 / i ** 0.5).to(device) for i, _ in shapes]
-        self.params = [nn.Parameter(torch.empty(rows, r, i, device=device)) for i, _ in shapes]
-        self.params += [nn.Parameter(torch.zeros(rows, o, r, device=device)) for _, o in shapes]
+        self.a = [nn.Parameter(torch.empty(rows, r, i, device=device)) for i, _ in shapes]
+        self.b = [nn.Parameter(torch.zeros(rows, o, r, device=device)) for _, o in shapes]
+        self.params = self.a + self.b
         self.model, self.cfg, self.scale = model, cfg, cfg.ttt_lora_alpha / r
-        self.reset(keep_a=False)
+        self.reset()
 
-    def reset(self, keep_a: bool) -> torch.optim.Optimizer:
-        """B to 0 (and A to its draw unless `keep_a`); returns a fresh optimizer (TTT_OPTIMIZER) over them."""
-        cfg, half = self.cfg, len(self.params) // 2
+    def reset(self) -> torch.optim.Optimizer:
+        """A to its draw, B to 0; returns a fresh optimizer (TTT_OPTIMIZER) over them."""
+        cfg = self.cfg
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if i >= half:
-                    p.zero_()
-                elif not keep_a:
-                    p.copy_(self.a_init[i].expand_as(p))
+            for a, a_init, b in zip(self.a, self.a_init, self.b):
+                a.copy_(a_init.expand_as(a))
+                b.zero_()
         if cfg.ttt_optimizer == "sgd":
             return torch.optim.SGD(self.params, lr=cfg.ttt_lora_lr, momentum=cfg.ttt_beta1,
                                    weight_decay=cfg.ttt_weight_decay)
         return torch.optim.AdamW(self.params, lr=cfg.ttt_lora_lr, betas=(cfg.ttt_beta1, cfg.ttt_beta2), eps=1e-10,
-                                 weight_decay=cfg.ttt_weight_decay)
+                                 weight_decay=cfg.ttt_weight_decay, fused=self.a[0].is_cuda)
 
     @contextlib.contextmanager
     def attached(self):
         """The model's matrices carry the adapters inside, and only inside, this block."""
-        half = len(self.params) // 2
-        for site, a, b in zip(self.sites + [self.model], self.params[:half], self.params[half:]):
+        for site, a, b in zip(self.sites + [self.model], self.a, self.b):
             setattr(site, "adapter" if site is not self.model else "head_adapter", (a, b, self.scale))
         try:
             yield
@@ -2185,7 +2185,7 @@ def lora_batch_scores(docs: Sequence[tuple[int, int]], adapters: DocAdapters, ev
     """(scores, tokens run, of which padding) of up to TTT_BATCH_SIZE documents side by side: each chunk is scored,
     then one optimizer step on its loss updates each document's adapters; adapters start afresh."""
     cfg, rows, device, parts, run, padding = adapters.cfg, adapters.cfg.ttt_batch_size, val_tokens.device, [], 0, 0
-    optimizer = adapters.reset(keep_a=cfg.ttt_warm_start_a)
+    optimizer = adapters.reset()
     chunks = [-(-(e - s) // cfg.ttt_chunk_size) for s, e in docs]
     for c in range(max(chunks)):
         windows = [chunk_window(doc, c, cfg) if c < n else (0, 0, 0) for doc, n in zip(docs, chunks)]
@@ -2200,11 +2200,12 @@ def lora_batch_scores(docs: Sequence[tuple[int, int]], adapters: DocAdapters, ev
             part = window_scores(batch, tables, logprobs.detach(), mixer_logits, audit_targets)
             parts.append(part)
             probe("score", part.targets, None)
-            trains = torch.tensor([c < n - 1 for n in chunks] + [False] * (rows - len(docs)), device=device)
-            if not bool(trains.any()):
+            trains = [c < n - 1 for n in chunks] + [False] * (rows - len(docs))  # on the host: no sync a step
+            if not any(trains):
                 continue
             keep = torch.zeros(rows * cfg.ttt_chunk_size, dtype=torch.bool, device=device)
-            keep = keep.index_fill_(0, batch.picked, True).view(rows, -1) & trains[:, None]
+            keep = keep.index_fill_(0, batch.picked, True).view(rows, -1) & to_device_async(torch.tensor(trains),
+                                                                                            device)[:, None]
             probe("update", batch.index[:, :-1], ~unread)  # positions and masks: no host sync a step
             probe("update", batch.index.gather(1, batch.positions + 1), keep)
             nll = -logprobs.gather(-1, batch.tokens.gather(1, batch.positions + 1)[..., None])[..., 0]

@@ -18,17 +18,18 @@ TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
                 TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="8", TRAIN_BATCH_TOKENS="256",
                 VAL_BATCH_SIZE="256", ITERATIONS="6", LR_WARMUP_STEPS="2", WARMDOWN_ITERS="2", TRAIN_LOG_EVERY="2",
                 VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", GRAD_ACCUM_STEPS="1", EMA_DECAY="0.5",
-                QUANT_MIN_NUMEL="512", GPTQ_CALIB_SEQS="4", GPTQ_CALIB_SEQ_LEN="32")  # the tiny model's matrices do get quantized
+                QUANT_MIN_NUMEL="512",  # the tiny model's matrices do get quantized
+                GPTQ_CALIB_SEQS="4", GPTQ_CALIB_SEQ_LEN="32", TTT_BATCH_SIZE="4", TTT_LORA_RANK="8")
 
 
 @pytest.fixture(scope="module")
 def dataset(real_text_tokenizer, tmp_path_factory):
     sp, model_path = real_text_tokenizer
     folder = tmp_path_factory.mktemp("data")
-    docs = stdlib_documents(50)
-    for split, part in (("train", docs[:45]), ("val", docs[45:47])):
-        ids = np.concatenate([[sp.bos_id()] + sp.encode(d) for d in part]).astype(np.uint16)
-        write_shard(folder / f"fineweb_{split}_000000.bin", ids[:6000] if split == "val" else ids)
+    docs = stdlib_documents(51)
+    for split, part in (("train", docs[:45]), ("val", docs[45:51])):  # val: 6 documents of 1,000 tokens
+        ids = np.concatenate([[sp.bos_id()] + sp.encode(d)[:999 if split == "val" else None] for d in part])
+        write_shard(folder / f"fineweb_{split}_000000.bin", ids.astype(np.uint16))
     return folder, model_path
 
 
@@ -87,8 +88,8 @@ def test_one_process_run_logs_settings_steps_and_final_lines(single_run):
     assert re.search(r"^ngram_oracle tokens:\d+ orders:2,3,4,5,6,7 bytes:\d+ time:\d+ms$", log, re.M)
     assert float(last_bpb) == final_bpb(log, "final_lora_ttt_ngram_learned") > 0  # TTT_ENABLED=1: the default
     assert final_bpb(log, "final_lora_ttt") > 0
-    assert re.search(r"^ttt_done docs:2 segments:\d+ phases:0/0 adapted:1 lora:[\d.]+s global_sgd:0.0s padding:",
-                     log, re.M)  # two documents, fewer than PHASED_TTT_PREFIX_DOCS: no phase would score after one
+    assert re.search(r"^ttt_done docs:6 segments:\d+ phases:0/0 adapted:1 lora:[\d.]+s global_sgd:0.0s padding:",
+                     log, re.M)  # 6 documents, fewer than PHASED_TTT_PREFIX_DOCS: no phase would score after one
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_phases_and_the_sliding_window_from_the_artifact(single_run, dataset, tm
                            PHASED_TTT_PREFIX_DOCS="1", GLOBAL_TTT_CHUNK_TOKENS="1024"), tmp_path)
     assert proc.returncode == 0, failure(proc)
     phased = (tmp_path / "logs" / "phased.txt").read_text()
-    assert re.search(r"^ttt_done docs:2 segments:\d+ phases:1/1 adapted:1 ", phased, re.M)
+    assert re.search(r"^ttt_done docs:6 segments:\d+ phases:1/1 adapted:1 ", phased, re.M)
     phases = dict(re.findall(r"(\w+):(\d+)ms", re.search(r"^eval_phases .*$", phased, re.M).group(0)))
     eval_ms = int(re.search(r"^eval_done eval_time:(\d+)ms", phased, re.M).group(1))
     assert int(phases["ttt_train"]) > 0 and int(phases["neural"]) > 0
@@ -307,7 +308,7 @@ def test_preflight_measures_projects_and_keeps_nothing(dataset, tmp_path):
     assert rows["steps"].group(3) == "6" and rows["training_phase"].group(4) == "none"
     assert float(rows["oracle"].group(3).rstrip("s")) > 0
     evaluation = rows["evaluation"].group(2)
-    assert "tokens:5999 documents:2 " in evaluation
+    assert "tokens:5999 documents:6 " in evaluation
     assert float(re.search(r"phases_projected:(\S+)s", evaluation).group(1)) > 0
     assert rows["evaluation"].group(4) == "540.0s"
     # nothing kept: no artifact, no score line, the run's own log untouched

@@ -294,3 +294,5 @@ def test_the_full_weight_ttt_settings_are_gone_with_a_pointer():
         lora_config(ttt_optimizer="adamw").validate()
     with pytest.raises(tg.ConfigError, match=r"^TTT_CHUNK_SIZE=17 is not allowed: 1..EVAL_SEQ_LEN \(16\)$"):
         lora_config(ttt_chunk_size=17).validate()
+    with pytest.raises(tg.ConfigError, match=r"^TTT_WARM_START_A=1 is not allowed: 0: .* later in the stream"):
+        lora_config(ttt_warm_start_a=True).validate()
