@@ -2197,21 +2197,21 @@ def lora_batch_scores(docs: Sequence[tuple[int, int]], adapters: DocAdapters, ev
         inputs = batch.tokens[:, :-1].masked_fill(unread, 0)  # the window holds no token past the chunk's last input
         with torch.enable_grad(), rt.autocast():
             logprobs, mixer_logits = eval_outputs(inputs, batch.positions)
-            part = window_scores(batch, tables, logprobs.detach(), mixer_logits, audit_targets)
-            parts.append(part)
-            probe("score", part.targets, None)
-            trains = [c < n - 1 for n in chunks] + [False] * (rows - len(docs))  # on the host: no sync a step
-            if not any(trains):
-                continue
-            keep = torch.zeros(rows * cfg.ttt_chunk_size, dtype=torch.bool, device=device)
-            keep = keep.index_fill_(0, batch.picked, True).view(rows, -1) & to_device_async(torch.tensor(trains),
-                                                                                            device)[:, None]
-            probe("update", batch.index[:, :-1], ~unread)  # positions and masks: no host sync a step
-            probe("update", batch.index.gather(1, batch.positions + 1), keep)
+        parts.append(window_scores(batch, tables, logprobs.detach(), mixer_logits, audit_targets))  # keeps no graph
+        probe("score", parts[-1].targets, None)
+        trains = [c < n - 1 for n in chunks] + [False] * (rows - len(docs))  # on the host: no sync a step
+        if not any(trains):
+            continue
+        keep = torch.zeros(rows * cfg.ttt_chunk_size, dtype=torch.bool, device=device)
+        keep = keep.index_fill_(0, batch.picked, True).view(rows, -1) & to_device_async(torch.tensor(trains),
+                                                                                        device)[:, None]
+        probe("update", batch.index[:, :-1], ~unread)  # positions and masks: no host sync a step
+        probe("update", batch.index.gather(1, batch.positions + 1), keep)
+        with torch.enable_grad():
             nll = -logprobs.gather(-1, batch.tokens.gather(1, batch.positions + 1)[..., None])[..., 0]
             ((nll * keep).sum(1) / keep.sum(1).clamp(min=1)).sum().float().backward()  # each document's mean
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return concatenated_scores(parts, device), run, padding
 
 

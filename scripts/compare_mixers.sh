@@ -22,6 +22,7 @@
 # work keeps busy, LOCAL_WORLD_SIZE=2 gives train_gpt.py one thread per 2 cores; threads that wait on
 # each other there can make a step ten times slower.
 set -euo pipefail
+export TTT_ENABLED="${TTT_ENABLED:-0}"  # the stream's sliding window: the scores compared below
 cd "$(dirname "$0")/.."
 export ITERATIONS="${ITERATIONS:-200}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-$((ITERATIONS * 3 / 10))}"

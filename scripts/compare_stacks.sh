@@ -17,6 +17,7 @@
 # TABLE_ONLY=1 prints the table from the logs of earlier runs (e.g. of STACKS=new and STACKS=off run side
 # by side with LOCAL_WORLD_SIZE=2, one thread each).
 set -euo pipefail
+export TTT_ENABLED="${TTT_ENABLED:-0}"  # the stream's sliding window: the scores compared below
 cd "$(dirname "$0")/.."
 export ITERATIONS="${ITERATIONS:-300}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_SECONDS:-0}"
 export WARMDOWN_ITERS="${WARMDOWN_ITERS:-$((ITERATIONS * 3 / 10))}" NUM_LAYERS="${NUM_LAYERS:-11}"

@@ -33,6 +33,7 @@ if [[ "$tiny" == 1 ]]; then
   export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-256}" VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-2048}"
   export NGRAM_CHUNK_TOKENS="${NGRAM_CHUNK_TOKENS:-4096}" QUANT_MIN_NUMEL="${QUANT_MIN_NUMEL:-512}"
   export GPTQ_CALIB_SEQS="${GPTQ_CALIB_SEQS:-4}" GPTQ_CALIB_SEQ_LEN="${GPTQ_CALIB_SEQ_LEN:-32}"
+  export TTT_BATCH_SIZE="${TTT_BATCH_SIZE:-4}" TTT_LORA_RANK="${TTT_LORA_RANK:-8}"
 else
   eval_tokens="${GPU_CHECK_EVAL_TOKENS:-4000000}"
   export TRAIN_BATCH_TOKENS="${TRAIN_BATCH_TOKENS:-98304}"
@@ -123,7 +124,9 @@ rows = [
     ("peak memory, projected (GB)", [field(log, r"^preflight_(?:device|host)_memory .* projected:(\S+)GB ", fmt="{:.2f}")
                                      for log in logs]),
     ("evaluation slice (tokens)", [field(log, r"^preflight_evaluation tokens:(\d+) ", fmt="{:,.0f}") for log in logs]),
-    ("neural pass (tokens/s)", [eval_rate(log)[0] for log in logs]),
+    ("neural pass, LoRA TTT's steps included (tokens/s)", [eval_rate(log)[0] for log in logs]),
+    ("LoRA steps' padding (%)", [field(log, r"^ttt_done .* padding:(\S+)%", fmt="{}") for log in logs]),
+    ("phases' global SGD on the slice (s)", [field(log, r"^ttt_done .* global_sgd:(\S+)s ", fmt="{}") for log in logs]),
     ("cache pass", [eval_rate(log)[1] for log in logs]),
     ("evaluation, projected to the split (s)", [field(log, r"^preflight_evaluation .* projected:(\S+)s ") for log in logs]),
     ("preflight verdict", [field(log, r"^preflight verdict:(\S+(?: over:\S+)?)", fmt="{}") for log in logs]),

@@ -28,4 +28,7 @@ export NGRAM_CHUNK_TOKENS="${NGRAM_CHUNK_TOKENS:-8192}" NGRAM_AUDIT_POSITIONS="$
 # this small model's matrices are below the default 65,536-value threshold: quantize them all; 16
 # self-generated calibration sequences keep GPTQ's sampling to seconds on a CPU
 export QUANT_MIN_NUMEL="${QUANT_MIN_NUMEL:-4096}" GPTQ_CALIB_SEQS="${GPTQ_CALIB_SEQS:-16}" GPTQ_CALIB_SEQ_LEN="${GPTQ_CALIB_SEQ_LEN:-256}"
+# LoRA TTT at a CPU's scale: 8 documents side by side (the split's few long files would leave most of 64
+# rows empty) with rank-16 adapters (rank 96 makes each step's optimizer work several times the model's)
+export TTT_BATCH_SIZE="${TTT_BATCH_SIZE:-8}" TTT_LORA_RANK="${TTT_LORA_RANK:-16}"
 exec python3 train_gpt.py

@@ -26,9 +26,11 @@ TINY_ENV = dict(VOCAB_SIZE="400", NUM_LAYERS="2", MODEL_DIM="32", NUM_HEADS="2",
 def dataset(real_text_tokenizer, tmp_path_factory):
     sp, model_path = real_text_tokenizer
     folder = tmp_path_factory.mktemp("data")
-    docs = stdlib_documents(51)
-    for split, part in (("train", docs[:45]), ("val", docs[45:51])):  # val: 6 documents of 1,000 tokens
-        ids = np.concatenate([[sp.bos_id()] + sp.encode(d)[:999 if split == "val" else None] for d in part])
+    docs = stdlib_documents(47)
+    train = np.concatenate([[sp.bos_id()] + sp.encode(d) for d in docs[:45]])
+    text = np.concatenate([sp.encode(d) for d in docs[45:]])  # val: 6 documents of 1,000 tokens, BOS first
+    val = np.concatenate([[sp.bos_id()] + text[i * 999:(i + 1) * 999].tolist() for i in range(6)])
+    for split, ids in (("train", train), ("val", val)):
         write_shard(folder / f"fineweb_{split}_000000.bin", ids.astype(np.uint16))
     return folder, model_path
 

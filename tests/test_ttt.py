@@ -117,6 +117,7 @@ def test_adapting_and_phases_lower_the_loss_and_leave_the_mixer_head():
     phased, lines, after = lora_scores(cfg, tokens)
     assert -phased.logprob.mean() < -lora.logprob.mean() < -base.logprob.mean() - 0.05
     assert any(" phases:2/2 adapted:1 " in line for line in lines), lines
+    assert not phased.mixer_logits.requires_grad  # the scores keep no autograd graph (each would hold a forward's)
     for name, p in after.named_parameters():  # global SGD trains every base weight but the mixer head's
         assert torch.equal(p, dict(before.named_parameters())[name]) == name.startswith("mixer_head."), name
 
