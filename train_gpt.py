@@ -2153,14 +2153,14 @@ class DocAdapters:
     @contextlib.contextmanager
     def attached(self):
         """The model's matrices carry the adapters inside, and only inside, this block."""
-        for site, a, b in zip(self.sites + [self.model], self.a, self.b):
-            setattr(site, "adapter" if site is not self.model else "head_adapter", (a, b, self.scale))
+        sites = [(site, "adapter") for site in self.sites] + [(self.model, "head_adapter")]
+        for (site, name), a, b in zip(sites, self.a, self.b):
+            setattr(site, name, (a, b, self.scale))
         try:
             yield
-        finally:
-            for site in self.sites:
-                site.adapter = None
-            self.model.head_adapter = None
+        finally:  # back to the classes' None: graphs compiled before see the attributes they were traced with
+            for site, name in sites:
+                delattr(site, name)
 
 
 def lora_widths(cfg: Hyperparameters) -> list[int]:
