@@ -81,12 +81,13 @@ def test_compiled_artifact_evaluation_in_bf16_gives_the_eager_final_lines(one_pr
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo is exercised on Linux")
-@pytest.mark.parametrize("bf16, tolerance, mixer", [("0", 1e-5, {}), ("1", 5e-4, dict(NGRAM_PRIOR_BETA="2"))],
+@pytest.mark.parametrize("bf16, tolerance, mixer", [("0", 1e-5, {}), ("1", 1e-3, dict(NGRAM_PRIOR_BETA="2"))],
                          ids=["fp32", "bf16_prior"])
 def test_two_processes_compiled_give_the_eager_final_lines(dataset, wrapper_script, tmp_path, bf16, tolerance, mixer):
     """torchrun, gloo, DDP inside torch.compile with gradient accumulation (micro-steps with and without
     the all-reduce), LoRA TTT and global SGD in lockstep across ranks; in bf16 with the smoothed experts (NGRAM_PRIOR_BETA).
-    Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps):
+    Trained in bf16, compiled and eager weights part by more (measured 1e-4 in val_bpb after 4 steps on the
+    first 6,000 tokens of two files, 5.1e-4 on the plain score of six 1,000-token documents):
     the compiled graph fuses ops and rounds fewer intermediates to bf16, and the training steps carry
     the differences forward."""
     data, tok = dataset

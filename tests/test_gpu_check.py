@@ -9,7 +9,8 @@ from test_end_to_end import dataset  # noqa: F401  (a fixture)
 
 ROWS = ("hardware", "compile before training (s)", "compile before evaluation (s)", "ms per step (TRAIN_BATCH_TOKENS)",
         "steps in the training budget", "oracle prefill, projected (s)", "artifact build (s)",
-        "peak memory, projected (GB)", "evaluation slice (tokens)", "neural pass (tokens/s)", "cache pass",
+        "peak memory, projected (GB)", "evaluation slice (tokens)", "neural pass, LoRA TTT's steps included (tokens/s)",
+        "LoRA steps' padding (%)", "phases' global SGD on the slice (s)", "cache pass",
         "evaluation, projected to the split (s)", "preflight verdict")
 
 
@@ -32,7 +33,8 @@ def test_tiny_gpu_check_measures_three_preflights_and_prints_one_table(dataset, 
     assert "VOCAB_SIZE=8192" in (tmp_path / "logs" / "gpu_check_sp8192_preflight.txt").read_text()
     assert mixer[ROWS.index("oracle prefill, projected (s)")] != "-" == none[ROWS.index("oracle prefill, projected (s)")]
     assert int(mixer[ROWS.index("evaluation slice (tokens)")].replace(",", "")) == 19999  # the 20,000-token slice
-    assert float(mixer[ROWS.index("neural pass (tokens/s)")].replace(",", "")) > 0
+    assert float(mixer[ROWS.index("neural pass, LoRA TTT's steps included (tokens/s)")].replace(",", "")) > 0
+    assert 0 <= float(mixer[ROWS.index("LoRA steps' padding (%)")]) < 100  # TTT_ENABLED=1, the default
     assert re.fullmatch(r"\d+\.\d+ s", mixer[ROWS.index("cache pass")])
     assert (tmp_path / "logs" / "gpu_check_mixer_preflight.txt").is_file()
     assert not (tmp_path / "artifacts").exists()  # preflights keep nothing

@@ -34,7 +34,8 @@ def tiny_runs(dataset, tmp_path_factory):
     """(folder, script, {seed: log path}) of two tiny runs of a copy of train_gpt.py: a copy, so that the
     logs' script_sha256 stays the script's even while train_gpt.py is being edited. Real logs, so they carry
     the copy's sha256 and the size of its self-extracting wrapper as code_bytes. Without the n-gram
-    mixer, which costs most of a tiny run's time on a CPU; the parser test adds the mixer's lines."""
+    mixer, which costs most of a tiny run's time on a CPU (the parser test adds the mixer's lines), and
+    scored by the sliding window (TTT_ENABLED=0): the tools read any final lines alike."""
     data, tok = dataset
     folder = tmp_path_factory.mktemp("runs")
     script = folder / "train_gpt.py"
@@ -42,7 +43,7 @@ def tiny_runs(dataset, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # One thread each, both seeds at once: the two cores each run one seed.
     env.update(TINY_ENV, DATA_PATH=str(data), TOKENIZER_PATH=tok, ITERATIONS="4", VAL_LOSS_EVERY="2",
-               USE_MIXER="none", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+               USE_MIXER="none", TTT_ENABLED="0", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script)], cwd=folder, env=dict(env, SEED=str(s), RUN_ID=f"seed{s}"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SEEDS]
     for proc in procs:
