@@ -32,7 +32,7 @@ def test_tiny_gpu_check_measures_three_preflights_and_prints_one_table(dataset, 
     assert float(mixer[step]) > 0 and float(none[step]) > 0 and float(sp8192[step]) > 0
     assert "VOCAB_SIZE=8192" in (tmp_path / "logs" / "gpu_check_sp8192_preflight.txt").read_text()
     assert mixer[ROWS.index("oracle prefill, projected (s)")] != "-" == none[ROWS.index("oracle prefill, projected (s)")]
-    assert int(mixer[ROWS.index("evaluation slice (tokens)")].replace(",", "")) == 19999  # the 20,000-token slice
+    assert int(mixer[ROWS.index("evaluation slice (tokens)")].replace(",", "")) == 7999  # the 8,000-token slice
     assert float(mixer[ROWS.index("neural pass, LoRA TTT's steps included (tokens/s)")].replace(",", "")) > 0
     assert 0 <= float(mixer[ROWS.index("LoRA steps' padding (%)")]) < 100  # TTT_ENABLED=1, the default
     assert re.fullmatch(r"\d+\.\d+ s", mixer[ROWS.index("cache pass")])
