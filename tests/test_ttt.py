@@ -172,8 +172,9 @@ def test_changing_a_token_leaves_every_earlier_score_unchanged(changed):
     assert not torch.equal(a, b)
 
 
-def test_the_audit_holds_with_lora_and_the_cache():
-    cfg = lora_config(ngram_audit_positions=40)
+@pytest.mark.parametrize("mixer", ["learned", "hedge"])
+def test_the_audit_holds_with_lora_and_the_cache(mixer):
+    cfg = lora_config(ngram_audit_positions=40, use_mixer=mixer)
     tokens = stream_with_documents(300, cfg.vocab_size)
     model, lines = trained_like(cfg), []
     adapters = tg.DocAdapters(model, cfg, CPU)
