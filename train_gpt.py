@@ -806,12 +806,12 @@ class GPT(nn.Module):
             self.skip_weights = nn.Parameter(torch.ones(self.num_skips, cfg.model_dim))
             if cfg.skip_gates_enabled:  # a skip's share sigmoid(g), 1/2 at init
                 self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, cfg.model_dim))
-        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         self.mixer_head = None
         if cfg.use_mixer == "learned":  # weights over [neural, orders]; trusts the neural model first (bias 2 vs 0)
-            self.mixer_head = Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))
+            self.mixer_head = nn.Linear(cfg.model_dim, 1 + len(cfg.ngram_orders))  # not adapted: TTT's loss is the CE
             nn.init.zeros_(self.mixer_head.weight)
             with torch.no_grad():
                 self.mixer_head.bias.zero_()[0] = 2.0
@@ -2126,8 +2126,7 @@ class DocAdapters:
     head) but the mixer head's; row b of a batch is document b's. A starts from one seeded draw for every row (a score
     does not depend on its row), B at 0: exactly the base model."""
     def __init__(self, model: GPT, cfg: Hyperparameters, device: torch.device):
-        heads = (model.mixer_head, model.lm_head)
-        self.sites = [m for m in model.modules() if isinstance(m, Linear) and m not in heads]
+        self.sites = [m for m in model.modules() if isinstance(m, Linear)]  # the heads are nn.Linear
         shapes = [(m.in_features, m.out_features) for m in self.sites] + [(cfg.model_dim, cfg.vocab_size)]
         r, rows, generator = cfg.ttt_lora_rank, cfg.ttt_batch_size, torch.Generator().manual_seed(cfg.seed)
         self.a_init = [torch.rand(r, i, generator=generator).sub(0.5).mul(2 / i ** 0.5).to(device) for i, _ in shapes]
